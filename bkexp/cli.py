@@ -1,0 +1,42 @@
+"""The ``bkexp`` command: ``bench``, ``report``, ``eval-quant``, ``doctor`` (training is ``python train.py``).
+
+Each subcommand lives in its own module and is imported only when used, so ``bkexp report`` does not pay
+for importing the kernels and ``bkexp bench`` does not import the reporting stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one-line help); each module exposes ``main(argv: list[str]) -> int``.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("bkexp.bench", "micro-benchmarks of ops and blocks (bkexp bench bk-core|mamba|...)"),
+    "report": ("bkexp.report.cli", "aggregate run/sweep directories into summary.csv/.md, comparison.json, plots"),
+    "eval-quant": ("bkexp.quant.cli", "evaluate a trained run at several weight bit widths"),
+    "doctor": ("bkexp.doctor", "print versions, devices and which kernel backends are available"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: bkexp <command> [args]", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "Training: python train.py [hydra overrides], e.g. python train.py model=bk bits=8"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"bkexp: unknown command {name!r}; valid: {', '.join(SUBCOMMANDS)}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

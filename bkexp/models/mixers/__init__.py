@@ -1,0 +1,6 @@
+"""Token mixers: attention (Transformer), BK-Core (ResNet-BK) and selective scan (Mamba)."""
+
+from bkexp.models.mixers.attention import AttentionMixer
+from bkexp.models.mixers.base import Mixer
+
+__all__ = ["AttentionMixer", "Mixer"]

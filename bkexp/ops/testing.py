@@ -1,0 +1,26 @@
+"""Accuracy helpers shared by every op test and benchmark: relative error against a float64 reference."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max-norm relative error ``max|a - e| / max(max|e|, tiny)``, computed in float64."""
+    a = actual.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64)
+    if a.shape != e.shape:
+        raise ValueError(f"shape mismatch: actual {tuple(a.shape)} vs expected {tuple(e.shape)}")
+    if e.numel() == 0:
+        return 0.0
+    denom = e.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    return float((a - e).abs().max() / denom)
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
+    """Fail with the measured error when ``rel_err(actual, expected) > tol`` or ``actual`` is not finite."""
+    if not torch.isfinite(actual.detach()).all():
+        raise AssertionError(f"{what}: non-finite values in result")
+    err = rel_err(actual, expected)
+    if err > tol:
+        raise AssertionError(f"{what}: relative error {err:.3e} exceeds tolerance {tol:.1e}")

@@ -1,0 +1,83 @@
+"""Lightning callbacks bkexp adds to every run: measured throughput, step time and peak memory."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, peak resident set size (RSS) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+class ThroughputMonitor(pl.Callback):
+    """Times every train/eval batch and logs ``throughput/tokens_per_sec``, ``time/step_ms``, ``mem/peak_mb``.
+
+    The first ``warmup_steps`` training steps (allocation, kernel compilation) are excluded from the run's
+    average train tokens/s; ``results()`` returns the averages that go into summary.json.
+    """
+
+    def __init__(self, warmup_steps: int = 3) -> None:
+        self.warmup_steps = warmup_steps
+        self.train_tokens = 0
+        self.train_time = 0.0
+        self.eval_tokens = 0
+        self.eval_time = 0.0
+        self._t0 = 0.0
+        self._steps = 0
+
+    def _sync(self, pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def _start(self, pl_module: pl.LightningModule) -> None:
+        self._sync(pl_module)
+        self._t0 = time.perf_counter()
+
+    def _elapsed(self, pl_module: pl.LightningModule) -> float:
+        self._sync(pl_module)
+        return time.perf_counter() - self._t0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._start(pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        elapsed = self._elapsed(pl_module)
+        tokens = batch["input_ids"].numel() * trainer.world_size
+        self._steps += 1
+        if self._steps > self.warmup_steps:
+            self.train_tokens += tokens
+            self.train_time += elapsed
+        pl_module.log("throughput/tokens_per_sec", tokens / max(elapsed, 1e-9))
+        pl_module.log("time/step_ms", 1000.0 * elapsed)
+        pl_module.log("mem/peak_mb", peak_memory_mb(pl_module.device))
+
+    def _eval_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._start(pl_module)
+
+    def _eval_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                  *args: Any) -> None:
+        self.eval_time += self._elapsed(pl_module)
+        self.eval_tokens += batch["input_ids"].numel() * trainer.world_size
+
+    on_validation_batch_start = _eval_start
+    on_test_batch_start = _eval_start
+    on_validation_batch_end = _eval_end
+    on_test_batch_end = _eval_end
+
+    def results(self) -> dict[str, float | None]:
+        return {
+            "train_tokens_per_sec": self.train_tokens / self.train_time if self.train_time > 0 else None,
+            "eval_tokens_per_sec": self.eval_tokens / self.eval_time if self.eval_time > 0 else None,
+        }

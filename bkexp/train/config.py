@@ -1,0 +1,70 @@
+"""Validation of a composed config before anything is built: allowed values and mistyped keys."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig
+
+VALID_BITS = (32, 16, 8, 4, 2)
+
+
+class ConfigError(ValueError):
+    """A config value or key that bkexp refuses, with the valid choices in the message."""
+
+
+def validate_top_level(cfg: DictConfig) -> None:
+    """Check the top-level keys that sweeps target (``bits``, ``seq_len``, ``seed``)."""
+    bits = cfg.get("bits")
+    if isinstance(bits, bool) or bits not in VALID_BITS:
+        raise ConfigError(f"bits={bits!r} is not supported; valid: {', '.join(map(str, VALID_BITS))}")
+    seq_len = cfg.get("seq_len")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ConfigError(f"seq_len={seq_len!r} must be a positive integer")
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed={seed!r} must be an integer")
+
+
+def _accepted_keys(target: str) -> tuple[set[str] | None, str]:
+    obj = get_object(target)
+    fn = obj.__init__ if inspect.isclass(obj) else obj
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None, target  # accepts **kwargs: cannot know its keys
+    return {p.name for p in params if p.name != "self"}, target
+
+
+def validate_keys(node: Any, path: str) -> None:
+    """Every key of a ``_target_`` node must be a parameter of the target (recursively).
+
+    This is what makes ``+model.d_modle=64`` or a typo in a config file an error naming the valid keys,
+    instead of a key that is silently carried along (Hydra already refuses ``model.d_modle=64`` without +).
+    """
+    if isinstance(node, DictConfig):
+        target = node.get("_target_") if "_target_" in node else None
+        if target is not None:
+            accepted, name = _accepted_keys(str(target))
+            if accepted is not None:
+                for key in node.keys():
+                    if str(key).startswith("_") and str(key).endswith("_"):
+                        continue
+                    if key not in accepted:
+                        valid = ", ".join(sorted(accepted))
+                        raise ConfigError(f"{path}.{key} is not a parameter of {name}; valid keys: {valid}")
+        for key in node.keys():
+            if not (str(key).startswith("_") and str(key).endswith("_")):
+                validate_keys(node._get_node(key), f"{path}.{key}")
+    elif isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            validate_keys(item, f"{path}[{i}]")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """All checks that must pass before data or models are built."""
+    validate_top_level(cfg)
+    for group in ("model", "dataset", "optimizer", "scheduler", "trainer"):
+        if group in cfg and cfg[group] is not None:
+            validate_keys(cfg._get_node(group), group)

@@ -1,0 +1,132 @@
+"""The LightningModule that trains any backbone model as a next-token language model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+IGNORE_INDEX = -100
+
+
+def split_weight_decay(model: nn.Module) -> list[dict[str, Any]]:
+    """Parameter groups: weight decay on matrices only, not on norms, biases, gains or embeddings."""
+    decay, no_decay, seen = [], [], set()
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for param in model.parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        (decay if param.ndim >= 2 and id(param) not in embedding_params else no_decay).append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class LMTask(pl.LightningModule):
+    """Next-token cross-entropy on ``batch["labels"]`` (ignore index -100) plus the model's auxiliary losses.
+
+    Validation and test accumulate the summed token loss over the whole split (torchmetrics, DDP-synced), so
+    ``val/ppl = exp(mean token loss)`` is exact, not an average of per-batch perplexities. ``val/acc`` is
+    logged for tasks with an answer mask (e.g. MQAR), where only answer positions carry labels.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer],
+                 scheduler: Callable[..., Any] | None = None, vocab_size: int | None = None,
+                 log_accuracy: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.vocab_size = vocab_size or model.vocab_size
+        self.log_accuracy = log_accuracy
+        self.tokens_seen = 0
+        self.best_val_loss = float("inf")
+        self.last_val_step = -1
+        for split in ("val", "test"):
+            setattr(self, f"{split}_loss", MeanMetric())
+            if log_accuracy:
+                setattr(self, f"{split}_acc", MulticlassAccuracy(
+                    num_classes=self.vocab_size, ignore_index=IGNORE_INDEX, average="micro"))
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids)
+
+    def token_losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits, per-position losses (0 where ignored) and the mask of positions that carry a label."""
+        logits = self.model(batch["input_ids"])
+        labels = batch["labels"]
+        losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                 reduction="none").view_as(labels)
+        return logits, losses, labels != IGNORE_INDEX
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        _, losses, mask = self.token_losses(batch)
+        n_labels = mask.sum()
+        if n_labels == 0:
+            raise ValueError("a training batch has no labelled positions (all labels are -100)")
+        loss = losses.sum() / n_labels
+        aux = self.model.aux_losses() if hasattr(self.model, "aux_losses") else {}
+        total = loss + sum(aux.values()) if aux else loss
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"non-finite training loss {float(total)} at step {self.global_step}")
+        self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
+        self.log("train/loss", loss, prog_bar=True)
+        if aux:
+            self.log("train/aux_loss", sum(aux.values()))
+        self.log("train/tokens", float(self.tokens_seen))
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return total
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("grad_norm", torch.stack(grads).norm())
+
+    def _eval_step(self, batch: dict[str, Tensor], split: str) -> None:
+        logits, losses, mask = self.token_losses(batch)
+        getattr(self, f"{split}_loss").update(losses[mask])
+        if self.log_accuracy:
+            getattr(self, f"{split}_acc").update(logits.argmax(-1).flatten(), batch["labels"].flatten())
+
+    def _eval_epoch_end(self, split: str) -> None:
+        mean_loss = getattr(self, f"{split}_loss").compute()
+        getattr(self, f"{split}_loss").reset()
+        if split == "val" and not self.trainer.sanity_checking:
+            self.best_val_loss = min(self.best_val_loss, float(mean_loss))
+            self.last_val_step = self.global_step
+        self.log(f"{split}/loss", mean_loss, prog_bar=True)
+        self.log(f"{split}/ppl", torch.exp(mean_loss), prog_bar=True)
+        if self.log_accuracy:
+            acc = getattr(self, f"{split}_acc")
+            self.log(f"{split}/acc", acc.compute(), prog_bar=True)
+            acc.reset()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(split_weight_decay(self.model))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)

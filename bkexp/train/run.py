@@ -1,0 +1,207 @@
+"""``run(cfg)``: build data, model and Trainer from a composed config, train, test, and record the run."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from bkexp.train.callbacks import ThroughputMonitor, peak_memory_mb
+from bkexp.train.causality import check_causality
+from bkexp.train.config import validate_config
+from bkexp.train.module import LMTask
+from bkexp.train.summary import RunRecord, environment
+
+log = logging.getLogger(__name__)
+
+
+def flatten(cfg: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """Nested dict -> ``{"model.d_model": 128, ...}`` (what dashboards group and filter by)."""
+    flat: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten(value, name, sep))
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+    return flat
+
+
+def job_identity() -> dict[str, Any]:
+    """Overrides, and for a multirun job the sweep directory, job number and override dirname."""
+    if not HydraConfig.initialized():
+        return {"overrides": [], "override_dirname": "", "sweep": None, "multirun": False}
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    sweep = None
+    if multirun:
+        sweep = {"dir": str(Path(hydra_cfg.sweep.dir).resolve()), "job_num": hydra_cfg.job.num,
+                 "override_dirname": hydra_cfg.job.override_dirname}
+    return {"overrides": list(hydra_cfg.overrides.task), "override_dirname": hydra_cfg.job.override_dirname,
+            "sweep": sweep, "multirun": multirun}
+
+
+def build_loggers(cfg: DictConfig, identity: dict[str, Any]) -> list[Logger]:
+    """Instantiate ``cfg.logger``; W&B gets a readable name, the sweep as group, and the flat config."""
+    loggers: list[Logger] = []
+    for name, logger_cfg in (cfg.get("logger") or {}).items():
+        if logger_cfg is None:
+            continue
+        kwargs: dict[str, Any] = {}
+        if logger_cfg.get("_target_", "").endswith("WandbLogger"):
+            sweep = identity["sweep"]
+            if logger_cfg.get("name") is None:
+                kwargs["name"] = identity["override_dirname"] or "default"
+            if logger_cfg.get("group") is None and sweep:
+                kwargs["group"] = Path(sweep["dir"]).name
+        logger = instantiate(logger_cfg, **kwargs)
+        if isinstance(logger, WandbLogger):
+            # Flat keys ("model.name", "seq_len", "bits") let the dashboard group and filter runs.
+            logger.experiment.config.update(flatten(OmegaConf.to_container(cfg, resolve=True)),
+                                            allow_val_change=True)
+            logger.experiment.define_metric("val/ppl", summary="min")
+        loggers.append(logger)
+        log.info("logger %s -> %s", name, type(loggers[-1]).__name__)
+    return loggers
+
+
+def finish_loggers(loggers: list[Logger], status: str, summary: dict[str, Any]) -> None:
+    """Final metrics to TensorBoard HParams and W&B summary; always close W&B so sweep runs never merge."""
+    metrics = {k: v for k, v in summary.get("metrics", {}).items()
+               if isinstance(v, (int, float)) and math.isfinite(v)}
+    for logger in loggers:
+        try:
+            if isinstance(logger, TensorBoardLogger) and metrics:
+                hparams = flatten({k: summary.get(k) for k in ("model", "dataset", "seq_len", "bits", "seed")})
+                hparams["params.non_embedding"] = summary.get("params", {}).get("non_embedding")
+                logger.log_hyperparams(hparams, {f"hparams/{k}": v for k, v in metrics.items()})
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                for key, value in metrics.items():
+                    logger.experiment.summary[key] = value
+                logger.experiment.summary["status"] = status
+            logger.finalize(status if status in {"success", "failed"} else "success")
+        except Exception:  # closing one logger must not hide the run's own result
+            log.exception("could not finalise logger %s", type(logger).__name__)
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            wandb.finish(exit_code=0 if status == "success" else 1)
+
+
+def should_raise(cfg: DictConfig, identity: dict[str, Any]) -> bool:
+    flag = cfg.get("continue_on_failure")
+    continue_on_failure = identity["multirun"] if flag is None else bool(flag)
+    return not continue_on_failure
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Train and evaluate one run; returns the best validation loss (for Hydra sweepers), None on failure."""
+    started = time.time()
+    run_dir = Path(cfg.paths.output_dir)
+    identity = job_identity()
+    record = RunRecord(run_dir)
+    record.update(
+        run_dir=str(run_dir.resolve()),
+        model=cfg.model.get("name"), dataset=cfg.dataset.get("name"), seq_len=cfg.get("seq_len"),
+        bits=cfg.get("bits"), seed=cfg.get("seed"),
+        hardware=HydraConfig.get().runtime.choices.get("hardware") if HydraConfig.initialized() else None,
+        overrides=identity["overrides"], sweep=identity["sweep"], metrics={},
+    )
+    loggers: list[Logger] = []
+    status = "failed"
+    try:
+        record.update(config=OmegaConf.to_container(cfg, resolve=True), env=environment())
+        validate_config(cfg)
+        pl.seed_everything(cfg.seed, workers=True)
+
+        datamodule = instantiate(cfg.dataset)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        record.update(data=datamodule.describe())
+        model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
+        record.update(params=model.param_counts(), state_size=model.state_size(cfg.seq_len))
+        log.info("model %s: %s parameters (%s non-embedding)", cfg.model.name,
+                 f"{model.param_counts()['total']:,}", f"{model.param_counts()['non_embedding']:,}")
+
+        sample = next(iter(datamodule.train_dataloader()))["input_ids"]
+        if datamodule.autoregressive and cfg.check_causality:
+            check_causality(model, sample, datamodule.vocab_size, name=f"model {cfg.model.name!r}")
+            log.info("causality check passed")
+        record.update(causality_checked=bool(datamodule.autoregressive and cfg.check_causality))
+        if cfg.get("compute_flops"):
+            try:
+                record.update(flops=_count_flops(model, sample))
+            except Exception as exc:  # FLOPs are informative only; say why they are missing
+                log.warning("FLOP counting failed: %s", exc)
+                record.update(flops={"error": f"{type(exc).__name__}: {exc}"})
+
+        task = LMTask(model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler),
+                      vocab_size=datamodule.vocab_size, log_accuracy=datamodule.has_answer_mask)
+        loggers = build_loggers(cfg, identity)
+        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+        trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics = _final_metrics(trainer, task, datamodule, test=bool(cfg.get("test_after_fit")))
+        record.update(metrics=metrics, steps=trainer.global_step, tokens={"train": task.tokens_seen},
+                      backends=model.backends(), device=str(task.device))
+        _record_callbacks(record, trainer)
+        status = "success"
+        record.update(status="ok")
+        return metrics.get("best/val_loss", metrics.get("val/loss"))
+    except Exception as exc:
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        log.error("run failed: %s: %s", type(exc).__name__, exc)
+        if should_raise(cfg, identity):
+            raise
+        return None
+    finally:
+        record.update(wall_time_s=time.time() - started)
+        record.data.setdefault("memory", {"peak_mb": peak_memory_mb(torch.device("cpu"))})
+        if rank_zero_only.rank == 0:
+            path = record.write()
+            log.info("run %s: results in %s", record.data["status"], path.parent)
+            print(f"[bkexp] run {record.data['status']}; results in {path.parent}", flush=True)
+        finish_loggers(loggers, status, record.data)
+
+
+def _count_flops(model: torch.nn.Module, sample: torch.Tensor) -> dict[str, Any]:
+    from bkexp.train.flops import count_flops
+
+    return count_flops(model, sample)
+
+
+def _final_metrics(trainer: pl.Trainer, task: LMTask, datamodule: Any, test: bool) -> dict[str, Any]:
+    """train/val metrics at the end of training, best val, and test on the best checkpoint."""
+    metrics: dict[str, Any] = {}
+    if trainer.callback_metrics.get("val/loss") is None or task.last_val_step != trainer.global_step:
+        trainer.validate(task, datamodule=datamodule, verbose=False)
+    for key, value in trainer.callback_metrics.items():
+        metrics[key] = float(value)
+    metrics["best/val_loss"] = task.best_val_loss
+    metrics["best/val_ppl"] = math.exp(task.best_val_loss) if task.best_val_loss < 700 else math.inf
+    if test:
+        ckpt = trainer.checkpoint_callback
+        best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+        results = trainer.test(task, datamodule=datamodule, ckpt_path=best, verbose=False)
+        metrics.update({k: float(v) for k, v in results[0].items()})
+        metrics["test/checkpoint"] = Path(best).name if best else "final weights"
+    return metrics
+
+
+def _record_callbacks(record: RunRecord, trainer: pl.Trainer) -> None:
+    for callback in trainer.callbacks:
+        if isinstance(callback, ThroughputMonitor):
+            record.update(throughput=callback.results())
+    record.update(memory={"peak_mb": peak_memory_mb(trainer.strategy.root_device)})

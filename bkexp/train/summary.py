@@ -1,0 +1,95 @@
+"""summary.json: the run's record, accumulated during the run and written atomically at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    """Tensors and numpy scalars to Python numbers; NaN/inf to strings so the JSON stays standard."""
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """The current commit (with ``-dirty`` when the tree has changes), or None outside a git checkout."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: str | None = None) -> dict[str, Any]:
+    """Library versions, device and git commit: what a run's numbers depend on."""
+    import hydra
+    import lightning
+
+    if device is None:
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "hydra": hydra.__version__,
+        "device": device,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "hostname": platform.node(),
+        "git_commit": git_commit(),
+    }
+
+
+class RunRecord:
+    """Accumulates the fields of summary.json during a run; ``write()`` persists them atomically."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / "summary.json"
+        self.data: dict[str, Any] = {"status": "running", "error": None, "traceback": None}
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields)
+
+    def write(self) -> Path:
+        atomic_write_text(self.path, json.dumps(_jsonable(self.data), indent=2, sort_keys=False) + "\n")
+        return self.path

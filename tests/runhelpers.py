@@ -1,0 +1,19 @@
+"""What tests that run the real entry point share: tiny overrides and reading a run's summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Small enough for a 2-core CPU, big enough to exercise validation, checkpointing and test.
+TINY = [
+    "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+    "seq_len=32", "model.d_model=32", "model.n_layers=1", "dataset.batch_size=4",
+    "compute_flops=false",
+]
+MQAR_TINY = ["dataset.num_train=64", "dataset.num_val=16", "dataset.num_test=16"]
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())

@@ -1,0 +1,109 @@
+"""End-to-end runs through the real entry point: run directory, summary.json, loggers, failures, errors."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError
+
+from bkexp.train.causality import CausalityError
+from bkexp.train.config import ConfigError
+import wandb_files
+from runhelpers import MQAR_TINY, TINY, read_summary
+
+REQUIRED_KEYS = ["status", "error", "model", "dataset", "seq_len", "bits", "seed", "params", "metrics",
+                 "throughput", "memory", "wall_time_s", "backends", "config", "env", "state_size"]
+
+
+def test_default_run_writes_a_complete_run_directory(train):
+    run_dir = train(*TINY, *MQAR_TINY, "logger=many")
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "csv/metrics.csv",
+                 "checkpoints/last.ckpt", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    summary = read_summary(run_dir)
+    for key in REQUIRED_KEYS:
+        assert key in summary, key
+    assert summary["status"] == "ok" and summary["error"] is None
+    assert (summary["model"], summary["dataset"], summary["seq_len"], summary["bits"]) == ("transformer", "mqar", 32, 32)
+    assert 0 < summary["params"]["non_embedding"] < summary["params"]["total"]
+    metrics = summary["metrics"]
+    for key in ("val/loss", "val/ppl", "test/loss", "test/ppl", "train/loss", "val/acc"):
+        assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
+    assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-5)
+    assert 0.0 <= metrics["val/acc"] <= 1.0
+    assert summary["throughput"]["train_tokens_per_sec"] > 0 and summary["throughput"]["eval_tokens_per_sec"] > 0
+    assert summary["memory"]["peak_mb"] > 0 and summary["wall_time_s"] > 0
+    assert summary["backends"] == {"attention": "sdpa"}
+    assert summary["steps"] == 4 and summary["tokens"]["train"] == 4 * 4 * 32
+    assert summary["config"]["model"]["d_model"] == 32
+    for key in ("python", "torch", "lightning", "hydra", "device", "git_commit"):
+        assert key in summary["env"], key
+
+    rows = list(csv.DictReader((run_dir / "csv/metrics.csv").open()))
+    assert any(row.get("val/ppl") for row in rows) and any(row.get("train/loss") for row in rows)
+
+    # TensorBoard: real event files holding val/ppl.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for event_file in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(event_file))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert "val/ppl" in tags
+
+    # W&B offline run: config and summary on disk.
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    (run_file,) = offline[0].glob("run-*.wandb")
+    info = wandb_files.run_info(run_file)
+    assert info["config"]["model.name"] == "transformer" and info["config"]["seq_len"] == 32
+    assert "paths.root_dir" not in info["name"] and "model.d_model=32" in info["name"]
+    assert info["summary"]["val/ppl"] == pytest.approx(metrics["val/ppl"], rel=1e-4)
+    assert info["summary"]["status"] == "success"
+
+
+def test_failed_run_still_writes_summary(train, tmp_path):
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        train(*TINY, *MQAR_TINY, "optimizer.lr=1e30", "trainer.gradient_clip_val=null", "scheduler=constant")
+    (run_dir,) = list((tmp_path / "outputs").iterdir())
+    summary = read_summary(run_dir)
+    assert summary["status"] == "failed"
+    assert summary["error"].startswith("FloatingPointError: non-finite training loss")
+    assert summary["params"]["total"] > 0 and summary["wall_time_s"] > 0
+    assert not list(run_dir.glob(".summary.json.*"))  # no temporary file left behind
+
+
+def test_refuses_to_train_a_leaky_model(train, tmp_path):
+    with pytest.raises(CausalityError, match="not causal"):
+        train(*TINY, *MQAR_TINY, "model.mixer._target_=leaky.LeakyMixer", "~model.mixer.n_heads",
+              "~model.mixer.causal", "~model.mixer.rotary", "~model.mixer.dropout", "~model.mixer.bias")
+    (run_dir,) = list((tmp_path / "outputs").iterdir())
+    assert read_summary(run_dir)["status"] == "failed"
+    assert not (run_dir / "checkpoints").exists()  # refused before any training
+
+
+def test_bad_bits_lists_valid_values(train):
+    with pytest.raises(ConfigError, match=r"bits=5 is not supported; valid: 32, 16, 8, 4, 2"):
+        train(*TINY, *MQAR_TINY, "bits=5")
+
+
+def test_unknown_group_option_is_an_error(train):
+    with pytest.raises(ConfigCompositionException, match="model"):
+        train("model=gpt5")
+
+
+def test_mistyped_key_is_an_error(train):
+    with pytest.raises(ConfigCompositionException, match="d_modle"):
+        train("model.d_modle=64")
+    with pytest.raises(ConfigError, match=r"model.d_modle is not a parameter of .*LanguageModel; valid keys: .*d_model"):
+        train(*TINY, *MQAR_TINY, "+model.d_modle=64")
+
+
+def test_wikitext2_offline_without_data_dir_fails_fast_with_instructions(train):
+    with pytest.raises(Exception, match="data_dir"):
+        train(*TINY, "dataset=wikitext2")
