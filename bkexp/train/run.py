@@ -23,20 +23,9 @@ from bkexp.train.causality import check_causality
 from bkexp.train.config import validate_config
 from bkexp.train.module import LMTask
 from bkexp.train.summary import RunRecord, environment
+from bkexp.utils import flatten
 
 log = logging.getLogger(__name__)
-
-
-def flatten(cfg: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
-    """Nested dict -> ``{"model.d_model": 128, ...}`` (what dashboards group and filter by)."""
-    flat: dict[str, Any] = {}
-    for key, value in cfg.items():
-        name = f"{prefix}{sep}{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            flat.update(flatten(value, name, sep))
-        else:
-            flat[name] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
-    return flat
 
 
 def job_identity() -> dict[str, Any]:

@@ -107,3 +107,29 @@ def test_mistyped_key_is_an_error(train):
 def test_wikitext2_offline_without_data_dir_fails_fast_with_instructions(train):
     with pytest.raises(Exception, match="data_dir"):
         train(*TINY, "dataset=wikitext2")
+
+
+def test_multirun_sweep_reports_and_survives_a_failing_job(train):
+    sweep_dir = train(*TINY, *MQAR_TINY, "model.n_layers=1,2", "optimizer.lr=3e-3,1e30",
+                      "trainer.gradient_clip_val=null", "scheduler=constant", multirun=True)
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "summary.json").exists())
+    assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1", "2", "3"]
+    assert jobs[0].name.startswith("0_compute_flops=False,") and len(jobs[0].name) <= 122  # cut + hashed
+    statuses = {p.name: read_summary(p)["status"] for p in jobs}
+    assert sorted(statuses.values()) == ["failed", "failed", "ok", "ok"]
+    for job in jobs:
+        summary = read_summary(job)
+        assert summary["sweep"]["dir"] == str(sweep_dir.resolve())
+        if "optimizer.lr=1e+30" in summary["overrides"] or "optimizer.lr=1e30" in summary["overrides"]:
+            assert summary["error"].startswith("FloatingPointError")
+        for name in (".hydra/config.yaml", "train.log", "summary.json"):
+            assert (job / name).is_file()
+    # The Hydra callback wrote the report at the end of the sweep.
+    import pandas as pd
+
+    table = pd.read_csv(sweep_dir / "summary.csv")
+    assert len(table) == 4 and sorted(table["status"]) == ["failed", "failed", "ok", "ok"]
+    markdown = (sweep_dir / "summary.md").read_text()
+    assert "failed" in markdown and "transformer" in markdown
+    assert (sweep_dir / "comparison.json").is_file()
+    assert list((sweep_dir / "plots").glob("*.png"))

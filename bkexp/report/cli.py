@@ -1,0 +1,121 @@
+"""`bkexp report DIR [DIR ...]`: aggregate run and sweep directories into tables, comparison and plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_BASELINE = "transformer"
+
+
+@dataclass
+class Report:
+    """What one report wrote."""
+
+    out_dir: Path
+    summary_csv: Path
+    summary_md: Path
+    comparison_json: Path
+    plots: list[Path]
+    n_runs: int
+    n_failed: int
+    comparison: dict[str, Any]
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.summary_csv, self.summary_md, self.comparison_json, *self.plots]
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf are not JSON: a ratio that cannot be computed is null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_report(dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None, *,
+                 baseline: str = DEFAULT_BASELINE, metrics: Sequence[str] | None = None,
+                 plots: bool = True) -> Report:
+    """Read every summary.json under `dirs` and write summary.csv, summary.md, comparison.json and plots/.
+
+    `out_dir` defaults to the single directory given. Raises collect.NoRunsError when a directory holds no run
+    and ValueError for a bad metric name or a missing out_dir with several directories.
+    """
+    from bkexp.report.collect import atomic_write_text, collect_runs
+    from bkexp.report.tables import comparison, select_metrics, summary_csv, summary_markdown
+
+    dirs = [Path(d) for d in dirs]
+    if out_dir is None:
+        if len(dirs) != 1:
+            raise ValueError(f"several directories given ({', '.join(map(str, dirs))}): say where the report "
+                             "goes with --out OUTDIR")
+        out_dir = dirs[0]
+    out = Path(out_dir)
+    runs = collect_runs(dirs)
+    chosen = select_metrics(runs, metrics)
+    comparison_result = comparison(runs, baseline)
+    out.mkdir(parents=True, exist_ok=True)
+
+    csv_path, md_path, json_path = out / "summary.csv", out / "summary.md", out / "comparison.json"
+    atomic_write_text(csv_path, summary_csv(runs))
+    title = f"bkexp report: {out.resolve().name}"
+    atomic_write_text(md_path, summary_markdown(runs, chosen, comparison_result, title))
+    atomic_write_text(json_path, json.dumps(_json_safe(comparison_result), indent=2, default=str) + "\n")
+    written_plots: list[Path] = []
+    if plots:
+        from bkexp.report.plots import write_plots
+
+        written_plots = write_plots(runs, chosen, comparison_result, out / "plots")
+    return Report(out_dir=out, summary_csv=csv_path, summary_md=md_path, comparison_json=json_path,
+                  plots=written_plots, n_runs=len(runs.frame), n_failed=runs.n_failed, comparison=comparison_result)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bkexp report",
+        description="Aggregate run/sweep directories (every summary.json below them) into summary.csv, "
+                    "summary.md, comparison.json and plots/*.png.",
+    )
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="run directories, sweep directories, or parents")
+    parser.add_argument("--baseline", default=DEFAULT_BASELINE,
+                        help=f"model the others are compared against (default: {DEFAULT_BASELINE})")
+    parser.add_argument("--out", default=None, metavar="OUTDIR",
+                        help="where to write the report (default: the DIR when only one is given)")
+    parser.add_argument("--metric", action="append", default=None, metavar="NAME",
+                        help="report only these metrics (repeatable): an alias such as val_ppl, test_ppl, "
+                             "train_tokens_per_sec, peak_mb, or a summary column such as metrics.val/acc")
+    parser.add_argument("--no-plots", action="store_true", help="write the tables only")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from bkexp.report.collect import NoRunsError
+
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        report = write_report(args.dirs, args.out, baseline=args.baseline, metrics=args.metric,
+                              plots=not args.no_plots)
+    except (NoRunsError, ValueError) as exc:
+        print(f"bkexp report: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"bkexp report: {report.n_runs} runs ({report.n_runs - report.n_failed} ok, {report.n_failed} failed)")
+    if "skipped" in report.comparison:
+        print(f"bkexp report: comparison skipped: {report.comparison['skipped']}; choose one with --baseline")
+    for path in report.files:
+        print(f"  wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

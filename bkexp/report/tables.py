@@ -1,0 +1,325 @@
+"""Turn a RunSet into summary.csv, the summary.md pivot tables and the comparison against a baseline model."""
+
+from __future__ import annotations
+
+import io
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from bkexp.report.collect import IDENTITY_KEYS, ROW_KEY, RunSet, display, point_label, sort_key
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A reported quantity: where it lives in the flattened summary and how to show it."""
+
+    name: str  # short alias accepted by --metric
+    column: str  # flattened summary column
+    label: str
+    better: str | None  # "lower", "higher" or None
+    scale_like_length: bool  # time/memory/compute: plotted log-log against a length axis
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("val_ppl", "metrics.val/ppl", "val perplexity (final)", "lower", False),
+    Metric("best_val_ppl", "metrics.best/val_ppl", "val perplexity (best)", "lower", False),
+    Metric("test_ppl", "metrics.test/ppl", "test perplexity", "lower", False),
+    Metric("val_acc", "metrics.val/acc", "val accuracy", "higher", False),
+    Metric("train_tokens_per_sec", "throughput.train_tokens_per_sec", "train tokens/s", "higher", True),
+    Metric("eval_tokens_per_sec", "throughput.eval_tokens_per_sec", "eval tokens/s", "higher", True),
+    Metric("peak_mb", "memory.peak_mb", "peak memory (MB)", "lower", True),
+    Metric("flops_forward_per_token", "flops.forward_per_token", "forward FLOPs per token", None, True),
+    Metric("flops_train_step_per_token", "flops.train_step_per_token", "train-step FLOPs per token", None, True),
+    Metric("params_non_embedding", "params.non_embedding", "parameters (non-embedding)", None, False),
+)
+METRICS_BY_NAME = {m.name: m for m in METRICS}
+
+THROUGHPUT = METRICS_BY_NAME["train_tokens_per_sec"]
+MEMORY = METRICS_BY_NAME["peak_mb"]
+PERPLEXITIES = (METRICS_BY_NAME["test_ppl"], METRICS_BY_NAME["val_ppl"])
+
+
+def _has_values(runs: RunSet, column: str) -> bool:
+    return column in runs.frame.columns and runs.frame[column].notna().any()
+
+
+def select_metrics(runs: RunSet, requested: Sequence[str] | None = None) -> list[Metric]:
+    """The metrics to report: the known ones present in the runs, or exactly those requested.
+
+    A requested name is an alias (val_ppl) or a flattened summary column (metrics.val/acc); anything else is an
+    error listing the valid names.
+    """
+    if not requested:
+        return [m for m in METRICS if _has_values(runs, m.column)]
+    chosen: list[Metric] = []
+    by_column = {m.column: m for m in METRICS}
+    numeric_columns = [c for c in runs.frame.columns if pd.api.types.is_numeric_dtype(runs.frame[c])]
+    for name in requested:
+        if name in METRICS_BY_NAME:
+            metric = METRICS_BY_NAME[name]
+        elif name in by_column:
+            metric = by_column[name]
+        elif name in numeric_columns:
+            metric = Metric(name, name, name, None, False)
+        else:
+            raise ValueError(
+                f"unknown metric {name!r}; valid: {', '.join(METRICS_BY_NAME)} or a numeric summary column: "
+                f"{', '.join(c for c in numeric_columns if c not in IDENTITY_KEYS)}"
+            )
+        if not _has_values(runs, metric.column):
+            raise ValueError(f"metric {name!r} ({metric.column}) has no value in any run")
+        chosen.append(metric)
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------- aggregation
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One model at one swept point: the metric over its successful runs (seeds), and how many failed."""
+
+    values: tuple[float, ...]
+    n_failed: int
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.values) / self.n if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation over seeds (ddof=1); None with fewer than two runs."""
+        if self.n < 2:
+            return None
+        mean = self.mean
+        return math.sqrt(sum((v - mean) ** 2 for v in self.values) / (self.n - 1))
+
+
+def cells(runs: RunSet, column: str) -> dict[tuple[str, tuple], Cell]:
+    """(model, point) -> Cell for every combination that has at least one run."""
+    out: dict[tuple[str, tuple], Cell] = {}
+    has_column = column in runs.frame.columns
+    groups: dict[tuple[str, tuple], list[dict[str, Any]]] = {}
+    for row in runs.frame.to_dict("records"):
+        groups.setdefault((str(row[ROW_KEY]), runs.point_of(row)), []).append(row)
+    for key, rows in groups.items():
+        ok = [r for r in rows if r["status"] == "ok"]
+        values = tuple(float(r[column]) for r in ok if has_column and _is_number(r[column]))
+        out[key] = Cell(values=values, n_failed=len(rows) - len(ok))
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def fmt_number(x: float) -> str:
+    """Four significant digits, scientific only for very large or small magnitudes."""
+    if x == 0:
+        return "0"
+    a = abs(x)
+    if a >= 1e6 or a < 1e-3:
+        return f"{x:.3g}"
+    if a >= 1e4:
+        return f"{x:.0f}"
+    return f"{x:.4g}"
+
+
+def fmt_spread(std: float, mean: float) -> str:
+    """A standard deviation to two significant digits, in the same notation as its mean."""
+    if std == 0:
+        return "0"
+    if abs(mean) >= 1e6 or abs(mean) < 1e-3 or std < 1e-3:
+        return f"{std:.2g}"
+    return f"{float(f'{std:.2g}'):g}" if std < 1e4 else f"{float(f'{std:.2g}'):.0f}"
+
+
+def format_cell(cell: Cell | None) -> str:
+    """'12.3 ± 0.4 (3)' over seeds, '12.3' for one run, 'failed' when every run failed, '' when none ran."""
+    if cell is None:
+        return ""
+    if cell.n == 0:
+        return "failed" if cell.n_failed else "n/a"
+    text = fmt_number(cell.mean)
+    if cell.n > 1:
+        text += f" ± {fmt_spread(cell.std, cell.mean)} ({cell.n})"
+    return f"{text}; {cell.n_failed} failed" if cell.n_failed else text
+
+
+# --------------------------------------------------------------------------------------------- summary.csv
+
+
+def summary_frame(runs: RunSet) -> pd.DataFrame:
+    """One row per run: where, status/error, identity and swept keys, varying config keys, then all metrics."""
+    frame = runs.frame
+    first = ["run_dir", "status", "error", *IDENTITY_KEYS]
+    first += [k for k in runs.swept_keys if k not in first]
+    first += ["sweep.dir", "sweep.job_num", *runs.config_keys]
+    rest = sorted(c for c in frame.columns if c not in first)
+    ordered = frame[[c for c in first if c in frame.columns] + rest]
+    sort_cols = [c for c in (ROW_KEY, *runs.point_keys, "seed", "run_dir") if c in ordered.columns]
+    records = ordered.to_dict("records")
+    order = sorted(range(len(records)), key=lambda i: tuple(sort_key(records[i][c]) for c in sort_cols))
+    return ordered.iloc[order]
+
+
+def summary_csv(runs: RunSet) -> str:
+    buffer = io.StringIO()
+    summary_frame(runs).to_csv(buffer, index=False)
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ comparison.json
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def comparison(runs: RunSet, baseline: str) -> dict[str, Any]:
+    """Per swept point, each model's speedup, memory ratio and perplexity ratio against the baseline model.
+
+    Ratios are of means over each model's successful runs (seeds): speedup = tokens/s(model) / tokens/s(baseline)
+    (> 1 is faster), memory_ratio = peak_mb(model) / peak_mb(baseline), ppl ratios = ppl(model) / ppl(baseline).
+    """
+    models = runs.models()
+    result: dict[str, Any] = {
+        "baseline": baseline,
+        "point_keys": runs.point_keys,
+        "definitions": {
+            "speedup": f"{THROUGHPUT.column} / baseline's (mean over successful seeds)",
+            "memory_ratio": f"{MEMORY.column} / baseline's",
+            "val_ppl_ratio": "metrics.val/ppl / baseline's",
+            "test_ppl_ratio": "metrics.test/ppl / baseline's",
+            "ppl_ratio": "test_ppl_ratio where both have test/ppl, else val_ppl_ratio",
+        },
+        "points": [],
+    }
+    if baseline not in models:
+        result["skipped"] = f"baseline model {baseline!r} is not among the runs (models: {', '.join(models)})"
+        return result
+    stats = {m.name: cells(runs, m.column) for m in (THROUGHPUT, MEMORY, *PERPLEXITIES)}
+    for point in runs.points():
+        entry: dict[str, Any] = {"point": dict(zip(runs.point_keys, point)),
+                                 "label": point_label(runs.point_keys, point)}
+        base = {name: table.get((baseline, point)) for name, table in stats.items()}
+        if base["train_tokens_per_sec"] is None or all(c is None or c.n == 0 for c in base.values()):
+            entry["skipped"] = f"baseline {baseline!r} has no successful run at {entry['label']}"
+            result["points"].append(entry)
+            continue
+        entry["baseline"] = {name: (c.mean if c else None) for name, c in base.items()}
+        entry["models"] = {}
+        for model in models:
+            mine = {name: table.get((model, point)) for name, table in stats.items()}
+            if all(c is None for c in mine.values()):
+                continue
+            means = {name: (c.mean if c else None) for name, c in mine.items()}
+            val_ratio = _ratio(means["val_ppl"], entry["baseline"]["val_ppl"])
+            test_ratio = _ratio(means["test_ppl"], entry["baseline"]["test_ppl"])
+            entry["models"][model] = {
+                "n_ok": max((c.n for c in mine.values() if c), default=0),
+                "n_failed": max((c.n_failed for c in mine.values() if c), default=0),
+                "speedup": _ratio(means["train_tokens_per_sec"], entry["baseline"]["train_tokens_per_sec"]),
+                "memory_ratio": _ratio(means["peak_mb"], entry["baseline"]["peak_mb"]),
+                "val_ppl_ratio": val_ratio,
+                "test_ppl_ratio": test_ratio,
+                "ppl_ratio": test_ratio if test_ratio is not None else val_ratio,
+            }
+        result["points"].append(entry)
+    return result
+
+
+# --------------------------------------------------------------------------------------------- summary.md
+
+
+def _md_row(cells_: Sequence[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells_) + " |"
+
+
+def pivot_rows(runs: RunSet, column: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of one pivot table: rows = models, columns = swept points."""
+    table = cells(runs, column)
+    points = runs.points()
+    corner = f"{ROW_KEY} \\ {', '.join(runs.point_keys)}" if runs.point_keys else ROW_KEY
+    header = [corner] + [point_label(runs.point_keys, p) for p in points]
+    rows = [[m] + [format_cell(table.get((m, p))) for p in points] for m in runs.models()]
+    return header, rows
+
+
+def _comparison_md(result: dict[str, Any], runs: RunSet) -> list[str]:
+    baseline = result["baseline"]
+    lines = [f"## Against {baseline}", ""]
+    if "skipped" in result:
+        return lines + [f"Skipped: {result['skipped']}. Choose another with `--baseline`.", ""]
+    lines.append("speedup = train tokens/s ÷ baseline's (>1 is faster); memory and perplexity are ratios to the "
+                 "baseline (<1 is smaller). Means over successful seeds.")
+    lines.append("")
+    points = result["points"]
+    header = [f"{ROW_KEY} \\ {', '.join(runs.point_keys)}" if runs.point_keys else ROW_KEY]
+    header += [p["label"] for p in points]
+    lines += [_md_row(header), _md_row(["---"] * len(header))]
+
+    def ratio(value: float | None, suffix: str = "") -> str:
+        return "-" if value is None else f"{value:.3g}{suffix}"
+
+    for model in runs.models():
+        row = [model]
+        for p in points:
+            stats = p.get("models", {}).get(model)
+            if "skipped" in p:
+                row.append("no baseline")
+            elif stats is None:
+                row.append("")
+            elif stats["n_ok"] == 0:
+                row.append("failed")
+            else:
+                row.append(f"{ratio(stats['speedup'], 'x')} speed, {ratio(stats['memory_ratio'])} mem, "
+                           f"{ratio(stats['ppl_ratio'])} ppl")
+        lines.append(_md_row(row))
+    return lines + [""]
+
+
+def summary_markdown(runs: RunSet, metrics: Sequence[Metric], comparison_result: dict[str, Any] | None,
+                     title: str) -> str:
+    seeds = sorted({display(s) for s in runs.frame["seed"]}) if "seed" in runs.frame else []
+    lines = [
+        f"# {title}",
+        "",
+        f"Runs: {len(runs.frame)} ({runs.n_ok} ok, {runs.n_failed} failed) from "
+        + ", ".join(f"`{s}`" for s in runs.sources) + ".",
+        f"Swept: {', '.join(runs.swept_keys) or 'nothing (one configuration)'}; seeds: {', '.join(seeds) or '-'}.",
+        "Cells: mean ± sample std (number of successful seeds), or the single value; `failed` when every run of "
+        "the cell failed; `; k failed` when some did.",
+        "",
+    ]
+    for metric in metrics:
+        direction = f", {metric.better} is better" if metric.better else ""
+        lines += [f"## {metric.label}", "", f"`{metric.column}`{direction}", ""]
+        header, rows = pivot_rows(runs, metric.column)
+        lines += [_md_row(header), _md_row(["---"] * len(header)), *(_md_row(r) for r in rows), ""]
+    if comparison_result is not None:
+        lines += _comparison_md(comparison_result, runs)
+    failed = runs.frame[runs.frame["status"] != "ok"]
+    lines += ["## Failed runs", ""]
+    if failed.empty:
+        lines += ["None.", ""]
+    else:
+        keys = [ROW_KEY, *runs.point_keys, *(["seed"] if "seed" in runs.frame else [])]
+        header = ["run", *keys, "status", "error"]
+        lines += [_md_row(header), _md_row(["---"] * len(header))]
+        for row in failed.to_dict("records"):  # status "running": killed mid-run, or not finished yet
+            lines.append(_md_row([f"`{row['run_dir']}`", *(display(row[k]) for k in keys), row["status"],
+                                  display(row.get("error"))]))
+        lines.append("")
+    return "\n".join(lines)

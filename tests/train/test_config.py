@@ -1,0 +1,87 @@
+"""Every config file composes (with a real Hydra compose) and what it composes instantiates."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from bkexp.train.config import validate_config
+from testpaths import REPO_ROOT
+
+CONF = REPO_ROOT / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_train(overrides: list[str], output_dir: Path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
+
+
+TEXT_DATASETS = {"wikitext2", "wikitext103", "ptb", "text"}
+
+
+def data_overrides(dataset: str, data_dir: Path) -> list[str]:
+    if dataset not in TEXT_DATASETS:
+        return []
+    return [f"dataset.data_dir={data_dir}", "dataset.files.train=train.txt",
+            "dataset.files.validation=valid.txt", "dataset.files.test=test.txt"]
+
+
+def test_every_group_has_options():
+    for group in ("model", "dataset", "tokenizer", "hardware", "logger", "debug", "optimizer", "scheduler"):
+        assert options(group), group
+
+
+@pytest.mark.parametrize("model", options("model"))
+@pytest.mark.parametrize("dataset", options("dataset"))
+def test_model_dataset_tokenizer_product_composes_and_instantiates(model, dataset, tmp_path, wikitext_slice):
+    tokenizers = options("tokenizer") if dataset in TEXT_DATASETS else ["word"]
+    built_model = False
+    for tokenizer in tokenizers:
+        cfg = compose_train([f"model={model}", f"dataset={dataset}", f"tokenizer={tokenizer}",
+                             *data_overrides(dataset, wikitext_slice)], tmp_path)
+        validate_config(cfg)
+        assert cfg.model.name and cfg.dataset.name
+        if tokenizer == "gpt2":
+            continue  # needs the hub or a cached/local tokenizer.json; its offline error is tested in tests/data
+        datamodule = instantiate(cfg.dataset)
+        assert datamodule.seq_len == cfg.seq_len
+        if not built_model:
+            lm = instantiate(cfg.model, vocab_size=37)
+            assert lm.param_counts()["total"] > 0
+            built_model = True
+
+
+@pytest.mark.parametrize("group", ["hardware", "logger", "debug", "optimizer", "scheduler", "callbacks",
+                                   "experiment", "sweep", "quant", "flags"])
+def test_every_other_group_option_composes(group, tmp_path):
+    for option in options(group):
+        cfg = compose_train([f"{group}={option}"], tmp_path)
+        OmegaConf.to_container(cfg, resolve=True)
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("hardware,logger", list(itertools.product(["cpu", "ddp_cpu"], options("logger"))))
+def test_trainer_and_loggers_instantiate(hardware, logger, tmp_path):
+    from bkexp.train.run import build_loggers
+
+    cfg = compose_train([f"hardware={hardware}", f"logger={logger}"], tmp_path)
+    loggers = build_loggers(cfg, {"overrides": [], "override_dirname": "", "sweep": None, "multirun": False})
+    assert "CSVLogger" in {type(lg).__name__ for lg in loggers}
+    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=[instantiate(c) for c in cfg.callbacks.values()])
+    assert trainer.num_devices == (2 if hardware == "ddp_cpu" else 1)
+    for lg in loggers:
+        lg.finalize("success")
+    import wandb
+
+    wandb.finish()

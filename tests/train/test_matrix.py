@@ -1,0 +1,45 @@
+"""Every model x dataset pair runs end to end under fast_dev_run, and distributed CPU training finishes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from runhelpers import read_summary
+from test_config import TEXT_DATASETS, data_overrides, options
+from testpaths import REPO_ROOT
+
+FAST = ["debug=fast_dev_run", "seq_len=32", "model.d_model=32", "model.n_layers=1", "dataset.batch_size=2",
+        "dataset.eval_batch_size=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+SYNTHETIC_SMALL = ["dataset.num_train=8", "dataset.num_val=4", "dataset.num_test=4"]
+
+
+@pytest.mark.parametrize("dataset", options("dataset"))
+@pytest.mark.parametrize("model", options("model"))
+def test_model_dataset_fast_dev_run(model, dataset, train, wikitext_slice):
+    extra = data_overrides(dataset, wikitext_slice) if dataset in TEXT_DATASETS else SYNTHETIC_SMALL
+    run_dir = train(f"model={model}", f"dataset={dataset}", *FAST, *extra)
+    summary = read_summary(run_dir)
+    assert summary["status"] == "ok", summary["error"]
+    assert summary["causality_checked"] is True
+    assert summary["metrics"]["val/loss"] > 0 and summary["metrics"]["test/loss"] > 0
+
+
+@pytest.mark.slow
+def test_ddp_cpu_two_processes(tmp_path):
+    cmd = [sys.executable, str(REPO_ROOT / "train.py"), "hardware=ddp_cpu", f"paths.root_dir={tmp_path}",
+           "trainer.max_steps=4", "trainer.val_check_interval=2", "seq_len=32", "model.d_model=32",
+           "model.n_layers=1", "dataset.batch_size=4", *SYNTHETIC_SMALL, "dataset.num_train=64",
+           "trainer.enable_progress_bar=false", "compute_flops=false"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = list((tmp_path / "outputs").iterdir())
+    summary = read_summary(run_dir)
+    assert summary["status"] == "ok"
+    assert summary["config"]["trainer"]["devices"] == 2
+    # Two processes each saw its own shard: the token count covers both ranks.
+    assert summary["tokens"]["train"] == 4 * 4 * 32 * 2
