@@ -63,7 +63,7 @@ def test_model_dataset_tokenizer_product_composes_and_instantiates(model, datase
 
 
 @pytest.mark.parametrize("group", ["hardware", "logger", "debug", "optimizer", "scheduler", "callbacks",
-                                   "experiment", "sweep", "quant", "flags"])
+                                   "experiment", "sweep"])
 def test_every_other_group_option_composes(group, tmp_path):
     for option in options(group):
         cfg = compose_train([f"{group}={option}"], tmp_path)

@@ -1,0 +1,29 @@
+"""Data for every experiment: Lightning datamodules for text and synthetic tasks, sources and tokenizers."""
+
+from bkexp.data.datamodule import (
+    ChunkedStream,
+    ExampleDataset,
+    IIDDataModule,
+    MQARDataModule,
+    TextDataModule,
+    TokenDataModule,
+)
+from bkexp.data.synthetic import IGNORE_INDEX, iid_tokens, mqar, split_seed
+from bkexp.data.tokenizers import ByteTokenizer, PretrainedTokenizer, Tokenizer, WordTokenizer
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ByteTokenizer",
+    "ChunkedStream",
+    "ExampleDataset",
+    "IIDDataModule",
+    "MQARDataModule",
+    "PretrainedTokenizer",
+    "TextDataModule",
+    "TokenDataModule",
+    "Tokenizer",
+    "WordTokenizer",
+    "iid_tokens",
+    "mqar",
+    "split_seed",
+]
