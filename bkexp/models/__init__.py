@@ -1,5 +1,7 @@
 """nn.Modules only (no Lightning): the shared LM backbone, its mixers and feed-forward layers."""
 
 from bkexp.models.backbone import Block, LanguageModel
+from bkexp.models.ffn import MLP
+from bkexp.models.moe import MoEFeedForward
 
-__all__ = ["Block", "LanguageModel"]
+__all__ = ["MLP", "Block", "LanguageModel", "MoEFeedForward"]

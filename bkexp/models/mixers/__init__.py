@@ -2,5 +2,6 @@
 
 from bkexp.models.mixers.attention import AttentionMixer
 from bkexp.models.mixers.base import Mixer
+from bkexp.models.mixers.bk import BKMixer
 
-__all__ = ["AttentionMixer", "Mixer"]
+__all__ = ["AttentionMixer", "BKMixer", "Mixer"]

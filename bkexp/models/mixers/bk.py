@@ -1,0 +1,158 @@
+"""ResNet-BK token mixer: per-head diagonals of a tridiagonal resolvent ``(H - z)^-1`` through the BK-Core op."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bkexp.models.mixers.base import Mixer
+from bkexp.ops.bk_core import BACKENDS, bk_core, resolve_backend
+
+COUPLING_MODES = ("head", "input")
+
+
+def inverse_softplus(y: float) -> float:
+    """``x`` with ``softplus(x) == y`` (``y > 0``), computed stably for small and large ``y``."""
+    if y <= 0:
+        raise ValueError(f"inverse_softplus needs y > 0, got {y}")
+    return y + math.log(-math.expm1(-y))
+
+
+class BKMixer(Mixer):
+    """One BK-Core per head on a Hamiltonian built from the hidden states.
+
+    For head ``h`` and a sequence ``x_0..x_{N-1}`` the layer builds the tridiagonal ``H`` with diagonal
+    ``base_diag + v_t`` (``v = W_v x``, one potential per token per head) and off-diagonal products
+    ``k_t >= 0`` between tokens ``t`` and ``t+1``, takes ``y = diag((H - z_h)^-1)`` with the shift
+    ``z_h = E_h + i * eps_h`` (causal: the diagonal of the leading block ending at ``t``, see
+    ``docs/bk_core.md``), and maps the ``2H`` real features ``(Re y, Im y)`` back with
+    ``bk_scale * W_o [Re y; Im y]``.
+
+    Coupling (``coupling``):
+      * ``"head"``: one coupling per head, ``k_h = softplus(k_param_h)`` initialised at ``base_coupling``
+        (or the constant ``base_coupling`` when ``learn_coupling=False``, as in the original layer).
+      * ``"input"``: ``k_{t-1} = softplus(W_k x_t + b_k)``: the coupling of the pair ``(t-1, t)`` is computed
+        from token ``t``, the later token of the pair ("how strongly does token t attach to its past",
+        like Mamba's input-dependent step size). This keeps the layer causal: in causal mode ``y_t``
+        depends on ``v_0..v_t`` and ``k_0..k_{t-1}``, and ``k_{j-1}`` depends only on ``x_j`` with
+        ``j <= t``. ``b_k`` starts at ``softplus^-1(base_coupling)`` so the layer starts where the
+        per-head variant does.
+
+    Shift: ``eps_h = eps_min + softplus(eps_param_h)`` (initialised at ``eps_init``) and ``E_h`` learned
+    (initialised at ``shift_init``), unless ``learn_z=False`` fixes ``z = shift_init + i * eps_init``.
+    With ``k >= 0`` and ``eps > 0`` every output obeys ``|y| <= 1/eps`` and ``|dy_t/dv_j| <= 1/eps^2``
+    (docs/bk_core.md), so the floor ``eps_min`` bounds the layer's output and gradients by construction
+    and keeps the op's ``eps > 0`` precondition true even if ``softplus`` underflows.
+
+    Potential scale: the block's pre-norm already standardises ``x`` per token, and the resolvent bound
+    above holds for any real ``v`` (a large ``v`` only makes ``y ~ 1/(v - z)`` small), so ``v`` needs no
+    normalisation for stability and by default is left linear (no information is squashed). ``v_bound``
+    optionally applies ``v_bound * tanh(v / v_bound)``, the differentiable counterpart of the original
+    ResNet-BK's ``clamp(v, -3, 3)``, for reproducing that layer.
+    """
+
+    def __init__(self, d_model: int, n_heads: int = 4, causal: bool = True, coupling: str = "head",
+                 base_diag: float = 0.0, base_coupling: float = 1.0, learn_coupling: bool = True,
+                 eps_init: float = 1.0, eps_min: float = 1e-2, shift_init: float = 0.0, learn_z: bool = True,
+                 v_bound: float | None = None, bk_scale_init: float = 1.0, backend: str = "auto",
+                 v_bias: bool = False, out_bias: bool = False) -> None:
+        super().__init__(d_model)
+        if n_heads < 1:
+            raise ValueError(f"n_heads must be >= 1, got {n_heads}")
+        if coupling not in COUPLING_MODES:
+            raise ValueError(f"unknown coupling {coupling!r}; valid: {list(COUPLING_MODES)}")
+        if coupling == "input" and not learn_coupling:
+            raise ValueError("coupling='input' is learned by definition; learn_coupling=False needs coupling='head'")
+        if base_coupling < 0 or (learn_coupling and base_coupling == 0):
+            raise ValueError(f"base_coupling must be > 0 (>= 0 if fixed), got {base_coupling}")
+        if eps_min < 0:
+            raise ValueError(f"eps_min must be >= 0, got {eps_min}")
+        if learn_z and eps_init <= eps_min:
+            raise ValueError(f"eps_init must exceed eps_min={eps_min} when z is learned, got {eps_init}")
+        if not learn_z and eps_init <= 0:
+            raise ValueError(f"eps_init (Im z) must be > 0, got {eps_init}")
+        if v_bound is not None and v_bound <= 0:
+            raise ValueError(f"v_bound must be > 0 or None, got {v_bound}")
+        self.n_heads = n_heads
+        self.causal = causal
+        self.coupling = coupling
+        self.base_diag = float(base_diag)
+        self.learn_coupling = learn_coupling
+        self.learn_z = learn_z
+        self.eps_min = float(eps_min)
+        self.v_bound = v_bound
+        self.backend = backend
+        if backend != "auto" and backend not in BACKENDS:  # availability is checked per device at forward
+            raise ValueError(f"unknown bk_core backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
+        self._last_device: torch.device | None = None
+
+        self.w_v = nn.Linear(d_model, n_heads, bias=v_bias)
+        if coupling == "input":
+            self.w_k = nn.Linear(d_model, n_heads, bias=True)
+            nn.init.constant_(self.w_k.bias, inverse_softplus(base_coupling))
+            self.w_k.bias._no_reinit = True  # type: ignore[attr-defined]  # keeps k ~= base_coupling at init
+        elif learn_coupling:
+            self.k_param = nn.Parameter(torch.full((n_heads,), inverse_softplus(base_coupling)))
+        else:
+            self.register_buffer("k_fixed", torch.full((n_heads,), float(base_coupling)))
+        if learn_z:
+            self.z_real = nn.Parameter(torch.full((n_heads,), float(shift_init)))
+            self.eps_param = nn.Parameter(torch.full((n_heads,), inverse_softplus(eps_init - eps_min)))
+        else:
+            self.register_buffer("z_real", torch.full((n_heads,), float(shift_init)))
+            self.register_buffer("z_imag", torch.full((n_heads,), float(eps_init)))
+        self.w_o = nn.Linear(2 * n_heads, d_model, bias=out_bias)
+        self.bk_scale = nn.Parameter(torch.full((d_model,), float(bk_scale_init)))
+
+    def shift(self) -> Tensor:
+        """The complex shift ``z_h`` per head, shape ``(n_heads,)``."""
+        imag = self.eps_min + F.softplus(self.eps_param) if self.learn_z else self.z_imag
+        return torch.complex(self.z_real, imag)
+
+    def couplings(self, x: Tensor) -> Tensor:
+        """``k >= 0`` shaped ``(B, H, N-1)`` (input mode) or ``(H, 1)`` (per head, broadcast along the pairs)."""
+        if self.coupling == "input":
+            return F.softplus(self.w_k(x[:, 1:])).transpose(1, 2)  # k_{t-1} from token t: causal
+        k = F.softplus(self.k_param) if self.learn_coupling else self.k_fixed
+        return k.unsqueeze(-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"expected input (batch, seq, d_model={self.d_model}), got {tuple(x.shape)}")
+        self._last_device = x.device
+        v = self.w_v(x)
+        if self.v_bound is not None:
+            v = self.v_bound * torch.tanh(v / self.v_bound)
+        v = v.transpose(1, 2) + self.base_diag  # (B, H, N): one row per (batch, head)
+        rows = v.shape[:-1]
+        k = self.couplings(x).expand(*rows, max(x.shape[1] - 1, 0))
+        z = self.shift().expand(*rows)
+        # The op computes in float32 (float64 stays float64); feed it that, not autocast's bf16/fp16.
+        compute = torch.float64 if v.dtype == torch.float64 else torch.float32
+        re, im = bk_core(v.to(compute), k.to(compute), z.to(compute.to_complex()),
+                         causal=self.causal, backend=self.backend)
+        features = torch.cat([re, im], dim=1).transpose(1, 2)  # (B, N, 2H): [Re y_h..., Im y_h...]
+        return self.w_o(features.to(x.dtype)) * self.bk_scale
+
+    def state_size(self, seq_len: int) -> int:
+        if self.causal:
+            # A causal decoder keeps only the last pivot L_t per head (one complex number = 2 reals): the
+            # next pivot is L_{t+1} = a_{t+1} - k_t / L_t, with a_{t+1} and k_t computed from the new token.
+            # Constant in seq_len.
+            return 2 * self.n_heads
+        # Bidirectional: every output depends on every token, so the potentials (and input couplings) of
+        # the whole sequence must be kept and the right-to-left pivots recomputed.
+        per_token = 2 if self.coupling == "input" else 1
+        return per_token * self.n_heads * seq_len
+
+    def backends(self) -> dict[str, str]:
+        device = self._last_device if self._last_device is not None else self.w_v.weight.device
+        return {"bk_core": resolve_backend(self.backend, device)}
+
+    def extra_repr(self) -> str:
+        return (f"n_heads={self.n_heads}, causal={self.causal}, coupling={self.coupling!r}, "
+                f"base_diag={self.base_diag}, learn_coupling={self.learn_coupling}, learn_z={self.learn_z}, "
+                f"v_bound={self.v_bound}, backend={self.backend!r}")

@@ -1,0 +1,126 @@
+"""Mamba-1 mixer: the selective-SSM block of ``mamba_ssm.modules.mamba_simple.Mamba``, same parameters and names.
+
+``x -> in_proj -> (x, z)``; ``x -> causal depthwise conv1d -> SiLU -> x_proj -> (dt, B, C)``;
+``dt -> dt_proj`` (its bias enters the scan as ``delta_bias`` with softplus);
+``y = selective_scan(x, dt, A = -exp(A_log), B, C, D, z)`` (gated by ``silu(z)``); ``out_proj(y)``.
+Parameter names and shapes equal ``mamba_ssm``'s (in_proj.weight, conv1d.weight/bias, x_proj.weight,
+dt_proj.weight/bias, A_log, D, out_proj.weight), so a state dict loads into either module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bkexp.models.mixers.base import Mixer
+from bkexp.ops.selective_scan import BACKENDS as SCAN_BACKENDS
+from bkexp.ops.selective_scan import resolve_backend, selective_scan
+
+DT_INITS = ("random", "constant")
+
+
+class MambaMixer(Mixer):
+    """Causal selective state-space mixer; ``backend`` selects the selective-scan implementation."""
+
+    causal = True
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2,
+                 dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
+                 dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
+                 backend: str = "auto") -> None:
+        super().__init__(d_model)
+        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not expand > 0:
+            raise ValueError(f"expand must be > 0, got {expand!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        if dt_init not in DT_INITS:
+            raise ValueError(f"unknown dt_init {dt_init!r}; valid: {', '.join(DT_INITS)}")
+        if dt_rank != "auto" and (not isinstance(dt_rank, int) or dt_rank < 1):
+            raise ValueError(f"dt_rank must be 'auto' or a positive integer, got {dt_rank!r}")
+        if backend not in ("auto", *SCAN_BACKENDS):
+            raise ValueError(f"unknown selective_scan backend {backend!r}; valid: auto, {', '.join(SCAN_BACKENDS)}")
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.backend = backend
+        self._backend_used: str | None = None
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+
+        # dt_proj keeps the variance-preserving weight init and a bias such that softplus(bias) is a
+        # log-uniform step size in [dt_min, dt_max]; both are flagged so LanguageModel's re-init skips them.
+        dt_init_std = self.dt_rank ** -0.5 * dt_scale
+        with torch.no_grad():
+            if dt_init == "constant":
+                nn.init.constant_(self.dt_proj.weight, dt_init_std)
+            else:
+                nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+            dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=dt_init_floor)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        self.dt_proj.weight._no_reinit = True
+        self.dt_proj.bias._no_reinit = True
+
+        # S4D-real initialisation: A = -(1, 2, ..., d_state) for every channel, stored as log(-A).
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.D._no_weight_decay = True
+
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self.out_proj.weight._residual_out = True
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        # Activations stay position-major (b, l, channels); the scan receives (b, channels, l) *views*
+        # of them (its documented layout), which is the layout the CPU kernel walks, so nothing is copied.
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (b, l, d_inner) each
+        x = F.silu(self._causal_conv(x))  # (b, l, d_inner)
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d_inner); the bias enters the scan as delta_bias
+        A = -torch.exp(self.A_log.float())
+        name = resolve_backend(self.backend, hidden_states.device)
+        self._backend_used = name
+        y = selective_scan(x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+                           self.D.float(), z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(),
+                           delta_softplus=True, backend=name)
+        return self.out_proj(y.transpose(1, 2))
+
+    def _causal_conv(self, x: Tensor) -> Tensor:
+        """``self.conv1d`` (depthwise, left padding d_conv - 1, output cut to l) on position-major (b, l, d).
+
+        Written as d_conv shifted multiply-adds: the same numbers as ``conv1d(x.transpose(1, 2))[..., :l]``,
+        without the layout round trip (on CPU, depthwise Conv1d's backward on these strides costs several
+        times the rest of the block).
+        """
+        seqlen = x.shape[1]
+        weight = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv); tap j multiplies x[t - (d_conv - 1) + j]
+        padded = F.pad(x, (0, 0, self.d_conv - 1, 0))
+        out = padded[:, self.d_conv - 1:, :] * weight[:, -1]
+        for tap in range(self.d_conv - 1):
+            out = out + padded[:, tap:tap + seqlen, :] * weight[:, tap]
+        return out if self.conv1d.bias is None else out + self.conv1d.bias
+
+    def state_size(self, seq_len: int) -> int:
+        # SSM state plus the last d_conv - 1 conv inputs, per channel; independent of the sequence length.
+        return self.d_inner * self.d_state + self.d_inner * (self.d_conv - 1)
+
+    def backends(self) -> dict[str, str]:
+        used = self._backend_used or resolve_backend(self.backend, self.out_proj.weight.device)
+        return {"selective_scan": used}
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_state={self.d_state}, d_conv={self.d_conv}, d_inner={self.d_inner}, "
+                f"dt_rank={self.dt_rank}, backend={self.backend!r}")

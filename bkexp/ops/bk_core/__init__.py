@@ -1,0 +1,216 @@
+"""BK-Core: diagonal of the inverse of a complex-shifted tridiagonal matrix in O(N), behind one function.
+
+``bk_core(v, k, z, causal=True, backend="auto")`` returns the real and imaginary parts of ``y`` as defined
+in ``shared/docs/bk_core.md``:
+
+- causal (language models): ``y_i = [(A[:i+1,:i+1])^-1]_{ii}``, depends on positions 0..i only;
+- bidirectional (``causal=False``, encoders only): ``y_i = [A^-1]_{ii}``, depends on every position;
+
+with ``A = tridiag(k; v - z; 1)``. Shapes: ``v`` real ``(..., N)``; ``k`` real, broadcastable to
+``(..., N-1)`` (a Python number, a per-row ``(..., 1)`` tensor or the full tensor; ``k >= 0`` keeps the
+operator stable); ``z`` a complex Python number or a complex tensor broadcastable to ``v.shape[:-1]``
+(one shift per row) with ``Im(z) > 0``. Gradients flow to ``v``, ``k`` and ``z`` (PyTorch's complex
+convention: ``z.grad = dL/dRe(z) + i dL/dIm(z)``). Computation is float32 (float64 for float64 ``v``; the
+reference always uses float64); outputs have ``v``'s dtype, so bfloat16/float16 inputs under autocast
+come back in that dtype. Bounds: ``|y_i| <= 1/Im(z)`` in both modes when ``k >= 0``.
+
+Backends (``BACKENDS``):
+
+- ``reference``: dense float64 inverse, O(N^3); tests and small N only.
+- ``torch``: pure PyTorch O(N) recurrence with the exact O(N) adjoint backward.
+- ``torch_autograd``: the same recurrence differentiated by plain autograd (no custom backward). It exists
+  for the ablation "exact adjoint vs autograd"; select it by name, ``auto`` never picks it.
+- ``cpu``: numba kernels (forward and exact adjoint), CPU tensors.
+- ``triton``: chunked Triton kernels, CUDA tensors (CPU tensors only under ``TRITON_INTERPRET=1``).
+
+``backend="auto"`` resolves to triton on CUDA, cpu on CPU, otherwise torch, and logs when it has to fall
+back because a fast path is missing; ``resolve_backend`` tells which one would run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+from collections.abc import Callable
+from numbers import Number
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+BACKENDS: tuple[str, ...] = ("reference", "torch", "torch_autograd", "cpu", "triton")
+_INSTALL_HINT = {
+    "cpu": "the cpu backend needs numba: pip install numba",
+    "triton": "the triton backend needs a CUDA GPU and triton: pip install triton (with a CUDA build of torch)",
+}
+_logged_fallbacks: set[str] = set()
+
+
+def _module_available(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on ``device`` (None when it can)."""
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend runs on CPU tensors, got device {device}"
+        if not _module_available("numba"):
+            return _INSTALL_HINT["cpu"]
+    if backend == "triton":
+        if not _module_available("triton"):
+            return _INSTALL_HINT["triton"]
+        if device.type == "cpu" and not _triton_interpreted():
+            return f"{_INSTALL_HINT['triton']}; got a CPU tensor (CPU runs only under TRITON_INTERPRET=1)"
+        if device.type not in ("cpu", "cuda"):
+            return f"the triton backend runs on CUDA tensors, got device {device}"
+    return None
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on ``device`` in this environment."""
+    device = torch.device(device)
+    return [name for name in BACKENDS if _unavailable_reason(name, device) is None]
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The backend that ``bk_core(..., backend=backend)`` runs on ``device``; raises if it cannot run."""
+    device = torch.device(device)
+    if backend == "auto":
+        preferred = {"cuda": "triton", "cpu": "cpu"}.get(device.type, "torch")
+        reason = _unavailable_reason(preferred, device)
+        if reason is None:
+            return preferred
+        message = f"bk_core backend=auto on {device.type}: {preferred} unavailable ({reason}); using torch"
+        if message not in _logged_fallbacks:
+            _logged_fallbacks.add(message)
+            log.warning(message)
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown bk_core backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
+    reason = _unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"bk_core backend {backend!r} unavailable: {reason}")
+    return backend
+
+
+_POSITION_MAJOR = ("cpu", "triton")  # kernels that take (B, N, H) planes instead of (rows, N)
+
+
+def _implementation(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
+    if name == "reference":
+        from .reference import bk_core_reference
+
+        return bk_core_reference
+    if name == "torch":
+        from .torch_impl import bk_core_torch
+
+        return bk_core_torch
+    if name == "torch_autograd":
+        from .torch_impl import bk_core_torch_autograd
+
+        return bk_core_torch_autograd
+    if name == "cpu":
+        from .cpu import bk_core_cpu
+
+        return bk_core_cpu
+    from .triton_impl import bk_core_triton
+
+    return bk_core_triton
+
+
+def _run_position_major(fn: Callable[..., tuple[Tensor, Tensor]], v: Tensor, k: Tensor, z: Tensor,
+                        causal: bool) -> tuple[Tensor, Tensor]:
+    """Run a kernel that wants (B, N, H) planes on v (..., N), k (..., N-1), z (...).
+
+    When ``v`` is the transpose of a position-major tensor (a mixer's ``proj(x).transpose(-1, -2)`` for
+    x of shape (B, N, D)) this is free: the kernel reads it in place and the outputs come back as the same
+    kind of transposed view. Otherwise the rows are gathered position-major once, as (1, N, rows).
+    """
+    shape, n = v.shape, v.shape[-1]
+    rows = v.numel() // n
+    h = shape[-2] if v.dim() >= 2 else 1
+    native = False
+    if v.dim() >= 2 and h > 1:
+        v3 = v.reshape(rows // h, h, n).transpose(1, 2)
+        native = v3.is_contiguous()
+    if native:
+        out = fn(v3, k.reshape(rows // h, h, n - 1).transpose(1, 2), z.reshape(rows // h, h), causal)
+        return tuple(y.transpose(1, 2).reshape(shape) for y in out)  # type: ignore[return-value]
+    out = fn(v.reshape(rows, n).t().unsqueeze(0), k.reshape(rows, n - 1).t().unsqueeze(0),
+             z.reshape(1, rows), causal)
+    return tuple(y[0].t().reshape(shape) for y in out)  # type: ignore[return-value]
+
+
+def _shift_tensor(z: complex | Tensor, batch_shape: torch.Size, device: torch.device,
+                  complex_dtype: torch.dtype) -> Tensor:
+    """Validated ``z`` expanded to ``batch_shape`` as a complex tensor (differentiable when ``z`` is one)."""
+    if isinstance(z, Tensor):
+        if not z.is_complex():
+            raise TypeError(f"z must be complex (E + i*eps with eps > 0), got a real tensor of dtype {z.dtype}")
+        if z.numel() > 0:
+            eps_min = z.imag.min()
+            if not bool(eps_min > 0):
+                raise ValueError(f"bk_core needs eps = Im(z) > 0 for every row, got min Im(z) = {float(eps_min)}")
+        try:
+            ok = torch.broadcast_shapes(z.shape, batch_shape) == batch_shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"z of shape {tuple(z.shape)} does not broadcast to v.shape[:-1] = {tuple(batch_shape)}")
+        return z.to(device=device, dtype=complex_dtype).expand(batch_shape)
+    if not isinstance(z, Number):
+        raise TypeError(f"z must be a complex number or a complex tensor, got {type(z).__name__}")
+    z = complex(z)
+    if not z.imag > 0:
+        raise ValueError(f"bk_core needs eps = Im(z) > 0, got z = {z} (eps = {z.imag})")
+    return torch.full(batch_shape, z, dtype=complex_dtype, device=device)
+
+
+def bk_core(v: Tensor, k: float | Tensor, z: complex | Tensor, *, causal: bool = True,
+            backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Real and imaginary parts of ``y`` (each shaped like ``v``, in ``v``'s dtype); see the module doc."""
+    if not isinstance(v, Tensor) or not v.is_floating_point():
+        raise TypeError(f"v must be a real floating tensor (..., N), got {getattr(v, 'dtype', type(v).__name__)}")
+    if v.dim() < 1 or v.shape[-1] < 1:
+        raise ValueError(f"v must have shape (..., N) with N >= 1, got {tuple(v.shape)}")
+    name = resolve_backend(backend, v.device)
+    batch_shape, n = v.shape[:-1], v.shape[-1]
+    rows = math.prod(batch_shape)
+    compute = torch.float64 if (v.dtype == torch.float64 or name == "reference") else torch.float32
+    complex_dtype = torch.complex128 if compute == torch.float64 else torch.complex64
+
+    k_t = k if isinstance(k, Tensor) else torch.tensor(float(k), device=v.device)
+    if k_t.is_complex() or not (k_t.is_floating_point() or k_t.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"k must be real, got dtype {k_t.dtype}")
+    k_shape = batch_shape + (n - 1,)
+    try:
+        k_ok = torch.broadcast_shapes(k_t.shape, k_shape) == k_shape
+    except RuntimeError:
+        k_ok = False
+    if not k_ok:
+        raise ValueError(f"k of shape {tuple(k_t.shape)} does not broadcast to (..., N-1) = {tuple(k_shape)}")
+
+    z_batch = _shift_tensor(z, batch_shape, v.device, complex_dtype)
+    v_c = v.to(compute)
+    k_c = k_t.to(device=v.device, dtype=compute).expand(k_shape)
+    fn = _implementation(name)
+    with torch.autocast(device_type=v.device.type, enabled=False):
+        if rows == 0:  # empty batch: nothing to compute, keep the graph connected to v
+            re = im = v_c * 0
+        elif name in _POSITION_MAJOR:
+            re, im = _run_position_major(fn, v_c, k_c, z_batch, causal)
+        else:
+            re, im = fn(v_c.reshape(rows, n), k_c.reshape(rows, n - 1), z_batch.reshape(rows), causal)
+            re, im = re.reshape(v.shape), im.reshape(v.shape)
+    return re.to(v.dtype), im.to(v.dtype)
+
+
+__all__ = ["BACKENDS", "available_backends", "bk_core", "resolve_backend"]

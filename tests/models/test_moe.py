@@ -1,0 +1,163 @@
+"""MoEFeedForward: dispatch equals a dense compute-everything reference, top-k, aux loss, causality, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bkexp.models.moe import MoEFeedForward
+
+
+def dense_reference(moe: MoEFeedForward, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route independently of the module, run every expert on every token, keep the selected ones.
+
+    Returns the output and the (tokens, experts) gate matrix (zero for unselected experts).
+    """
+    flat = x.reshape(-1, moe.d_model)
+    probs = torch.softmax(flat @ moe.router.weight.T, dim=-1)
+    top_p, top_i = probs.topk(moe.top_k, dim=-1)
+    if moe.renormalize:
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+    gates = torch.zeros_like(probs).scatter(1, top_i, top_p)
+    every = torch.stack(
+        [F.gelu(flat @ ex.fc1.weight.T) @ ex.fc2.weight.T for ex in moe.experts], dim=1
+    )  # (T, E, D)
+    return (gates.unsqueeze(-1) * every).sum(1).reshape(x.shape), gates
+
+
+def make_moe(n_experts: int, top_k: int, d_model: int = 16, **kw) -> MoEFeedForward:
+    torch.manual_seed(0)
+    moe = MoEFeedForward(d_model, n_experts=n_experts, top_k=top_k, expansion=2.0, **kw).double()
+    with torch.no_grad():  # a router with a real spread of decisions (default init is nearly uniform)
+        moe.router.weight.normal_(std=1.0)
+    return moe
+
+
+@pytest.mark.parametrize("block_rows", [128, 4, None], ids=["block128", "block4", "unblocked"])
+@pytest.mark.parametrize(("n_experts", "top_k"), [(4, 1), (4, 2), (3, 3), (1, 1)],
+                         ids=["E4-k1", "E4-k2", "E3-k3", "E1-k1"])
+def test_matches_dense_reference(n_experts: int, top_k: int, block_rows: int | None) -> None:
+    moe = make_moe(n_experts, top_k, block_rows=block_rows)
+    x = torch.randn(3, 11, 16, dtype=torch.float64)
+    out = moe(x)
+    ref, gates = dense_reference(moe, x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    # exactly top_k experts per token carry weight, and every expert the reference selects was used
+    assert ((gates > 0).sum(-1) == top_k).all()
+    if top_k > 1:
+        torch.testing.assert_close(gates.sum(-1), torch.ones(gates.shape[0], dtype=gates.dtype))
+
+
+@pytest.mark.parametrize("block_rows", [None, 4], ids=["unblocked", "block4"])
+def test_top1_gate_is_router_probability_and_experts_get_only_their_tokens(block_rows: int | None) -> None:
+    moe = make_moe(4, 1, block_rows=block_rows)
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    flat = x.reshape(-1, 16)
+    probs = torch.softmax(flat @ moe.router.weight.T, -1)
+    chosen = probs.argmax(-1)
+    seen: dict[int, int] = {}
+
+    def record(e: int, rows: int) -> None:
+        seen[e] = seen.get(e, 0) + rows
+        assert block_rows is None or rows == block_rows  # every call has the fixed block shape
+
+    hooks = [ex.register_forward_hook(lambda m, inp, out, e=e: record(e, inp[0].shape[0]))
+             for e, ex in enumerate(moe.experts)]
+    out = moe(x)
+    for h in hooks:
+        h.remove()
+    # sparse dispatch: each expert ran on the tokens routed to it (padded up to whole blocks), not on all
+    block = block_rows or 1
+    assert seen == {e: -(-int((chosen == e).sum()) // block) * block for e in range(4) if (chosen == e).any()}
+    expected = torch.stack([probs[t, chosen[t]] * moe.experts[int(chosen[t])](flat[t:t + 1])[0]
+                            for t in range(flat.shape[0])])
+    torch.testing.assert_close(out.reshape(-1, 16), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("top_k", [1, 2], ids=["k1", "k2"])
+def test_aux_loss_matches_formula(top_k: int) -> None:
+    moe = make_moe(4, top_k, aux_loss_weight=0.25)
+    x = torch.randn(2, 13, 16, dtype=torch.float64)
+    moe(x)
+    probs = torch.softmax(x.reshape(-1, 16) @ moe.router.weight.T, -1)
+    chosen = probs.topk(top_k, -1).indices
+    counts = torch.stack([(chosen == e).sum() for e in range(4)]).double()
+    f = counts / (26 * top_k)
+    p = probs.mean(0)
+    expected = 0.25 * 4 * (f * p).sum()
+    torch.testing.assert_close(moe.aux_loss, expected)
+    torch.testing.assert_close(moe.router_stats["fraction"], f)
+    torch.testing.assert_close(moe.router_stats["prob_mean"], p)
+    assert abs(float(moe.router_stats["fraction"].sum()) - 1.0) < 1e-12
+
+
+def test_uniform_router_balance_loss_is_one() -> None:
+    moe = make_moe(4, 1)
+    with torch.no_grad():
+        moe.router.weight.zero_()  # every probability 1/E, so E * sum f_e / E = 1 whatever f is
+    moe(torch.randn(2, 8, 16, dtype=torch.float64))
+    assert abs(float(moe.router_stats["balance_loss"]) - 1.0) < 1e-12
+
+
+def test_dropless_routing_is_causal() -> None:
+    """Changing tokens after t changes nothing at or before t, even when they crowd one expert."""
+    moe = make_moe(4, 1)
+    x = torch.randn(2, 24, 16, dtype=torch.float64)
+    t = 9
+    y = moe(x)
+    x2 = x.clone()
+    # send every future token to the expert that token 0 uses: a capacity limit would now drop tokens <= t
+    e0 = int(torch.softmax(x[0, 0] @ moe.router.weight.T, -1).argmax())
+    x2[:, t + 1:] = 5.0 * moe.router.weight[e0] + 0.01 * torch.randn_like(x2[:, t + 1:])
+    y2 = moe(x2)
+    assert not torch.allclose(y[:, t + 1:], y2[:, t + 1:])
+    # bit-identical although every expert's load changed (fixed-size expert blocks, see MoEFeedForward)
+    assert torch.equal(y2[:, : t + 1], y[:, : t + 1])
+
+
+def test_expert_blocks_make_outputs_independent_of_the_load() -> None:
+    """The same token gives bit-identical output whatever else is routed with it (float32 and float64)."""
+    for dtype in (torch.float32, torch.float64):
+        moe = make_moe(2, 1, d_model=32).to(dtype)
+        token = torch.randn(1, 1, 32, dtype=dtype)
+        outs = [moe(torch.cat([torch.randn(1, n, 32, dtype=dtype), token], dim=1))[0, -1]
+                for n in (0, 1, 2, 6, 50, 300)]
+        assert all(torch.equal(o, outs[0]) for o in outs), dtype
+
+
+@pytest.mark.parametrize("top_k", [1, 2], ids=["k1", "k2"])
+def test_gradients_reach_router_through_output_and_aux(top_k: int) -> None:
+    moe = make_moe(4, top_k, aux_loss_weight=0.0)
+    x = torch.randn(2, 10, 16, dtype=torch.float64)
+    moe(x).pow(2).sum().backward()
+    assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
+    used = torch.softmax(x.reshape(-1, 16) @ moe.router.weight.T, -1).topk(top_k, -1).indices.unique()
+    for e in used.tolist():
+        assert moe.experts[e].fc1.weight.grad.abs().sum() > 0
+    moe.zero_grad()
+    moe.aux_loss_weight = 1.0
+    moe(x)
+    moe.aux_loss.backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+
+
+def test_bad_arguments_are_rejected() -> None:
+    with pytest.raises(ValueError, match="top_k"):
+        MoEFeedForward(8, n_experts=2, top_k=3)
+    with pytest.raises(ValueError, match="n_experts"):
+        MoEFeedForward(8, n_experts=0)
+    with pytest.raises(ValueError, match="block_rows"):
+        MoEFeedForward(8, block_rows=0)
+    moe = MoEFeedForward(8)
+    with pytest.raises(ValueError, match="d_model=8"):
+        moe(torch.randn(2, 3, 7))
+
+
+def test_float32_and_empty_batch() -> None:
+    moe = MoEFeedForward(8, n_experts=4, top_k=2)
+    assert moe(torch.randn(2, 5, 8)).dtype == torch.float32
+    out = moe(torch.randn(0, 5, 8))
+    assert out.shape == (0, 5, 8)
+    assert torch.isfinite(moe.aux_loss)
