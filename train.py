@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import bkexp  # noqa: F401  (first: sets OpenMP's wait policy before torch loads)
 import hydra
 from omegaconf import DictConfig
 

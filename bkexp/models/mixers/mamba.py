@@ -26,6 +26,8 @@ class MambaMixer(Mixer):
     """Causal selective state-space mixer; ``backend`` selects the selective-scan implementation."""
 
     causal = True
+    # The scan function the forward calls (``selective_scan``'s signature); benchmarks swap in baselines.
+    scan = staticmethod(selective_scan)
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2,
                  dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
@@ -93,17 +95,16 @@ class MambaMixer(Mixer):
         A = -torch.exp(self.A_log.float())
         name = resolve_backend(self.backend, hidden_states.device)
         self._backend_used = name
-        y = selective_scan(x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
-                           self.D.float(), z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(),
-                           delta_softplus=True, backend=name)
+        y = self.scan(x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+                      self.D.float(), z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(),
+                      delta_softplus=True, backend=name)
         return self.out_proj(y.transpose(1, 2))
 
     def _causal_conv(self, x: Tensor) -> Tensor:
         """``self.conv1d`` (depthwise, left padding d_conv - 1, output cut to l) on position-major (b, l, d).
 
-        Written as d_conv shifted multiply-adds: the same numbers as ``conv1d(x.transpose(1, 2))[..., :l]``,
-        without the layout round trip (on CPU, depthwise Conv1d's backward on these strides costs several
-        times the rest of the block).
+        Written as d_conv shifted multiply-adds: the same numbers as ``conv1d(x.transpose(1, 2))[..., :l]``
+        (tested), without copying activations to (b, d, l) and back around ``Conv1d``.
         """
         seqlen = x.shape[1]
         weight = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv); tap j multiplies x[t - (d_conv - 1) + j]
