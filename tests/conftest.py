@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import bkexp  # noqa: F401  (first: sets OpenMP's wait policy before torch loads)

@@ -5,6 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from testpaths import REPO_ROOT
+
+CONF = REPO_ROOT / "conf"
+
 # Small enough for a 2-core CPU, big enough to exercise validation, checkpointing and test.
 TINY = [
     "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
@@ -17,3 +24,23 @@ MQAR_TINY = ["dataset.num_train=64", "dataset.num_val=16", "dataset.num_test=16"
 
 def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_train(overrides: list[str], output_dir: Path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
+
+
+TEXT_DATASETS = {"wikitext2", "wikitext103", "ptb", "text"}
+
+
+def data_overrides(dataset: str, data_dir: Path) -> list[str]:
+    if dataset not in TEXT_DATASETS:
+        return []
+    return [f"dataset.data_dir={data_dir}", "dataset.files.train=train.txt",
+            "dataset.files.validation=valid.txt", "dataset.files.test=test.txt"]

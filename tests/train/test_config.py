@@ -3,38 +3,13 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from bkexp.train.config import validate_config
-from testpaths import REPO_ROOT
-
-CONF = REPO_ROOT / "conf"
-
-
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def compose_train(overrides: list[str], output_dir: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
-
-
-TEXT_DATASETS = {"wikitext2", "wikitext103", "ptb", "text"}
-
-
-def data_overrides(dataset: str, data_dir: Path) -> list[str]:
-    if dataset not in TEXT_DATASETS:
-        return []
-    return [f"dataset.data_dir={data_dir}", "dataset.files.train=train.txt",
-            "dataset.files.validation=valid.txt", "dataset.files.test=test.txt"]
+from runhelpers import TEXT_DATASETS, compose_train, data_overrides, options
 
 
 def test_every_group_has_options():

@@ -6,8 +6,7 @@ import math
 
 import pytest
 
-from runhelpers import read_summary
-from test_config import options
+from runhelpers import options, read_summary
 
 VOCAB = 16
 IID = ["dataset=iid", f"dataset.vocab_size={VOCAB}", "dataset.num_train=256", "dataset.num_val=128",

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from runhelpers import read_summary
-from test_config import TEXT_DATASETS, data_overrides, options
+from runhelpers import TEXT_DATASETS, data_overrides, options, read_summary
 from testpaths import REPO_ROOT
 
 FAST = ["debug=fast_dev_run", "seq_len=32", "model.d_model=32", "model.n_layers=1", "dataset.batch_size=2",

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
-from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ConfigKeyError
 
 from bkexp.train.causality import CausalityError
 from bkexp.train.config import ConfigError
