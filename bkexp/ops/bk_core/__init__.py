@@ -25,6 +25,14 @@ Backends (``BACKENDS``):
 
 ``backend="auto"`` resolves to triton on CUDA, cpu on CPU, otherwise torch, and logs when it has to fall
 back because a fast path is missing; ``resolve_backend`` tells which one would run.
+
+Layout: the cpu and triton kernels work on position-major planes (B, N, H). A mixer should pass
+``v = proj(x).transpose(-1, -2)`` for ``x`` of shape (B, N, D) (and ``k`` laid out the same way): then no
+copy is made and ``y`` comes back as the same kind of transposed view, so ``y.transpose(-1, -2)`` is a
+contiguous (B, N, H) tensor. Other layouts work too, at the cost of one gather of the rows.
+
+Exact adjoint vs autograd (ablation): ``backend="torch"`` (or cpu/triton) differentiates with the exact
+O(N) adjoint; ``backend="torch_autograd"`` runs the identical recurrence through plain autograd.
 """
 
 from __future__ import annotations

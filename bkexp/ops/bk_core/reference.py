@@ -25,26 +25,44 @@ def dense_matrix(v: Tensor, k: Tensor, z: Tensor) -> Tensor:
     return torch.diag_embed(a) + upper + lower
 
 
+def _cmm(ar: Tensor, ai: Tensor, br: Tensor, bi: Tensor) -> tuple[Tensor, Tensor]:
+    """Complex batched matmul on separate real and imaginary parts (complex bmm is very slow on CPU)."""
+    return ar @ br - ai @ bi, ar @ bi + ai @ br
+
+
 def leading_block_inverse_diagonal(A: Tensor) -> Tensor:
-    """``[(A[:i+1,:i+1])^-1]_{ii}`` for every i, by dense bordering over a batch (rows, N, N) of matrices."""
+    """``[(A[:i+1,:i+1])^-1]_{ii}`` for every i, by dense bordering over a batch (rows, N, N) of matrices.
+
+    Step i grows ``inv = A_{i-1}^-1`` to ``A_i^-1`` with the Schur complement
+    ``s = A_ii - A[i,:i] inv A[:i,i]``: ``[[inv + inv c r inv / s, -inv c / s], [-r inv / s, 1/s]]``.
+    Complex arithmetic is spelled out on contiguous real/imaginary parts so it runs on real BLAS.
+    """
     n = A.shape[-1]
     if n == 0:
         return A.new_zeros(A.shape[:-1])
-    inv = A[:, :1, :1].reciprocal()  # inverse of the 1x1 leading block
-    diag = [inv[:, 0, 0]]
+    a_r, a_i = A.real.contiguous(), A.imag.contiguous()
+    d = a_r[:, :1, :1] ** 2 + a_i[:, :1, :1] ** 2
+    inv_r, inv_i = a_r[:, :1, :1] / d, -a_i[:, :1, :1] / d
+    diag = [torch.complex(inv_r[:, 0, 0], inv_i[:, 0, 0])]
     for i in range(1, n):
-        col = A[:, :i, i : i + 1]  # (rows, i, 1)
-        row = A[:, i : i + 1, :i]  # (rows, 1, i)
-        inv_col = inv @ col
-        row_inv = row @ inv
-        schur = A[:, i, i] - (row @ inv_col)[:, 0, 0]
-        s_inv = schur.reciprocal()
-        diag.append(s_inv)
+        col_r, col_i = a_r[:, :i, i : i + 1], a_i[:, :i, i : i + 1]  # A[:i, i]
+        row_r, row_i = a_r[:, i : i + 1, :i], a_i[:, i : i + 1, :i]  # A[i, :i]
+        ic_r, ic_i = _cmm(inv_r, inv_i, col_r, col_i)  # inv c
+        ri_r, ri_i = _cmm(row_r, row_i, inv_r, inv_i)  # r inv
+        q_r, q_i = _cmm(row_r, row_i, ic_r, ic_i)  # r inv c
+        s_r = a_r[:, i : i + 1, i : i + 1] - q_r
+        s_i = a_i[:, i : i + 1, i : i + 1] - q_i
+        d = s_r**2 + s_i**2
+        t_r, t_i = s_r / d, -s_i / d  # 1/s
+        diag.append(torch.complex(t_r[:, 0, 0], t_i[:, 0, 0]))
         if i + 1 < n:
-            s = s_inv[:, None, None]
-            top = torch.cat([inv + inv_col @ row_inv * s, -inv_col * s], dim=-1)
-            bottom = torch.cat([-row_inv * s, s], dim=-1)
-            inv = torch.cat([top, bottom], dim=-2)
+            ics_r, ics_i = ic_r * t_r - ic_i * t_i, ic_r * t_i + ic_i * t_r  # inv c / s
+            o_r, o_i = _cmm(ics_r, ics_i, ri_r, ri_i)
+            top_r = torch.cat([inv_r + o_r, -ics_r], dim=-1)
+            top_i = torch.cat([inv_i + o_i, -ics_i], dim=-1)
+            ris_r, ris_i = ri_r * t_r - ri_i * t_i, ri_r * t_i + ri_i * t_r  # r inv / s
+            inv_r = torch.cat([top_r, torch.cat([-ris_r, t_r], dim=-1)], dim=-2)
+            inv_i = torch.cat([top_i, torch.cat([-ris_i, t_i], dim=-1)], dim=-2)
     return torch.stack(diag, dim=-1)
 
 

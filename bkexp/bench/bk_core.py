@@ -1,0 +1,212 @@
+"""``bkexp bench bk-core``: time per token of every BK-Core backend and of causal SDPA, forward and fwd+bwd."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bkexp.bench.common import environment, time_fn, write_table
+from bkexp.ops.bk_core import available_backends, bk_core
+
+DEFAULT_N = "256,512,1024,2048,4096,8192,16384"
+HEAD_DIM = 64
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bkexp bench bk-core", description=__doc__)
+    p.add_argument("--n", default=DEFAULT_N, help=f"sequence lengths, comma separated (default {DEFAULT_N})")
+    p.add_argument("--channels", type=int, default=256,
+                   help="rows per token: BK rows = batch*heads; SDPA heads*64 (default 256)")
+    p.add_argument("--batch", type=int, default=4, help="BK batch; heads = channels / batch (default 4)")
+    p.add_argument("--backends", default=None,
+                   help="comma separated BK backends (default: every available one except reference) "
+                        "plus 'sdpa' for causal scaled_dot_product_attention")
+    p.add_argument("--mode", default="causal", choices=["causal", "bidirectional", "both"])
+    p.add_argument("--torch-max-n", type=int, default=16384,
+                   help="largest N for the python-loop backends torch / torch_autograd (default 16384)")
+    p.add_argument("--sdpa-max-n", type=int, default=8192,
+                   help="largest N for SDPA, whose cost grows as N^2 (default 8192)")
+    p.add_argument("--threads", type=int, default=None, help="torch (and numba) threads; default: torch's")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per configuration (median reported)")
+    p.add_argument("--out", type=Path, default=Path("bench_results/bk-core"))
+    p.add_argument("--quick", action="store_true", help="N up to 1024, 2 repeats: a smoke run")
+    args = p.parse_args(argv)
+    if args.channels % args.batch:
+        p.error(f"--channels {args.channels} must be divisible by --batch {args.batch}")
+    if args.channels % HEAD_DIM:
+        p.error(f"--channels {args.channels} must be a multiple of the SDPA head size {HEAD_DIM}")
+    return args
+
+
+def _bk_case(backend: str, n: int, batch: int, heads: int, causal: bool, device: torch.device):
+    """fwd and fwd+bwd closures on inputs laid out as a mixer produces them: (B, N, H) viewed as (B, H, N)."""
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(batch, n, heads, generator=gen).to(device).transpose(1, 2).requires_grad_()
+    k = F.softplus(torch.randn(batch, n - 1, heads, generator=gen)).to(device).transpose(1, 2).requires_grad_()
+    z = torch.complex(0.5 * torch.randn(batch, heads, generator=gen),
+                      0.05 + torch.rand(batch, heads, generator=gen)).to(device).requires_grad_()
+    g_re = torch.randn(batch, n, heads, generator=gen).to(device).transpose(1, 2)
+    g_im = torch.randn(batch, n, heads, generator=gen).to(device).transpose(1, 2)
+
+    def fwd():
+        with torch.no_grad():
+            return bk_core(v, k, z, causal=causal, backend=backend)
+
+    def fwd_bwd():
+        re, im = bk_core(v, k, z, causal=causal, backend=backend)
+        return torch.autograd.grad((re, im), (v, k, z), (g_re, g_im))
+
+    return fwd, fwd_bwd
+
+
+def _sdpa_case(n: int, heads: int, device: torch.device):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, HEAD_DIM, generator=gen).to(device).requires_grad_() for _ in range(3))
+    g = torch.randn(1, heads, n, HEAD_DIM, generator=gen).to(device)
+
+    def fwd():
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def fwd_bwd():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return torch.autograd.grad(out, (q, k, v), g)
+
+    return fwd, fwd_bwd
+
+
+def _plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    series: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        series.setdefault((r["backend"], r["mode"]), []).append(r)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for (backend, mode), rs in sorted(series.items()):
+        rs = sorted(rs, key=lambda r: r["n"])
+        line, = ax.plot([r["n"] for r in rs], [r["fwd_bwd_us_per_token"] for r in rs], marker="o",
+                        label=f"{backend} ({mode}) fwd+bwd")
+        ax.plot([r["n"] for r in rs], [r["fwd_us_per_token"] for r in rs], marker=".", linestyle="--",
+                color=line.get_color(), alpha=0.7, label=f"{backend} ({mode}) fwd")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length N")
+    ax.set_ylabel("µs per token (all channels)")
+    ax.set_title("BK-Core and causal SDPA: time per token")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / "time_per_token.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for (backend, mode), rs in sorted(series.items()):
+        rs = sorted((r for r in rs if r.get("speedup_vs_torch_fwd_bwd")), key=lambda r: r["n"])
+        if rs:
+            ax.plot([r["n"] for r in rs], [r["speedup_vs_torch_fwd_bwd"] for r in rs], marker="o",
+                    label=f"{backend} ({mode})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length N")
+    ax.set_ylabel("speedup over the torch backend (fwd+bwd)")
+    ax.set_title("Speedup over the pure-PyTorch BK-Core backend")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / "speedup_vs_torch.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def main(argv: list[str]) -> int:
+    args = _parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ns = [int(x) for x in args.n.split(",")]
+    repeat = args.repeat
+    if args.quick:
+        ns = [n for n in ns if n <= 1024] or [256]
+        repeat = 2
+    avail = [b for b in available_backends(device) if b != "reference"]
+    wanted = args.backends.split(",") if args.backends else avail + ["sdpa"]
+    unknown = [b for b in wanted if b not in avail and b != "sdpa"]
+    if unknown:
+        print(f"bkexp bench bk-core: backends {unknown} unavailable on {device}; available: {', '.join(avail)}, sdpa")
+        return 2
+    modes = {"causal": [True], "bidirectional": [False], "both": [True, False]}[args.mode]
+    heads = args.channels // args.batch
+
+    rows: list[dict[str, Any]] = []
+    for n in ns:
+        for backend in wanted:
+            for causal in modes if backend != "sdpa" else [True]:
+                if backend in ("torch", "torch_autograd") and n > args.torch_max_n:
+                    continue
+                if backend == "sdpa" and n > args.sdpa_max_n:
+                    continue
+                if backend == "sdpa":
+                    fwd, fwd_bwd = _sdpa_case(n, args.channels // HEAD_DIM, device)
+                else:
+                    fwd, fwd_bwd = _bk_case(backend, n, args.batch, heads, causal, device)
+                slow = backend in ("torch", "torch_autograd", "sdpa") and n >= 4096
+                reps = 1 if slow else repeat
+                t_f = time_fn(fwd, device=device, warmup=1, repeat=reps, min_time_s=0.0 if slow else 0.2)
+                t_fb = time_fn(fwd_bwd, device=device, warmup=1, repeat=reps, min_time_s=0.0 if slow else 0.2)
+                row = {
+                    "backend": backend,
+                    "mode": "causal" if causal else "bidirectional",
+                    "n": n,
+                    "channels": args.channels,
+                    "fwd_us_per_token": t_f["median_s"] / n * 1e6,
+                    "fwd_bwd_us_per_token": t_fb["median_s"] / n * 1e6,
+                    "fwd_ms": t_f["median_s"] * 1e3,
+                    "fwd_bwd_ms": t_fb["median_s"] * 1e3,
+                    "runs": t_fb["n"],
+                }
+                rows.append(row)
+                print(f"{backend:>15} {row['mode']:>13} N={n:<6} fwd {row['fwd_us_per_token']:9.3f} µs/tok   "
+                      f"fwd+bwd {row['fwd_bwd_us_per_token']:9.3f} µs/tok", flush=True)
+    torch_times = {(r["mode"], r["n"]): r["fwd_bwd_us_per_token"] for r in rows if r["backend"] == "torch"}
+    for r in rows:
+        base = torch_times.get((r["mode"], r["n"]))
+        r["speedup_vs_torch_fwd_bwd"] = base / r["fwd_bwd_us_per_token"] if base else None
+
+    meta = {
+        "environment": environment(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "heads": heads,
+        "sdpa_heads": args.channels // HEAD_DIM,
+        "sdpa_head_dim": HEAD_DIM,
+        "layout": "BK inputs (B, N, H) viewed as (B, H, N); SDPA (1, heads, N, 64), is_causal=True",
+        "note": "median wall time per call divided by N; fwd under no_grad; fwd+bwd = forward + autograd.grad",
+    }
+    try:
+        import numba
+
+        meta["numba_threads"] = numba.get_num_threads()
+        meta["numba_threading_layer"] = numba.config.THREADING_LAYER
+    except ImportError:
+        pass
+    columns = ["backend", "mode", "n", "channels", "fwd_us_per_token", "fwd_bwd_us_per_token", "fwd_ms",
+               "fwd_bwd_ms", "speedup_vs_torch_fwd_bwd", "runs"]
+    md = write_table(rows, columns, args.out, "bk_core", meta)
+    plots = _plots(rows, args.out)
+    print()
+    print(md)
+    print(f"\nthreads={meta['threads']} device={device}; wrote {args.out}/bk_core.{{json,csv,md}} and "
+          + ", ".join(p.name for p in plots))
+    return 0 if all(math.isfinite(r["fwd_bwd_us_per_token"]) for r in rows) else 1
