@@ -12,6 +12,7 @@ import sys
 BENCHMARKS = {
     "bk-core": "bkexp.bench.bk_core",
     "mamba": "bkexp.bench.mamba",
+    "quant": "bkexp.bench.quant",
 }
 
 

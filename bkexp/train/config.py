@@ -65,6 +65,6 @@ def validate_keys(node: Any, path: str) -> None:
 def validate_config(cfg: DictConfig) -> None:
     """All checks that must pass before data or models are built."""
     validate_top_level(cfg)
-    for group in ("model", "dataset", "optimizer", "scheduler", "trainer"):
+    for group in ("model", "dataset", "optimizer", "scheduler", "trainer", "quant"):
         if group in cfg and cfg[group] is not None:
             validate_keys(cfg._get_node(group), group)

@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from bkexp.quant import QuantSpec
 from bkexp.train.callbacks import ThroughputMonitor, peak_memory_mb
 from bkexp.train.causality import check_causality
 from bkexp.train.config import validate_config
@@ -113,6 +114,8 @@ def run(cfg: DictConfig) -> float | None:
     try:
         record.update(config=OmegaConf.to_container(cfg, resolve=True), env=environment())
         validate_config(cfg)
+        quant: QuantSpec = instantiate(cfg.quant)
+        quant.validate()
         pl.seed_everything(cfg.seed, workers=True)
 
         datamodule = instantiate(cfg.dataset)
@@ -121,6 +124,8 @@ def run(cfg: DictConfig) -> float | None:
         record.update(data=datamodule.describe())
         model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
         record.update(params=model.param_counts(), state_size=model.state_size(cfg.seq_len))
+        model = quant.prepare(model)  # before the causality check: the quantized model is the one trained
+        record.update(quant=quant.describe(model))
         log.info("model %s: %s parameters (%s non-embedding)", cfg.model.name,
                  f"{model.param_counts()['total']:,}", f"{model.param_counts()['non_embedding']:,}")
 
@@ -142,7 +147,8 @@ def run(cfg: DictConfig) -> float | None:
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        metrics = _final_metrics(trainer, task, datamodule, test=bool(cfg.get("test_after_fit")))
+        metrics = _final_metrics(trainer, task, datamodule, quant, test=bool(cfg.get("test_after_fit")))
+        record.update(quant=quant.describe(model))
         record.update(metrics=metrics, steps=trainer.global_step, tokens={"train": task.tokens_seen},
                       backends=model.backends(), device=str(task.device))
         _record_callbacks(record, trainer)
@@ -171,8 +177,12 @@ def _count_flops(model: torch.nn.Module, sample: torch.Tensor) -> dict[str, Any]
     return count_flops(model, sample)
 
 
-def _final_metrics(trainer: pl.Trainer, task: LMTask, datamodule: Any, test: bool) -> dict[str, Any]:
-    """train/val metrics at the end of training, best val, and test on the best checkpoint."""
+def _final_metrics(trainer: pl.Trainer, task: LMTask, datamodule: Any, quant: QuantSpec,
+                   test: bool) -> dict[str, Any]:
+    """train/val metrics at the end of training, best val, and test on the best checkpoint.
+
+    With PTQ, validation ran at full precision and the test runs on the quantized weights (``finalize``).
+    """
     metrics: dict[str, Any] = {}
     if trainer.callback_metrics.get("val/loss") is None or task.last_val_step != trainer.global_step:
         trainer.validate(task, datamodule=datamodule, verbose=False)
@@ -180,6 +190,7 @@ def _final_metrics(trainer: pl.Trainer, task: LMTask, datamodule: Any, test: boo
         metrics[key] = float(value)
     metrics["best/val_loss"] = task.best_val_loss
     metrics["best/val_ppl"] = math.exp(task.best_val_loss) if task.best_val_loss < 700 else math.inf
+    quant.finalize(task.model)
     if test:
         ckpt = trainer.checkpoint_callback
         best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
