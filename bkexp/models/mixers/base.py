@@ -25,6 +25,10 @@ class Mixer(nn.Module):
         """Number of scalars a decoder must keep for one sequence after ``seq_len`` tokens (one layer)."""
         raise NotImplementedError
 
+    def core_flops(self, batch: int, seq_len: int) -> int:
+        """FLOPs of ops PyTorch's FLOP counter cannot see (custom kernels), for one forward pass; 0 if none."""
+        return 0
+
     def backends(self) -> dict[str, str]:
         """Op name -> implementation used in the last forward (e.g. ``{"bk_core": "cpu"}``)."""
         return {}

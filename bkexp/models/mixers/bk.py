@@ -137,6 +137,13 @@ class BKMixer(Mixer):
         features = torch.cat([re, im], dim=1).transpose(1, 2)  # (B, N, 2H): [Re y_h..., Im y_h...]
         return self.w_o(features.to(x.dtype)) * self.bk_scale
 
+    def core_flops(self, batch: int, seq_len: int) -> int:
+        # Real FLOPs per (row, position) of the BK-Core: a causal pivot step L = a - k/L_prev with y = 1/L is
+        # ~10 (complex-by-real product, subtraction, reciprocal); the bidirectional mode adds the right sweep
+        # and the combination, ~24.
+        per_step = 10 if self.causal else 24
+        return per_step * batch * self.n_heads * seq_len
+
     def state_size(self, seq_len: int) -> int:
         if self.causal:
             # A causal decoder keeps only the last pivot L_t per head (one complex number = 2 reals): the

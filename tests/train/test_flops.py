@@ -1,0 +1,38 @@
+"""FLOPs per token against hand counts: matmuls, causal attention, and the mixers' custom-op counts."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from bkexp.models import MLP, LanguageModel
+from bkexp.models.mixers import AttentionMixer, BKMixer, MambaMixer
+from bkexp.train.flops import count_flops
+
+V, D, N = 50, 32, 16
+
+
+def test_transformer_flops_match_a_hand_count():
+    lm = LanguageModel(V, D, 2, mixer=functools.partial(AttentionMixer, n_heads=2),
+                       ffn=functools.partial(MLP, expansion=4.0))
+    flops = count_flops(lm, torch.randint(0, V, (1, N)))
+    matmul = 2 * (3 * D * D + D * D + 2 * 4 * D * D)  # qkv, out, fc1+fc2 per token, per layer
+    attention = 2 * N * D  # multiply-adds of Q K^T and P V over all N keys (the dense product is counted)
+    head = 2 * D * V
+    expected = 2 * (matmul + attention) + head
+    assert flops["forward_per_token"] == pytest.approx(expected, rel=1e-9)
+    assert flops["train_step_per_token"] == pytest.approx(3 * expected, rel=1e-9)
+    assert flops["custom_ops_forward_per_token"] == 0
+
+
+@pytest.mark.parametrize("mixer,per_token", [
+    (functools.partial(MambaMixer, d_state=4, expand=2), 9 * 2 * D * 4 + 2 * 2 * D * 4),
+    (functools.partial(BKMixer, n_heads=3), 10 * 3),
+], ids=["mamba", "bk"])
+def test_custom_op_flops_are_added(mixer, per_token):
+    lm = LanguageModel(V, D, 1, mixer=mixer)
+    flops = count_flops(lm, torch.randint(0, V, (1, N)))
+    assert flops["custom_ops_forward_per_token"] == pytest.approx(per_token)
+    assert flops["forward_per_token"] > per_token
