@@ -18,10 +18,10 @@ def test_transformer_flops_match_a_hand_count():
     lm = LanguageModel(V, D, 2, mixer=functools.partial(AttentionMixer, n_heads=2),
                        ffn=functools.partial(MLP, expansion=4.0))
     flops = count_flops(lm, torch.randint(0, V, (1, N)))
-    matmul = 2 * (3 * D * D + D * D + 2 * 4 * D * D)  # qkv, out, fc1+fc2 per token, per layer
-    attention = 2 * N * D  # multiply-adds of Q K^T and P V over all N keys (the dense product is counted)
-    head = 2 * D * V
-    expected = 2 * (matmul + attention) + head
+    matmul = 3 * D * D + D * D + 2 * 4 * D * D  # multiply-adds of qkv, out, fc1+fc2 per token and layer
+    attention = 2 * (N // 2) * D  # Q K^T and P V; causal, so half of the N x N score matrix
+    head = D * V
+    expected = 2 * (2 * (matmul + attention) + head)  # 2 layers; FLOPs = 2 x multiply-adds
     assert flops["forward_per_token"] == pytest.approx(expected, rel=1e-9)
     assert flops["train_step_per_token"] == pytest.approx(3 * expected, rel=1e-9)
     assert flops["custom_ops_forward_per_token"] == 0
