@@ -16,7 +16,23 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+_aten = torch.ops.aten
+
+
+# PyTorch counts scaled_dot_product_attention through its CUDA kernels' formulas; the CPU flash kernel has
+# none, so attention would count as zero on CPU. Same dense formula as the GPU ops (causal masking not
+# subtracted, as PyTorch does there), so CPU and GPU runs report the same FLOPs.
+@register_flop_formula(_aten._scaled_dot_product_flash_attention_for_cpu, get_raw=False)
+def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+@register_flop_formula(_aten._scaled_dot_product_flash_attention_for_cpu_backward, get_raw=False)
+def _sdpa_cpu_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                            **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
 def core_flops(model: nn.Module, batch: int, seq_len: int) -> float:
