@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bkexp.bench.common import environment, time_fn, write_table
+from bkexp.bench.common import environment, log_log_plot, time_fn, write_table
 from bkexp.ops.bk_core import available_backends, bk_core
 
 DEFAULT_N = "256,512,1024,2048,4096,8192,16384"
@@ -81,52 +81,27 @@ def _sdpa_case(n: int, heads: int, device: torch.device):
 
 
 def _plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
     series: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         series.setdefault((r["backend"], r["mode"]), []).append(r)
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for (backend, mode), rs in sorted(series.items()):
+    timing, speedup = [], []
+    for color, ((backend, mode), rs) in enumerate(sorted(series.items())):
         rs = sorted(rs, key=lambda r: r["n"])
-        line, = ax.plot([r["n"] for r in rs], [r["fwd_bwd_us_per_token"] for r in rs], marker="o",
-                        label=f"{backend} ({mode}) fwd+bwd")
-        ax.plot([r["n"] for r in rs], [r["fwd_us_per_token"] for r in rs], marker=".", linestyle="--",
-                color=line.get_color(), alpha=0.7, label=f"{backend} ({mode}) fwd")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length N")
-    ax.set_ylabel("µs per token (all channels)")
-    ax.set_title("BK-Core and causal SDPA: time per token")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / "time_per_token.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for (backend, mode), rs in sorted(series.items()):
-        rs = sorted((r for r in rs if r.get("speedup_vs_torch_fwd_bwd")), key=lambda r: r["n"])
-        if rs:
-            ax.plot([r["n"] for r in rs], [r["speedup_vs_torch_fwd_bwd"] for r in rs], marker="o",
-                    label=f"{backend} ({mode})")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length N")
-    ax.set_ylabel("speedup over the torch backend (fwd+bwd)")
-    ax.set_title("Speedup over the pure-PyTorch BK-Core backend")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / "speedup_vs_torch.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+        style = {"color": f"C{color}"}
+        timing.append((f"{backend} ({mode}) fwd+bwd", [r["n"] for r in rs], [r["fwd_bwd_us_per_token"] for r in rs],
+                       style))
+        timing.append((f"{backend} ({mode}) fwd", [r["n"] for r in rs], [r["fwd_us_per_token"] for r in rs],
+                       {**style, "marker": ".", "linestyle": "--", "alpha": 0.7}))
+        fast = [r for r in rs if r.get("speedup_vs_torch_fwd_bwd")]
+        if fast:
+            speedup.append((f"{backend} ({mode})", [r["n"] for r in fast],
+                            [r["speedup_vs_torch_fwd_bwd"] for r in fast], style))
+    return [
+        log_log_plot(out_dir / "time_per_token.png", timing, "sequence length N", "µs per token (all channels)",
+                     "BK-Core and causal SDPA: time per token"),
+        log_log_plot(out_dir / "speedup_vs_torch.png", speedup, "sequence length N",
+                     "speedup over the torch backend (fwd+bwd)", "Speedup over the pure-PyTorch BK-Core backend"),
+    ]
 
 
 def main(argv: list[str]) -> int:

@@ -82,3 +82,28 @@ def _has_tabulate() -> bool:
     except ImportError:
         return False
     return True
+
+
+def log_log_plot(path: Path, lines: Sequence[tuple[str, Sequence[float], Sequence[float], dict[str, Any]]],
+                 xlabel: str, ylabel: str, title: str) -> Path:
+    """One PNG of ``(label, xs, ys, plot kwargs)`` lines on log-log axes (x in powers of two)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for label, xs, ys, kwargs in lines:
+        ax.plot(xs, ys, label=label, **{"marker": "o", **kwargs})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bkexp.bench.common import environment, time_fn, write_table
+from bkexp.bench.common import environment, log_log_plot, time_fn, write_table
 from bkexp.models.mixers.attention import AttentionMixer
 from bkexp.models.mixers.mamba import MambaMixer
 from bkexp.ops.selective_scan import available_backends, selective_scan
@@ -108,29 +108,13 @@ def _scan_inputs(batch: int, d_inner: int, d_state: int, n: int, device: torch.d
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for row in rows:
         series.setdefault((row["component"], row["implementation"]), []).append((row["n"], row["us_per_token"]))
-    for (component, impl), points in series.items():
-        points.sort()
-        style = "--" if component == "scan" else "-"
-        ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=f"{component}: {impl}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length N")
-    ax.set_ylabel("forward + backward time per token (µs)")
-    ax.set_title("Mamba block (d_model 256, d_state 16, expand 2, batch 1)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    lines = [(f"{component}: {impl}", [p[0] for p in sorted(points)], [p[1] for p in sorted(points)],
+              {"linestyle": "--" if component == "scan" else "-"}) for (component, impl), points in series.items()]
+    log_log_plot(path, lines, "sequence length N", "forward + backward time per token (µs)",
+                 "Mamba block (d_model 256, d_state 16, expand 2, batch 1)")
 
 
 def main(argv: list[str]) -> int:

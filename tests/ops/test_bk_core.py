@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import bkexp.ops.bk_core as bk
+from bkexp.ops import backends
 from bkexp.ops.bk_core import BACKENDS, available_backends, bk_core, resolve_backend
 from bkexp.ops.bk_core.reference import bk_core_reference, dense_matrix
 from bkexp.ops.testing import assert_rel_close, rel_err
@@ -319,8 +320,8 @@ def test_backend_resolution_and_install_hints(monkeypatch, caplog):
     # Without numba, auto falls back to torch and says so; asking for cpu explains how to install it.
     real_available = bk._module_available
     monkeypatch.setattr(bk, "_module_available", lambda name: name != "numba" and real_available(name))
-    bk._logged_fallbacks.clear()
-    with caplog.at_level(logging.WARNING, logger="bkexp.ops.bk_core"):
+    backends._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="bkexp.ops.backends"):
         assert resolve_backend("auto", "cpu") == "torch"
     assert "using torch" in caplog.text and "pip install numba" in caplog.text
     with pytest.raises(RuntimeError, match="pip install numba"):

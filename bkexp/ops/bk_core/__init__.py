@@ -38,7 +38,6 @@ O(N) adjoint; ``backend="torch_autograd"`` runs the identical recurrence through
 from __future__ import annotations
 
 import importlib.util
-import logging
 import math
 import os
 from collections.abc import Callable
@@ -47,14 +46,14 @@ from numbers import Number
 import torch
 from torch import Tensor
 
-log = logging.getLogger(__name__)
+from bkexp.ops.backends import resolve
+
 
 BACKENDS: tuple[str, ...] = ("reference", "torch", "torch_autograd", "cpu", "triton")
 _INSTALL_HINT = {
     "cpu": "the cpu backend needs numba: pip install numba",
     "triton": "the triton backend needs a CUDA GPU and triton: pip install triton (with a CUDA build of torch)",
 }
-_logged_fallbacks: set[str] = set()
 
 
 def _module_available(name: str) -> bool:
@@ -90,23 +89,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """The backend that ``bk_core(..., backend=backend)`` runs on ``device``; raises if it cannot run."""
-    device = torch.device(device)
-    if backend == "auto":
-        preferred = {"cuda": "triton", "cpu": "cpu"}.get(device.type, "torch")
-        reason = _unavailable_reason(preferred, device)
-        if reason is None:
-            return preferred
-        message = f"bk_core backend=auto on {device.type}: {preferred} unavailable ({reason}); using torch"
-        if message not in _logged_fallbacks:
-            _logged_fallbacks.add(message)
-            log.warning(message)
-        return "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown bk_core backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
-    reason = _unavailable_reason(backend, device)
-    if reason is not None:
-        raise RuntimeError(f"bk_core backend {backend!r} unavailable: {reason}")
-    return backend
+    return resolve("bk_core", backend, device, BACKENDS, {"cuda": "triton", "cpu": "cpu"}, "torch", _unavailable_reason)
 
 
 _POSITION_MAJOR = ("cpu", "triton")  # kernels that take (B, N, H) planes instead of (rows, N)

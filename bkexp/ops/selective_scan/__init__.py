@@ -29,12 +29,12 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import logging
 
 import torch
 from torch import Tensor
 
-log = logging.getLogger(__name__)
+from bkexp.ops.backends import resolve
+
 
 BACKENDS: tuple[str, ...] = ("cuda", "cpu", "ref")
 _INSTALL_HINT = {
@@ -42,7 +42,6 @@ _INSTALL_HINT = {
             "(or pip install -e '.[gpu]')",
     "cpu": "the cpu backend needs numba: pip install numba",
 }
-_logged_fallbacks: set[str] = set()
 
 
 @functools.cache
@@ -81,23 +80,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """The backend that ``selective_scan(..., backend=backend)`` runs on ``device``; raises if it cannot run."""
-    device = torch.device(device)
-    if backend == "auto":
-        preferred = "cuda" if device.type == "cuda" else "cpu"
-        reason = _unavailable_reason(preferred, device)
-        if reason is None:
-            return preferred
-        message = f"selective_scan backend=auto on {device.type}: {preferred} unavailable ({reason}); using ref"
-        if message not in _logged_fallbacks:
-            _logged_fallbacks.add(message)
-            log.warning(message)
-        return "ref"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown selective_scan backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
-    reason = _unavailable_reason(backend, device)
-    if reason is not None:
-        raise RuntimeError(f"selective_scan backend {backend!r} unavailable: {reason}")
-    return backend
+    return resolve("selective_scan", backend, device, BACKENDS, {"cuda": "cuda", "cpu": "cpu"}, "ref", _unavailable_reason)
 
 
 def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
