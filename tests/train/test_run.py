@@ -53,6 +53,20 @@ def test_default_run_writes_a_complete_run_directory(train):
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
     assert "val/ppl" in tags
+    # HParams view: a session with the run's hyperparameters and its final metrics.
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    sessions = []
+    for event_file in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(event_file)).Load():
+            for value in event.summary.value:
+                if value.tag == "_hparams_/session_start_info":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                    sessions.append(data.session_start_info.hparams)
+    assert len(sessions) == 1 and sessions[0]["model"].string_value == "transformer"
+    assert sessions[0]["seq_len"].number_value == 32
+    assert "hparams/test/ppl" in tags
 
     # W&B offline run: config and summary on disk.
     offline = list((run_dir / "wandb").glob("offline-run-*"))
