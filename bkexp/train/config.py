@@ -8,7 +8,7 @@ from typing import Any
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig
 
-VALID_BITS = (32, 16, 8, 4, 2)
+from bkexp.quant.spec import TRAIN_BITS as VALID_BITS  # one list of training bit widths
 
 
 class ConfigError(ValueError):
@@ -65,6 +65,6 @@ def validate_keys(node: Any, path: str) -> None:
 def validate_config(cfg: DictConfig) -> None:
     """All checks that must pass before data or models are built."""
     validate_top_level(cfg)
-    for group in ("model", "dataset", "optimizer", "scheduler", "trainer", "quant"):
+    for group in ("model", "dataset", "optimizer", "scheduler", "trainer", "quant", "flags"):
         if group in cfg and cfg[group] is not None:
             validate_keys(cfg._get_node(group), group)
