@@ -82,6 +82,13 @@ class MoEFeedForward(nn.Module):
             inputs = torch.cat([inputs, inputs.new_zeros(padded - n, inputs.shape[1])])
         return torch.cat([self.experts[e](block) for block in inputs.split(self.block_rows)])[:n]
 
+    def __getstate__(self) -> dict:
+        # The last forward's aux_loss is a graph node, which deepcopy/pickle refuse (e.g. a causality check
+        # or FLOP count on a model that has trained); it is transient, so copies start without it.
+        state = super().__getstate__()
+        state["aux_loss"] = None
+        return state
+
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.d_model:
             raise ValueError(f"expected last dim d_model={self.d_model}, got input of shape {tuple(x.shape)}")

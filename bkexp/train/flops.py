@@ -35,9 +35,24 @@ def _sdpa_cpu_backward_flop(grad_out_shape, query_shape, key_shape, value_shape,
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-def core_flops(model: nn.Module, batch: int, seq_len: int) -> float:
-    """Sum of ``core_flops(batch, seq_len)`` over the modules that declare custom-op FLOPs."""
-    return float(sum(m.core_flops(batch, seq_len) for m in model.modules() if hasattr(m, "core_flops")))
+class _CustomOpCounter:
+    """Forward hooks that add ``core_flops(batch, seq)`` for the shape each module actually saw.
+
+    Counting per call (not per model and nominal length) keeps the count right when a layer runs at another
+    resolution (multi-scale middle layers) or is called several times.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.flops = 0.0
+        self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if hasattr(m, "core_flops")]
+
+    def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        batch, seq = args[0].shape[:2]
+        self.flops += float(module.core_flops(batch, seq))
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def count_flops(model: nn.Module, input_ids: Tensor) -> dict[str, Any]:
@@ -45,9 +60,11 @@ def count_flops(model: nn.Module, input_ids: Tensor) -> dict[str, Any]:
     probe = copy.deepcopy(model).to("cpu", torch.float32).train()
     x = input_ids[:1].detach().cpu()
     tokens = x.numel()
-    custom = core_flops(probe, x.shape[0], x.shape[1])
+    custom_counter = _CustomOpCounter(probe)
     with FlopCounterMode(display=False) as forward_counter, torch.no_grad():
         probe(x)
+    custom_counter.close()
+    custom = custom_counter.flops
     with FlopCounterMode(display=False) as step_counter:
         probe(x).float().logsumexp(-1).sum().backward()
     by_op = {str(op): int(n) for op, n in forward_counter.get_flop_counts().get("Global", {}).items()}

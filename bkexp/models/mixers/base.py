@@ -21,6 +21,12 @@ class Mixer(nn.Module):
         self.d_model = d_model
         self.aux_loss: Tensor | None = None
 
+    def __getstate__(self) -> dict:
+        # aux_loss from the last forward is a graph node that deepcopy/pickle refuse; copies start without it.
+        state = super().__getstate__()
+        state["aux_loss"] = None
+        return state
+
     def state_size(self, seq_len: int) -> int:
         """Number of scalars a decoder must keep for one sequence after ``seq_len`` tokens (one layer)."""
         raise NotImplementedError

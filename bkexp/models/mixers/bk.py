@@ -12,6 +12,7 @@ from bkexp.models.mixers.base import Mixer
 from bkexp.ops.bk_core import BACKENDS, bk_core, resolve_backend
 
 COUPLING_MODES = ("head", "input")
+SPARSE_LOGIT_INIT = 3.0
 
 
 def inverse_softplus(y: float) -> float:
@@ -52,16 +53,32 @@ class BKMixer(Mixer):
     normalisation for stability and by default is left linear (no information is squashed). ``v_bound``
     optionally applies ``v_bound * tanh(v / v_bound)``, the differentiable counterpart of the original
     ResNet-BK's ``clamp(v, -3, 3)``, for reproducing that layer.
+
+    Sparse heads (``sparse_heads``, the ``sparse_bk`` flag): a learned score ``head_logit_h`` per head; only
+    the ``ceil(sparse_heads * n_heads)`` heads with the highest scores run the BK-Core (ties go to the lower
+    head index), the others contribute zeros. The selection depends on parameters only, never on the input,
+    so the layer stays causal and saves BK-Core work in proportion (``core_flops`` counts active heads only).
+    Kept heads' features are multiplied by ``sigmoid(head_logit_h)`` so the scores get gradients (the
+    discrete selection itself is straight-through: it follows the scores the gradients move).
+
+    Energy (``record_energy``, used by the ``physics_weight`` regulariser): with ``record_energy=True`` each
+    forward stores ``self.energy``, the expectation ``<psi|H|psi>`` of the layer's Hamiltonian in the
+    uniform state ``psi = (1, ..., 1)/sqrt(N)``, averaged over batch and (active) heads:
+    ``E = mean_rows[(sum_t d_t + 2 sum_t sqrt(k_t)) / N]`` with diagonal ``d = base_diag + v`` and the
+    symmetric split ``H[t,t+1] = H[t+1,t] = sqrt(k_t)`` of the couplings (a differentiable scalar).
     """
 
     def __init__(self, d_model: int, n_heads: int = 4, causal: bool = True, coupling: str = "head",
                  base_diag: float = 0.0, base_coupling: float = 1.0, learn_coupling: bool = True,
                  eps_init: float = 1.0, eps_min: float = 1e-2, shift_init: float = 0.0, learn_z: bool = True,
                  v_bound: float | None = None, bk_scale_init: float = 1.0, backend: str = "auto",
-                 v_bias: bool = False, out_bias: bool = False) -> None:
+                 v_bias: bool = False, out_bias: bool = False, sparse_heads: float | None = None) -> None:
         super().__init__(d_model)
         if n_heads < 1:
             raise ValueError(f"n_heads must be >= 1, got {n_heads}")
+        if sparse_heads is not None and not 0 < sparse_heads <= 1:
+            raise ValueError(f"sparse_heads (fraction of BK heads kept active) must be in (0, 1] or None, "
+                             f"got {sparse_heads}")
         if coupling not in COUPLING_MODES:
             raise ValueError(f"unknown coupling {coupling!r}; valid: {list(COUPLING_MODES)}")
         if coupling == "input" and not learn_coupling:
@@ -106,6 +123,15 @@ class BKMixer(Mixer):
             self.register_buffer("z_imag", torch.full((n_heads,), float(eps_init)))
         self.w_o = nn.Linear(2 * n_heads, d_model, bias=out_bias)
         self.bk_scale = nn.Parameter(torch.full((d_model,), float(bk_scale_init)))
+        self.sparse_heads = sparse_heads
+        if sparse_heads is not None:
+            self.n_active_heads = max(1, math.ceil(sparse_heads * n_heads - 1e-9))
+            # Starts at sigmoid(3) ~ 0.95 so the kept heads begin almost unscaled.
+            self.head_logit = nn.Parameter(torch.full((n_heads,), SPARSE_LOGIT_INIT))
+        else:
+            self.n_active_heads = n_heads
+        self.record_energy = False
+        self.energy: Tensor | None = None
 
     def shift(self) -> Tensor:
         """The complex shift ``z_h`` per head, shape ``(n_heads,)``."""
@@ -119,41 +145,67 @@ class BKMixer(Mixer):
         k = F.softplus(self.k_param) if self.learn_coupling else self.k_fixed
         return k.unsqueeze(-1)
 
+    def active_heads(self) -> Tensor | None:
+        """Indices of the heads that run the BK-Core (sorted), or None when every head runs."""
+        if self.sparse_heads is None:
+            return None
+        order = torch.argsort(self.head_logit.detach(), descending=True, stable=True)
+        return order[: self.n_active_heads].sort().values
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"expected input (batch, seq, d_model={self.d_model}), got {tuple(x.shape)}")
         self._last_device = x.device
+        heads = self.active_heads()
         v = self.w_v(x)
         if self.v_bound is not None:
             v = self.v_bound * torch.tanh(v / self.v_bound)
+        k = self.couplings(x)
+        z = self.shift()
+        if heads is not None:  # only the active heads' rows reach the BK-Core
+            v, z = v[..., heads], z[heads]
+            k = k[:, heads] if self.coupling == "input" else k[heads]
         v = v.transpose(1, 2) + self.base_diag  # (B, H, N): one row per (batch, head)
         rows = v.shape[:-1]
-        k = self.couplings(x).expand(*rows, max(x.shape[1] - 1, 0))
-        z = self.shift().expand(*rows)
+        k = k.expand(*rows, max(x.shape[1] - 1, 0))
+        z = z.expand(*rows)
+        if self.record_energy:
+            n = v.shape[-1]
+            self.energy = ((v.sum(-1) + 2 * k.sqrt().sum(-1)) / n).mean()
         # The op computes in float32 (float64 stays float64); feed it that, not autocast's bf16/fp16.
         compute = torch.float64 if v.dtype == torch.float64 else torch.float32
         re, im = bk_core(v.to(compute), k.to(compute), z.to(compute.to_complex()),
                          causal=self.causal, backend=self.backend)
         features = torch.cat([re, im], dim=1).transpose(1, 2)  # (B, N, 2H): [Re y_h..., Im y_h...]
-        return self.w_o(features.to(x.dtype)) * self.bk_scale
+        if heads is None:
+            return self.w_o(features.to(x.dtype)) * self.bk_scale
+        # Skipped heads contribute zeros, so only the active heads' columns of W_o are needed.
+        gate = torch.sigmoid(self.head_logit[heads]).repeat(2)
+        columns = torch.cat([heads, heads + self.n_heads])
+        out = F.linear(features.to(x.dtype) * gate.to(x.dtype), self.w_o.weight[:, columns], self.w_o.bias)
+        return out * self.bk_scale
+
+    def flag_stats(self) -> dict[str, float]:
+        """Measured effect of the mixer-level flags: the fraction of BK heads that run the BK-Core."""
+        return {"active_heads_fraction": self.n_active_heads / self.n_heads}
 
     def core_flops(self, batch: int, seq_len: int) -> int:
         # Real FLOPs per (row, position) of the BK-Core: a causal pivot step L = a - k/L_prev with y = 1/L is
         # ~10 (complex-by-real product, subtraction, reciprocal); the bidirectional mode adds the right sweep
         # and the combination, ~24.
         per_step = 10 if self.causal else 24
-        return per_step * batch * self.n_heads * seq_len
+        return per_step * batch * self.n_active_heads * seq_len
 
     def state_size(self, seq_len: int) -> int:
         if self.causal:
             # A causal decoder keeps only the last pivot L_t per head (one complex number = 2 reals): the
             # next pivot is L_{t+1} = a_{t+1} - k_t / L_t, with a_{t+1} and k_t computed from the new token.
-            # Constant in seq_len.
-            return 2 * self.n_heads
+            # Constant in seq_len. Only active heads (sparse_heads) keep a pivot.
+            return 2 * self.n_active_heads
         # Bidirectional: every output depends on every token, so the potentials (and input couplings) of
         # the whole sequence must be kept and the right-to-left pivots recomputed.
         per_token = 2 if self.coupling == "input" else 1
-        return per_token * self.n_heads * seq_len
+        return per_token * self.n_active_heads * seq_len
 
     def backends(self) -> dict[str, str]:
         device = self._last_device if self._last_device is not None else self.w_v.weight.device
@@ -162,4 +214,4 @@ class BKMixer(Mixer):
     def extra_repr(self) -> str:
         return (f"n_heads={self.n_heads}, causal={self.causal}, coupling={self.coupling!r}, "
                 f"base_diag={self.base_diag}, learn_coupling={self.learn_coupling}, learn_z={self.learn_z}, "
-                f"v_bound={self.v_bound}, backend={self.backend!r}")
+                f"v_bound={self.v_bound}, backend={self.backend!r}, sparse_heads={self.sparse_heads}")
