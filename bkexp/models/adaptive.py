@@ -118,8 +118,8 @@ def apply_to_rows(fn: Callable[[Tensor], Tensor], x: Tensor, active: Tensor, blo
     counts = active.sum(1)
     padded = (counts + block_rows - 1) // block_rows * block_rows
     total = int(padded.sum())
-    if total == 0:
-        return x.new_zeros(0, d), 0
+    if total == 0:  # every token has exited: an empty result with fn's output width
+        return fn(x.new_zeros(1, 0, d)).squeeze(0), 0
     offset = padded.cumsum(0) - padded
     rank = active.cumsum(1) - 1
     slot = (offset.unsqueeze(1) + rank)[active]

@@ -112,7 +112,8 @@ class MoEFeedForward(nn.Module):
             start += count
             tokens = assign_token[rows]
             expert_out = self.run_expert(e, flat.index_select(0, tokens))
-            out.index_add_(0, tokens, expert_out * assign_gate[rows].unsqueeze(-1).to(expert_out.dtype))
+            # Under autocast the experts return bf16/fp16 while `out` holds x's dtype: add in out's dtype.
+            out.index_add_(0, tokens, (expert_out * assign_gate[rows].unsqueeze(-1).to(expert_out.dtype)).to(out.dtype))
 
         # Switch-Transformer load balancing; f is not differentiable, P carries the gradient to the router.
         fraction = counts.to(probs.dtype) / max(n_tokens * self.top_k, 1)

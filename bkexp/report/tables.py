@@ -240,6 +240,109 @@ def comparison(runs: RunSet, baseline: str) -> dict[str, Any]:
     return result
 
 
+# ------------------------------------------------------------------------------------------- flag ablation
+
+FLAG_KEY = "flags"  # the config group an ablation sweeps (conf/sweep/flags_ablation.yaml)
+FLAG_BASELINE = "none"
+NOT_APPLICABLE_ERROR = "FlagNotApplicableError"  # bkexp.train.flags: the flag does not apply to the model
+FLAG_DELTA_METRICS = (("ppl", "perplexity"), ("train_tokens_per_sec", "train tokens/s"), ("peak_mb", "peak memory"))
+
+
+def _mean_of(rows: Sequence[dict[str, Any]], column: str) -> float | None:
+    values = [float(r[column]) for r in rows if column in r and _is_number(r[column])]
+    return sum(values) / len(values) if values else None
+
+
+def _ppl_column(rows: Sequence[dict[str, Any]], base: Sequence[dict[str, Any]]) -> str:
+    test = METRICS_BY_NAME["test_ppl"].column
+    if _mean_of(rows, test) is not None and _mean_of(base, test) is not None:
+        return test
+    return METRICS_BY_NAME["val_ppl"].column
+
+
+def flag_deltas(runs: RunSet) -> list[dict[str, Any]]:
+    """Each flag against ``flags=none`` per model (and per other swept point): relative changes of the means.
+
+    ``ppl_change = ppl(flag) / ppl(none) - 1`` (test perplexity where both have one, else validation),
+    likewise ``train_tokens_per_sec_change`` and ``peak_mb_change``, over each cell's successful runs (seeds).
+    ``status``: ``ok``; ``n/a`` when every run of the cell failed because the flag does not apply to the model;
+    ``failed`` when runs failed otherwise; ``no baseline`` when ``flags=none`` has no successful run there.
+    Empty when ``flags`` is not a swept key.
+    """
+    if FLAG_KEY not in runs.point_keys:
+        return []
+    others = [k for k in runs.point_keys if k != FLAG_KEY]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in runs.frame.to_dict("records"):
+        other = tuple(row[k] for k in others)
+        groups.setdefault((str(row[ROW_KEY]), other, display(row[FLAG_KEY])), []).append(row)
+    flags = sorted({key[2] for key in groups if key[2] != FLAG_BASELINE}, key=sort_key)
+    cells_out: list[dict[str, Any]] = []
+    for model in runs.models():
+        for other in sorted({key[1] for key in groups if key[0] == model}, key=lambda p: tuple(map(sort_key, p))):
+            base = [r for r in groups.get((model, other, FLAG_BASELINE), []) if r["status"] == "ok"]
+            for flag in flags:
+                rows = groups.get((model, other, flag))
+                if rows is None:
+                    continue
+                ok = [r for r in rows if r["status"] == "ok"]
+                entry: dict[str, Any] = {"model": model, "flags": flag, **dict(zip(others, other)),
+                                         "n_ok": len(ok), "n_failed": len(rows) - len(ok)}
+                if not ok:
+                    not_applicable = all(str(r.get("error") or "").startswith(NOT_APPLICABLE_ERROR) for r in rows)
+                    entry["status"] = "n/a" if not_applicable else "failed"
+                    entry["error"] = display(rows[0].get("error"))
+                elif not base:
+                    entry["status"] = "no baseline"
+                else:
+                    entry["status"] = "ok"
+                    columns = {"ppl": _ppl_column(ok, base), "train_tokens_per_sec": THROUGHPUT.column,
+                               "peak_mb": MEMORY.column}
+                    for name, column in columns.items():
+                        value, reference = _mean_of(ok, column), _mean_of(base, column)
+                        entry[name] = value
+                        entry[f"baseline_{name}"] = reference
+                        ratio = _ratio(value, reference)
+                        entry[f"{name}_change"] = None if ratio is None else ratio - 1
+                    entry["ppl_column"] = columns["ppl"]
+                cells_out.append(entry)
+    return cells_out
+
+
+def _fmt_change(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}%"
+
+
+def _flag_delta_md(runs: RunSet) -> list[str]:
+    deltas = flag_deltas(runs)
+    if not deltas:
+        return []
+    others = [k for k in runs.point_keys if k != FLAG_KEY]
+    columns = sorted({(d["model"], tuple(d.get(k) for k in others)) for d in deltas},
+                     key=lambda c: (sort_key(c[0]), tuple(map(sort_key, c[1]))))
+    header = ["flag"] + [m if not others else f"{m} ({point_label(others, p)})" for m, p in columns]
+    lines = [f"## Flags against {FLAG_KEY}={FLAG_BASELINE}", "",
+             ("Relative change of the mean over successful seeds: flag ÷ none − 1 (perplexity: test where both "
+              "have it, else validation; lower is better; tokens/s: higher is better; peak memory: lower is "
+              "better). `n/a`: the flag does not apply to the model."), ""]
+    by_key = {(d["flags"], d["model"], tuple(d.get(k) for k in others)): d for d in deltas}
+    for name, label in FLAG_DELTA_METRICS:
+        lines += [f"### {label} change", "", _md_row(header), _md_row(["---"] * len(header))]
+        for flag in sorted({d["flags"] for d in deltas}, key=sort_key):
+            row = [flag]
+            for model, point in columns:
+                d = by_key.get((flag, model, point))
+                if d is None:
+                    row.append("")
+                elif d["status"] != "ok":
+                    row.append(d["status"])
+                else:
+                    row.append(_fmt_change(d[f"{name}_change"]))
+            lines.append(_md_row(row))
+        lines.append("")
+    return lines
+
+
 # --------------------------------------------------------------------------------------------- summary.md
 
 
@@ -308,6 +411,7 @@ def summary_markdown(runs: RunSet, metrics: Sequence[Metric], comparison_result:
         lines += [f"## {metric.label}", "", f"`{metric.column}`{direction}", ""]
         header, rows = pivot_rows(runs, metric.column)
         lines += [_md_row(header), _md_row(["---"] * len(header)), *(_md_row(r) for r in rows), ""]
+    lines += _flag_delta_md(runs)
     if comparison_result is not None:
         lines += _comparison_md(comparison_result, runs)
     failed = runs.frame[runs.frame["status"] != "ok"]

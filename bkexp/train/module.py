@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+
+from bkexp.train.flags import highest_loss_rows
 
 IGNORE_INDEX = -100
 
@@ -33,12 +36,24 @@ class LMTask(pl.LightningModule):
     Validation and test accumulate the summed token loss over the whole split (torchmetrics, DDP-synced), so
     ``val/ppl = exp(mean token loss)`` is exact, not an average of per-batch perplexities. ``val/acc`` is
     logged for tasks with an answer mask (e.g. MQAR), where only answer positions carry labels.
+
+    ``active_fraction`` (the ``active_learning`` flag) is online batch selection (Selective-Backprop, Jiang et
+    al. 2019): a gradient-free forward scores every sequence of the batch by its mean token loss, and only
+    the ``ceil(active_fraction * batch)`` highest-loss sequences are forwarded again and back-propagated.
     """
 
     def __init__(self, model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, vocab_size: int | None = None,
-                 log_accuracy: bool = False) -> None:
+                 log_accuracy: bool = False, active_fraction: float | None = None) -> None:
         super().__init__()
+        if active_fraction is not None and not 0 < active_fraction <= 1:
+            raise ValueError(f"active_fraction must be in (0, 1] or None, got {active_fraction}")
+        self.active_fraction = active_fraction
+        self.active_selected = 0
+        self.active_rows = 0
+        aux = getattr(model, "aux_losses", None)
+        # Early-exit models need the batch labels for their exit heads' loss.
+        self._aux_takes_labels = aux is not None and "labels" in inspect.signature(aux).parameters
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -64,17 +79,43 @@ class LMTask(pl.LightningModule):
                                  reduction="none").view_as(labels)
         return logits, losses, labels != IGNORE_INDEX
 
+    def select_active(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The sub-batch of the highest-loss sequences (scored by a gradient-free forward)."""
+        with torch.no_grad():
+            _, losses, mask = self.token_losses(batch)
+            counts = mask.sum(dim=1)
+            row_losses = losses.sum(dim=1) / counts.clamp(min=1)
+        rows = highest_loss_rows(row_losses, counts > 0, self.active_fraction)
+        self.active_selected += int(rows.numel())
+        self.active_rows += int(batch["input_ids"].shape[0])
+        self.log("train/active_fraction", rows.numel() / batch["input_ids"].shape[0])
+        return {key: value[rows] for key, value in batch.items()}
+
+    def active_learning_stats(self) -> dict[str, Any]:
+        """Sequences back-propagated / sequences seen over the whole training run."""
+        return {"requested_fraction": self.active_fraction, "selected_sequences": self.active_selected,
+                "seen_sequences": self.active_rows,
+                "trained_fraction": self.active_selected / self.active_rows if self.active_rows else None}
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        batch_tokens = batch["input_ids"].numel()  # every token read counts, also those active learning drops
+        if self.active_fraction is not None:
+            batch = self.select_active(batch)
         _, losses, mask = self.token_losses(batch)
         n_labels = mask.sum()
         if n_labels == 0:
             raise ValueError("a training batch has no labelled positions (all labels are -100)")
         loss = losses.sum() / n_labels
-        aux = self.model.aux_losses() if hasattr(self.model, "aux_losses") else {}
+        if not hasattr(self.model, "aux_losses"):
+            aux = {}
+        elif self._aux_takes_labels:
+            aux = self.model.aux_losses(labels=batch["labels"])
+        else:
+            aux = self.model.aux_losses()
         total = loss + sum(aux.values()) if aux else loss
         if not torch.isfinite(total):
             raise FloatingPointError(f"non-finite training loss {float(total)} at step {self.global_step}")
-        self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
+        self.tokens_seen += batch_tokens * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
         if aux:
             self.log("train/aux_loss", sum(aux.values()))
@@ -105,6 +146,17 @@ class LMTask(pl.LightningModule):
             acc = getattr(self, f"{split}_acc")
             self.log(f"{split}/acc", acc.compute(), prog_bar=True)
             acc.reset()
+
+    def _reset_model_stats(self) -> None:
+        # Per-evaluation measurements of the model-side flags (mean layers, exit layer) start afresh.
+        if hasattr(self.model, "reset_flag_stats"):
+            self.model.reset_flag_stats()
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_model_stats()
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_model_stats()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")

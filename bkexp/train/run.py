@@ -22,6 +22,18 @@ from bkexp.quant import QuantSpec
 from bkexp.train.callbacks import ThroughputMonitor, peak_memory_mb
 from bkexp.train.causality import check_causality
 from bkexp.train.config import validate_config
+from bkexp.train.flags import (
+    Flags,
+    GradualMagnitudePruning,
+    SequenceLengthCurriculum,
+    apply_flags,
+    check_data_flags,
+    compile_blocks,
+    gradient_effect,
+    prunable_linears,
+    resolve_flags,
+    weight_sparsity,
+)
 from bkexp.train.module import LMTask
 from bkexp.train.summary import RunRecord, environment
 from bkexp.utils import flatten
@@ -113,7 +125,15 @@ def run(cfg: DictConfig) -> float | None:
     status = "failed"
     try:
         record.update(config=OmegaConf.to_container(cfg, resolve=True), env=environment())
+        if cfg.get("flags") is not None:  # as composed; replaced by the validated settings below
+            record.update(flags=OmegaConf.to_container(cfg.flags, resolve=True))
         validate_config(cfg)
+        flags, skipped = resolve_flags(cfg)
+        flag_changes = apply_flags(cfg, flags)
+        record.update(flags={**flags.settings(), "enabled": flags.enabled(), "skipped": skipped,
+                             "config_changes": flag_changes})
+        if flag_changes:  # the config that was actually built
+            record.update(config=OmegaConf.to_container(cfg, resolve=True))
         quant: QuantSpec = instantiate(cfg.quant)
         quant.validate()
         pl.seed_everything(cfg.seed, workers=True)
@@ -122,6 +142,8 @@ def run(cfg: DictConfig) -> float | None:
         datamodule.prepare_data()
         datamodule.setup("fit")
         record.update(data=datamodule.describe())
+        skipped.update(check_data_flags(flags, datamodule, cfg.dataset.get("name")))
+        record.data["flags"].update(enabled=flags.enabled())
         model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
         record.update(params=model.param_counts(), state_size=model.state_size(cfg.seq_len))
         model = quant.prepare(model)  # before the causality check: the quantized model is the one trained
@@ -141,17 +163,28 @@ def run(cfg: DictConfig) -> float | None:
                 log.warning("FLOP counting failed: %s", exc)
                 record.update(flops={"error": f"{type(exc).__name__}: {exc}"})
 
+        flag_callbacks, flag_effects = _flag_callbacks(flags, cfg, model, sample)
+        if flags.compile:  # after the deep copies of the causality check and the FLOP count
+            device_type = "cpu" if str(cfg.trainer.get("accelerator")) == "cpu" or not torch.cuda.is_available() \
+                else "cuda"
+            flag_effects["compile"] = compile_blocks(model, flags.compile_backend, flags.compile_mode, device_type)
+
         task = LMTask(model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler),
-                      vocab_size=datamodule.vocab_size, log_accuracy=datamodule.has_answer_mask)
+                      vocab_size=datamodule.vocab_size, log_accuracy=datamodule.has_answer_mask,
+                      active_fraction=flags.active_fraction if flags.active_learning else None)
         loggers = build_loggers(cfg, identity)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-        trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False,
+                                          callbacks=callbacks + flag_callbacks)
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        metrics = _final_metrics(trainer, task, datamodule, quant, test=bool(cfg.get("test_after_fit")))
+        metrics = _final_metrics(trainer, task, datamodule, quant, test=bool(cfg.get("test_after_fit")),
+                                 test_final_weights=flags.pruning)
         record.update(quant=quant.describe(model))
         record.update(metrics=metrics, steps=trainer.global_step, tokens={"train": task.tokens_seen},
                       backends=model.backends(), device=str(task.device))
         _record_callbacks(record, trainer)
+        record.data["flags"]["effects"] = _flag_effects(flags, flag_effects, trainer, task, model, sample,
+                                                        quant, record.data.get("backends", {}))
         status = "success"
         record.update(status="ok")
         return metrics.get("best/val_loss", metrics.get("val/loss"))
@@ -178,10 +211,12 @@ def _count_flops(model: torch.nn.Module, sample: torch.Tensor) -> dict[str, Any]
 
 
 def _final_metrics(trainer: pl.Trainer, task: LMTask, datamodule: Any, quant: QuantSpec,
-                   test: bool) -> dict[str, Any]:
+                   test: bool, test_final_weights: bool = False) -> dict[str, Any]:
     """train/val metrics at the end of training, best val, and test on the best checkpoint.
 
     With PTQ, validation ran at full precision and the test runs on the quantized weights (``finalize``).
+    With ``test_final_weights`` (pruning) the test runs on the final weights: the best checkpoint by
+    validation loss may predate the final sparsity.
     """
     metrics: dict[str, Any] = {}
     if trainer.callback_metrics.get("val/loss") is None or task.last_val_step != trainer.global_step:
@@ -194,6 +229,8 @@ def _final_metrics(trainer: pl.Trainer, task: LMTask, datamodule: Any, quant: Qu
     if test:
         ckpt = trainer.checkpoint_callback
         best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+        if test_final_weights:
+            best = None
         results = trainer.test(task, datamodule=datamodule, ckpt_path=best, verbose=False)
         metrics.update({k: float(v) for k, v in results[0].items()})
         metrics["test/checkpoint"] = Path(best).name if best else "final weights"
@@ -205,3 +242,47 @@ def _record_callbacks(record: RunRecord, trainer: pl.Trainer) -> None:
         if isinstance(callback, ThroughputMonitor):
             record.update(throughput=callback.results())
     record.update(memory={"peak_mb": peak_memory_mb(trainer.strategy.root_device)})
+
+
+def _flag_callbacks(flags: Flags, cfg: DictConfig, model: torch.nn.Module,
+                    sample: torch.Tensor) -> tuple[list[pl.Callback], dict[str, Any]]:
+    """The Lightning callbacks of the training-side flags (pruning, curriculum) and what they were set up with."""
+    callbacks: list[pl.Callback] = []
+    effects: dict[str, Any] = {}
+    if flags.pruning:
+        layers, dense = prunable_linears(model, sample)
+        if not layers:
+            raise ValueError(f"flags.pruning found no nn.Linear layer called inside the blocks of model "
+                             f"{cfg.model.get('name')!r}")
+        callbacks.append(GradualMagnitudePruning([(m, "weight") for _, m in layers], flags.pruning_amount,
+                                                 flags.pruning_end, flags.pruning_events))
+        effects["pruning"] = {"layers": [n for n, _ in layers], "left_dense": dense,
+                              "_modules": layers}
+    if flags.curriculum:
+        callbacks.append(SequenceLengthCurriculum(int(cfg.seq_len), flags.curriculum_start,
+                                                  flags.curriculum_fraction, flags.curriculum_multiple))
+    return callbacks, effects
+
+
+def _flag_effects(flags: Flags, setup: dict[str, Any], trainer: pl.Trainer, task: LMTask, model: torch.nn.Module,
+                  sample: torch.Tensor, quant: QuantSpec, backends: dict[str, str]) -> dict[str, Any]:
+    """What the flags measurably did in this run (summary.json flags.effects)."""
+    effects: dict[str, Any] = {"precision": str(trainer.precision), "gradient": gradient_effect(backends),
+                               "compile": setup.get("compile", False)}
+    if flags.quantization:
+        effects["quantization"] = {"method": quant.resolved_method, "bits": quant.bits}
+    if "pruning" in setup:
+        layers = setup["pruning"].pop("_modules")
+        pruner = next(c for c in trainer.callbacks if isinstance(c, GradualMagnitudePruning))
+        effects["pruning"] = {**setup["pruning"], "target": flags.pruning_amount, **weight_sparsity(layers),
+                              "schedule": [[step, round(s, 6)] for step, s in pruner.applied]}
+    for callback in trainer.callbacks:
+        if isinstance(callback, SequenceLengthCurriculum):
+            effects["curriculum"] = callback.describe()
+    if flags.active_learning:
+        effects["active_learning"] = task.active_learning_stats()
+    if flags.multi_scale and hasattr(model, "measure_multi_scale_speedup"):
+        model.measure_multi_scale_speedup(sample.to(task.device))
+    if hasattr(model, "flag_stats"):
+        effects["model"] = model.flag_stats()
+    return effects

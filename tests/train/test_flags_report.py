@@ -1,0 +1,73 @@
+"""The report's per-flag table for a flags ablation sweep: changes against flags=none, n/a for inapplicable flags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bkexp.report.cli import write_report
+from bkexp.report.collect import collect_runs
+from bkexp.report.tables import flag_deltas
+
+# (model, flags) -> test ppl, train tokens/s, peak MB; None = the job failed with that error.
+RUNS = {
+    ("bk", "none"): (40.0, 1000.0, 200.0),
+    ("bk", "pruning"): (44.0, 900.0, 210.0),
+    ("bk", "sparse_bk"): (42.0, 1500.0, 180.0),
+    ("mamba", "none"): (50.0, 2000.0, 300.0),
+    ("mamba", "pruning"): (45.0, 2100.0, 300.0),
+    ("mamba", "sparse_bk"): "FlagNotApplicableError: flags.sparse_bk applies to BK mixers; model 'mamba' has none",
+    ("mamba", "compile"): "RuntimeError: inductor crashed",
+    ("bk", "compile"): (40.0, 1200.0, 220.0),
+}
+
+
+def write_job(sweep: Path, job: int, model: str, flags: str, result) -> None:
+    overrides = [f"model={model}", f"flags={flags}"]
+    run_dir = sweep / f"{job}_{','.join(overrides)}"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    failed = isinstance(result, str)
+    summary = {"status": "failed" if failed else "ok", "error": result if failed else None, "model": model,
+               "dataset": "wikitext2", "seq_len": 256, "bits": 32, "seed": 0, "overrides": overrides,
+               "sweep": {"dir": str(sweep), "job_num": job, "override_dirname": ",".join(overrides)},
+               "metrics": {}, "throughput": {}, "memory": {}, "config": {"model": {"name": model}}}
+    if not failed:
+        ppl, tps, mb = result
+        summary.update(metrics={"test/ppl": ppl, "val/ppl": ppl + 1}, throughput={"train_tokens_per_sec": tps},
+                       memory={"peak_mb": mb})
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def ablation(tmp_path: Path) -> Path:
+    sweep = tmp_path / "multirun" / "2026-01-01_00-00-00-000000"
+    for job, ((model, flags), result) in enumerate(RUNS.items()):
+        write_job(sweep, job, model, flags, result)
+    return sweep
+
+
+def test_flag_deltas_against_none_per_model(ablation: Path) -> None:
+    deltas = {(d["model"], d["flags"]): d for d in flag_deltas(collect_runs([ablation]))}
+    assert set(deltas) == {k for k in RUNS if k[1] != "none"}
+    pruning = deltas[("bk", "pruning")]
+    assert pruning["status"] == "ok" and pruning["ppl_column"] == "metrics.test/ppl"
+    assert pruning["ppl_change"] == pytest.approx(44 / 40 - 1)
+    assert pruning["train_tokens_per_sec_change"] == pytest.approx(900 / 1000 - 1)
+    assert pruning["peak_mb_change"] == pytest.approx(210 / 200 - 1)
+    assert deltas[("mamba", "pruning")]["ppl_change"] == pytest.approx(45 / 50 - 1)
+    assert deltas[("mamba", "sparse_bk")]["status"] == "n/a"
+    assert deltas[("mamba", "compile")]["status"] == "failed"
+
+
+def test_summary_md_has_the_flag_tables(ablation: Path) -> None:
+    report = write_report([ablation], plots=False)
+    text = report.summary_md.read_text()
+    section = text.split("## Flags against flags=none")[1].split("\n## ")[0]
+    assert "### perplexity change" in section and "### train tokens/s change" in section
+    assert "### peak memory change" in section
+    assert "| sparse_bk | +5.0% | n/a |" in section  # bk ppl 42 vs 40; mamba: not applicable
+    assert "| compile | +0.0% | failed |" in section
+    assert "| pruning | -10.0% | +5.0% |" in section.split("### train tokens/s change")[1]
