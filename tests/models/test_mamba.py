@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from runhelpers import compose_train
 
 from bkexp.models import LanguageModel
 from bkexp.models.mixers.mamba import MambaMixer
@@ -18,7 +17,6 @@ from bkexp.ops.selective_scan import available_backends
 from bkexp.ops.selective_scan.reference import selective_scan_reference
 from bkexp.ops.testing import assert_rel_close
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 BACKENDS = [b for b in ("cpu", "ref") if b in available_backends("cpu")]
 
 # state_dict of mamba_ssm.modules.mamba_simple.Mamba(d_model=64) (d_state 16, d_conv 4, expand 2, so
@@ -135,9 +133,8 @@ def test_bad_arguments_are_rejected(kwargs: dict, match: str) -> None:
         MambaMixer(16, **kwargs)
 
 
-def test_mamba_config_builds_a_causal_language_model() -> None:
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose(overrides=["+model=mamba", "model.d_model=16", "model.mixer.d_state=4"])
+def test_mamba_config_builds_a_causal_language_model(tmp_path) -> None:
+    cfg = compose_train(["model=mamba", "model.d_model=16", "model.n_layers=2", "model.mixer.d_state=4"], tmp_path)
     model = instantiate(cfg.model, vocab_size=37)
     assert model.name == "mamba" and model.causal
     assert all(isinstance(b.mixer, MambaMixer) and b.ffn is None for b in model.blocks)

@@ -214,6 +214,7 @@ def test_no_analytic_gradient_selects_the_autograd_backends(train):
     assert mamba["backends"] == {"selective_scan": "ref"}
 
 
+@pytest.mark.slow  # inductor compilation: about a minute on 2 cores
 def test_compiled_transformer_matches_eager():
     from functools import partial
 
@@ -240,6 +241,7 @@ def test_compiled_transformer_matches_eager():
     assert not any("_orig_mod" in key for key in model.state_dict())  # compiled in place: checkpoints unchanged
 
 
+@pytest.mark.slow  # inductor compilation: about a minute on 2 cores
 def test_compile_runs_a_bk_model_with_its_kernel_kept_eager(train):
     summary = read_summary(train(*TINY, *MQAR_TINY, *NO_TEST, "model=bk", "flags=compile",
                                  "flags.compile_backend=aot_eager"))
