@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -11,10 +12,34 @@ import lightning.pytorch as pl
 import torch
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window for this run (CPU and, when present, the current CUDA device).
+
+    CUDA: the allocator's peak. CPU (Linux): writing 5 to /proc/self/clear_refs resets the process's peak
+    resident set size (VmHWM), so runs of an in-process sweep each report their own peak, not the largest
+    peak of every job before them (``getrusage``'s ru_maxrss can never be reset).
+    """
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    if os.path.exists("/proc/self/clear_refs"):
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+        except OSError:  # not permitted here: the process-lifetime peak is reported instead
+            pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA allocator peak on GPU, peak resident set size (RSS) on CPU."""
+    """Peak memory since ``reset_peak_memory``: CUDA allocator peak on GPU, peak RSS (VmHWM) on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from bkexp.quant import QuantSpec
-from bkexp.train.callbacks import ThroughputMonitor, peak_memory_mb
+from bkexp.train.callbacks import ThroughputMonitor, peak_memory_mb, reset_peak_memory
 from bkexp.train.causality import check_causality
 from bkexp.train.config import validate_config
 from bkexp.train.flags import (
@@ -111,6 +111,7 @@ def should_raise(cfg: DictConfig, identity: dict[str, Any]) -> bool:
 def run(cfg: DictConfig) -> float | None:
     """Train and evaluate one run; returns the best validation loss (for Hydra sweepers), None on failure."""
     started = time.time()
+    reset_peak_memory()
     run_dir = Path(cfg.paths.output_dir)
     identity = job_identity()
     record = RunRecord(run_dir)
