@@ -10,10 +10,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from bkexp.models.aux import AuxLossModule
+
 IGNORE_INDEX = -100
 
 
-class AdaptiveComputationTime(nn.Module):
+class AdaptiveComputationTime(AuxLossModule):
     """Graves (2016) halting over layers, one halting unit ``p^l_t = sigmoid(w_l . h^l_t + b_l)`` per stage.
 
     Token ``t`` halts at the first stage ``n_t`` where ``sum_{l <= n} p^l_t >= threshold`` (the last stage at
@@ -64,11 +66,6 @@ class AdaptiveComputationTime(nn.Module):
         self.aux_loss = self.ponder_weight * (halt.to(p.dtype) + 1 + remainder).mean()
         return out, halt
 
-    def __getstate__(self) -> dict:
-        # The last forward's loss is a graph node, which deepcopy/pickle refuse; copies start without it.
-        state = super().__getstate__()
-        state["aux_loss"] = None
-        return state
 
     def extra_repr(self) -> str:
         return f"threshold={self.threshold}, ponder_weight={self.ponder_weight}"

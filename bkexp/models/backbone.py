@@ -22,7 +22,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from bkexp.models.adaptive import AdaptiveComputationTime, EarlyExitHeads, apply_to_rows, flops_per_call
+from bkexp.models.adaptive import (
+    AdaptiveComputationTime,
+    EarlyExitHeads,
+    apply_to_rows,
+    flops_per_call,
+)
 from bkexp.models.koopman import KoopmanOperator
 from bkexp.models.mixers.base import Mixer
 from bkexp.models.mixers.bk import BKMixer

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from bkexp.models.aux import AuxLossModule
 
-class KoopmanOperator(nn.Module):
+
+class KoopmanOperator(AuxLossModule):
     """Treats depth as time: ``g_l = phi(h_l)`` evolves linearly, ``g_{l+1} ~= K g_l``.
 
     ``correction(h_l) = psi(K phi(h_l))`` is added to the next stage's output as a residual correction (``psi``
@@ -59,11 +61,6 @@ class KoopmanOperator(nn.Module):
         self.aux_loss = self.weight * error
         return self.aux_loss
 
-    def __getstate__(self) -> dict:
-        # The last forward's loss is a graph node, which deepcopy/pickle refuse; copies start without it.
-        state = super().__getstate__()
-        state["aux_loss"] = None
-        return state
 
     def extra_repr(self) -> str:
         return f"koopman_dim={self.koopman_dim}, weight={self.weight}"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from bkexp.models.aux import AuxLossModule
 from bkexp.models.ffn import MLP
 
 
-class MoEFeedForward(nn.Module):
+class MoEFeedForward(AuxLossModule):
     """``y = sum_{e in topk(p)} g_e * expert_e(x)`` per token, with router probabilities ``p = softmax(W_r x)``.
 
     Routing is **dropless**: every token is processed by all of its top-k experts, however many tokens pick
@@ -82,12 +83,6 @@ class MoEFeedForward(nn.Module):
             inputs = torch.cat([inputs, inputs.new_zeros(padded - n, inputs.shape[1])])
         return torch.cat([self.experts[e](block) for block in inputs.split(self.block_rows)])[:n]
 
-    def __getstate__(self) -> dict:
-        # The last forward's aux_loss is a graph node, which deepcopy/pickle refuse (e.g. a causality check
-        # or FLOP count on a model that has trained); it is transient, so copies start without it.
-        state = super().__getstate__()
-        state["aux_loss"] = None
-        return state
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.d_model:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from bkexp.models.aux import AuxLossModule
 
 
-class EnergyConservation(nn.Module):
+class EnergyConservation(AuxLossModule):
     """``aux_loss = weight * mean_l (E_{l+1} - E_l)^2`` over consecutive BK layers, in layer order.
 
     ``E_l`` is each BK mixer's ``energy`` from its last forward (``BKMixer.record_energy``): the expectation
@@ -32,11 +34,6 @@ class EnergyConservation(nn.Module):
         self.aux_loss = self.weight * drift
         return self.aux_loss
 
-    def __getstate__(self) -> dict:
-        # The last forward's loss is a graph node, which deepcopy/pickle refuse; copies start without it.
-        state = super().__getstate__()
-        state["aux_loss"] = None
-        return state
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}"

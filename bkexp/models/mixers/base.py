@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+
+from bkexp.models.aux import AuxLossModule
 
 
-class Mixer(nn.Module):
+class Mixer(AuxLossModule):
     """Maps hidden states ``(batch, seq, d_model)`` to ``(batch, seq, d_model)``.
 
     Subclasses set ``causal`` truthfully (the run-time causality check verifies it for language models),
@@ -19,13 +20,6 @@ class Mixer(nn.Module):
     def __init__(self, d_model: int) -> None:
         super().__init__()
         self.d_model = d_model
-        self.aux_loss: Tensor | None = None
-
-    def __getstate__(self) -> dict:
-        # aux_loss from the last forward is a graph node that deepcopy/pickle refuse; copies start without it.
-        state = super().__getstate__()
-        state["aux_loss"] = None
-        return state
 
     def state_size(self, seq_len: int) -> int:
         """Number of scalars a decoder must keep for one sequence after ``seq_len`` tokens (one layer)."""
