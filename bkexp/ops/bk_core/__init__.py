@@ -140,6 +140,14 @@ def _run_position_major(fn: Callable[..., tuple[Tensor, Tensor]], v: Tensor, k: 
     return tuple(y[0].t().reshape(shape) for y in out)  # type: ignore[return-value]
 
 
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to exactly ``target`` (without growing it)."""
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
 def _shift_tensor(z: complex | Tensor, batch_shape: torch.Size, device: torch.device,
                   complex_dtype: torch.dtype) -> Tensor:
     """Validated ``z`` expanded to ``batch_shape`` as a complex tensor (differentiable when ``z`` is one)."""
@@ -150,11 +158,7 @@ def _shift_tensor(z: complex | Tensor, batch_shape: torch.Size, device: torch.de
             eps_min = z.imag.min()
             if not bool(eps_min > 0):
                 raise ValueError(f"bk_core needs eps = Im(z) > 0 for every row, got min Im(z) = {float(eps_min)}")
-        try:
-            ok = torch.broadcast_shapes(z.shape, batch_shape) == batch_shape
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if not _broadcasts_to(z.shape, batch_shape):
             raise ValueError(f"z of shape {tuple(z.shape)} does not broadcast to v.shape[:-1] = {tuple(batch_shape)}")
         return z.to(device=device, dtype=complex_dtype).expand(batch_shape)
     if not isinstance(z, Number):
@@ -182,11 +186,7 @@ def bk_core(v: Tensor, k: float | Tensor, z: complex | Tensor, *, causal: bool =
     if k_t.is_complex() or not (k_t.is_floating_point() or k_t.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"k must be real, got dtype {k_t.dtype}")
     k_shape = batch_shape + (n - 1,)
-    try:
-        k_ok = torch.broadcast_shapes(k_t.shape, k_shape) == k_shape
-    except RuntimeError:
-        k_ok = False
-    if not k_ok:
+    if not _broadcasts_to(k_t.shape, k_shape):
         raise ValueError(f"k of shape {tuple(k_t.shape)} does not broadcast to (..., N-1) = {tuple(k_shape)}")
 
     z_batch = _shift_tensor(z, batch_shape, v.device, complex_dtype)
