@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 from collections.abc import Callable, Sequence
 
@@ -9,6 +11,12 @@ import torch
 
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
+
+
+@functools.cache
+def module_available(name: str) -> bool:
+    """Whether ``name`` can be imported; cached, as ``find_spec`` costs about as much as a small op call."""
+    return importlib.util.find_spec(name) is not None
 
 
 def resolve(op: str, backend: str, device: torch.device | str, backends: Sequence[str],

@@ -37,8 +37,6 @@ O(N) adjoint; ``backend="torch_autograd"`` runs the identical recurrence through
 
 from __future__ import annotations
 
-import importlib.util
-import math
 import os
 from collections.abc import Callable
 from numbers import Number
@@ -46,8 +44,9 @@ from numbers import Number
 import torch
 from torch import Tensor
 
-from bkexp.ops.backends import resolve
+from bkexp.ops.backends import module_available, resolve
 
+from .layout import is_plane_view
 
 BACKENDS: tuple[str, ...] = ("reference", "torch", "torch_autograd", "cpu", "triton")
 _INSTALL_HINT = {
@@ -57,7 +56,7 @@ _INSTALL_HINT = {
 
 
 def _module_available(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+    return module_available(name)
 
 
 def _triton_interpreted() -> bool:
@@ -92,7 +91,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return resolve("bk_core", backend, device, BACKENDS, {"cuda": "triton", "cpu": "cpu"}, "torch", _unavailable_reason)
 
 
-_POSITION_MAJOR = ("cpu", "triton")  # kernels that take (B, N, H) planes instead of (rows, N)
+_POSITION_MAJOR = ("cpu", "triton")  # kernels that take rows (B, H, N) and work on (B, N, H) planes
 
 
 def _implementation(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
@@ -119,33 +118,38 @@ def _implementation(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
 
 def _run_position_major(fn: Callable[..., tuple[Tensor, Tensor]], v: Tensor, k: Tensor, z: Tensor,
                         causal: bool) -> tuple[Tensor, Tensor]:
-    """Run a kernel that wants (B, N, H) planes on v (..., N), k (..., N-1), z (...).
+    """Run a plane kernel (rows (B, H, N) in and out, (B, N, H) planes inside) on v (..., N), k, z (...).
 
     When ``v`` is the transpose of a position-major tensor (a mixer's ``proj(x).transpose(-1, -2)`` for
-    x of shape (B, N, D)) this is free: the kernel reads it in place and the outputs come back as the same
-    kind of transposed view. Otherwise the rows are gathered position-major once, as (1, N, rows).
+    x of shape (B, N, D)) the kernel reads it in place and the outputs come back as the same kind of
+    transposed view. Otherwise all rows go to one batch, (1, rows, N), so the kernel steps them together
+    after one gather. No reshape is made that changes nothing: each is an autograd node, and at small N
+    their cost is of the order of the kernel's.
     """
     shape, n = v.shape, v.shape[-1]
+    if is_plane_view(v):
+        return fn(v, k, z, causal)
     rows = v.numel() // n
     h = shape[-2] if v.dim() >= 2 else 1
-    native = False
-    if v.dim() >= 2 and h > 1:
-        v3 = v.reshape(rows // h, h, n).transpose(1, 2)
-        native = v3.is_contiguous()
-    if native:
-        out = fn(v3, k.reshape(rows // h, h, n - 1).transpose(1, 2), z.reshape(rows // h, h), causal)
-        return tuple(y.transpose(1, 2).reshape(shape) for y in out)  # type: ignore[return-value]
-    out = fn(v.reshape(rows, n).t().unsqueeze(0), k.reshape(rows, n - 1).t().unsqueeze(0),
-             z.reshape(1, rows), causal)
-    return tuple(y[0].t().reshape(shape) for y in out)  # type: ignore[return-value]
+    batch = rows // h if v.dim() >= 2 and is_plane_view(v.reshape(rows // h, h, n)) else 1
+    out = fn(v.reshape(batch, rows // batch, n), k.reshape(batch, rows // batch, n - 1),
+             z.reshape(batch, rows // batch), causal)
+    return out[0].reshape(shape), out[1].reshape(shape)
 
 
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
-    """Whether a tensor of ``shape`` broadcasts to exactly ``target`` (without growing it)."""
-    try:
-        return torch.broadcast_shapes(shape, target) == target
-    except RuntimeError:
-        return False
+    """Whether a tensor of ``shape`` broadcasts to exactly ``target`` (without growing it).
+
+    Plain Python: ``torch.broadcast_shapes`` costs tens of microseconds, a sizeable part of a small call.
+    """
+    return len(shape) <= len(target) and all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
+
+
+def _as(t: Tensor, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``t`` converted and expanded to ``shape``; no autograd node where nothing changes."""
+    if t.dtype != dtype or t.device != device:
+        t = t.to(device=device, dtype=dtype)
+    return t if t.shape == shape else t.expand(shape)
 
 
 def _shift_tensor(z: complex | Tensor, batch_shape: torch.Size, device: torch.device,
@@ -155,12 +159,12 @@ def _shift_tensor(z: complex | Tensor, batch_shape: torch.Size, device: torch.de
         if not z.is_complex():
             raise TypeError(f"z must be complex (E + i*eps with eps > 0), got a real tensor of dtype {z.dtype}")
         if z.numel() > 0:
-            eps_min = z.imag.min()
-            if not bool(eps_min > 0):
-                raise ValueError(f"bk_core needs eps = Im(z) > 0 for every row, got min Im(z) = {float(eps_min)}")
+            eps_min = float(z.detach().imag.min())
+            if not eps_min > 0:
+                raise ValueError(f"bk_core needs eps = Im(z) > 0 for every row, got min Im(z) = {eps_min}")
         if not _broadcasts_to(z.shape, batch_shape):
             raise ValueError(f"z of shape {tuple(z.shape)} does not broadcast to v.shape[:-1] = {tuple(batch_shape)}")
-        return z.to(device=device, dtype=complex_dtype).expand(batch_shape)
+        return _as(z, batch_shape, device, complex_dtype)
     if not isinstance(z, Number):
         raise TypeError(f"z must be a complex number or a complex tensor, got {type(z).__name__}")
     z = complex(z)
@@ -178,7 +182,6 @@ def bk_core(v: Tensor, k: float | Tensor, z: complex | Tensor, *, causal: bool =
         raise ValueError(f"v must have shape (..., N) with N >= 1, got {tuple(v.shape)}")
     name = resolve_backend(backend, v.device)
     batch_shape, n = v.shape[:-1], v.shape[-1]
-    rows = math.prod(batch_shape)
     compute = torch.float64 if (v.dtype == torch.float64 or name == "reference") else torch.float32
     complex_dtype = torch.complex128 if compute == torch.float64 else torch.complex64
 
@@ -191,17 +194,29 @@ def bk_core(v: Tensor, k: float | Tensor, z: complex | Tensor, *, causal: bool =
 
     z_batch = _shift_tensor(z, batch_shape, v.device, complex_dtype)
     v_c = v.to(compute)
-    k_c = k_t.to(device=v.device, dtype=compute).expand(k_shape)
+    k_c = _as(k_t, k_shape, v.device, compute)
     fn = _implementation(name)
-    with torch.autocast(device_type=v.device.type, enabled=False):
-        if rows == 0:  # empty batch: nothing to compute, keep the graph connected to v
-            re = im = v_c * 0
-        elif name in _POSITION_MAJOR:
-            re, im = _run_position_major(fn, v_c, k_c, z_batch, causal)
-        else:
-            re, im = fn(v_c.reshape(rows, n), k_c.reshape(rows, n - 1), z_batch.reshape(rows), causal)
-            re, im = re.reshape(v.shape), im.reshape(v.shape)
+    if torch.is_autocast_enabled(v.device.type):  # the recurrences must run in `compute`, not autocast's dtype
+        with torch.autocast(device_type=v.device.type, enabled=False):
+            re, im = _dispatch(fn, name, v_c, k_c, z_batch, causal)
+    else:
+        re, im = _dispatch(fn, name, v_c, k_c, z_batch, causal)
+    if re.dtype == v.dtype:
+        return re, im
     return re.to(v.dtype), im.to(v.dtype)
+
+
+def _dispatch(fn: Callable[..., tuple[Tensor, Tensor]], name: str, v: Tensor, k: Tensor, z: Tensor,
+              causal: bool) -> tuple[Tensor, Tensor]:
+    """Call backend ``name`` on v (..., N), k (..., N-1), z (...) in the layout it wants."""
+    n = v.shape[-1]
+    rows = v.numel() // n
+    if rows == 0:  # empty batch: nothing to compute, keep the graph connected to v
+        return v * 0, v * 0
+    if name in _POSITION_MAJOR:
+        return _run_position_major(fn, v, k, z, causal)
+    re, im = fn(v.reshape(rows, n), k.reshape(rows, n - 1), z.reshape(rows), causal)
+    return re.reshape(v.shape), im.reshape(v.shape)
 
 
 __all__ = ["BACKENDS", "available_backends", "bk_core", "resolve_backend"]

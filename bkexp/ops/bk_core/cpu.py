@@ -23,6 +23,8 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
+from .layout import to_planes
+
 # FMA contraction only: no reassociation or finite-math assumptions, so results stay deterministic per
 # position (the causality test compares bit for bit) and NaN/inf propagate.
 _FASTMATH = {"contract"}
@@ -41,8 +43,10 @@ def _flush(part_r, part_i, acc_r, acc_i, nh):
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
-def _left_sweep(v, k, zr, zi, out_r, out_i, b, h0, nh, store_pivot):
+def _left_sweep(v, k, z, out_r, out_i, b, h0, nh, store_pivot):
     """Left pivots L_i = a_i - k_{i-1}/L_{i-1} of rows h0..h0+nh of batch b; writes 1/L or L itself."""
+    if h0 < 0 or nh < 0:  # never true: it lets LLVM drop numba's negative-index wraparound on h0 + h and vectorise
+        raise ValueError("negative row offset")
     n = v.shape[1]
     dt = v.dtype
     prev_r = np.empty(ROW_BLOCK, dt)  # 1/L_{i-1}
@@ -50,8 +54,8 @@ def _left_sweep(v, k, zr, zi, out_r, out_i, b, h0, nh, store_pivot):
     shift_r = np.empty(ROW_BLOCK, dt)
     shift_i = np.empty(ROW_BLOCK, dt)
     for h in range(nh):
-        shift_r[h] = zr[b, h0 + h]
-        shift_i[h] = -zi[b, h0 + h]
+        shift_r[h] = z[b, h0 + h, 0]
+        shift_i[h] = -z[b, h0 + h, 1]
         lr = v[b, 0, h0 + h] - shift_r[h]
         li = shift_i[h]
         d = lr * lr + li * li
@@ -80,6 +84,8 @@ def _left_sweep(v, k, zr, zi, out_r, out_i, b, h0, nh, store_pivot):
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
 def _stage_in_reversed(src, b, p0, p1, h0, nh, dst, q0):
     """dst[q0 - j, h] = src[b, p0 + j, h0 + h] for positions p0..p1-1: ascending reads, reversed slots."""
+    if h0 < 0 or nh < 0:  # never true: it lets LLVM drop numba's negative-index wraparound on h0 + h and vectorise
+        raise ValueError("negative row offset")
     for j in range(p1 - p0):
         for h in range(nh):
             dst[q0 - j, h] = src[b, p0 + j, h0 + h]
@@ -88,13 +94,15 @@ def _stage_in_reversed(src, b, p0, p1, h0, nh, dst, q0):
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
 def _stage_out_reversed(src, q0, dst, b, p0, p1, h0, nh):
     """dst[b, p0 + j, h0 + h] = src[q0 - j, h] for positions p0..p1-1 (ascending writes)."""
+    if h0 < 0 or nh < 0:  # never true: it lets LLVM drop numba's negative-index wraparound on h0 + h and vectorise
+        raise ValueError("negative row offset")
     for j in range(p1 - p0):
         for h in range(nh):
             dst[b, p0 + j, h0 + h] = src[q0 - j, h]
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
-def _causal_adjoint(k, yr, yi, gyr, gyi, dv, dk, dzr, dzi, b, h0, nh):
+def _causal_adjoint(k, yr, yi, gyr, gyi, dv, dk, dz, b, h0, nh):
     """Right-to-left adjoint lam_i = (k_i lam_{i+1} - g_i) / L_i^2 with g = gyr - i*gyi (1/L_i = y_i).
 
     Written as a loop over descending positions, the same compiled code measured 4-5x slower on this
@@ -104,6 +112,8 @@ def _causal_adjoint(k, yr, yi, gyr, gyi, dv, dk, dzr, dzi, b, h0, nh):
     The recurrence loop only updates lam; dk and the z-gradient sum are separate loops so that each
     stays simple enough for LLVM to vectorise across rows.
     """
+    if h0 < 0 or nh < 0:  # never true: it lets LLVM drop numba's negative-index wraparound on h0 + h and vectorise
+        raise ValueError("negative row offset")
     n = yr.shape[1]
     dt = yr.dtype
     # Slot q of a chunk [c0, c1) holds position c1 - 1 - q (y also has slot m = c1 - c0 for c0 - 1).
@@ -160,13 +170,15 @@ def _causal_adjoint(k, yr, yi, gyr, gyi, dv, dk, dzr, dzi, b, h0, nh):
         _stage_out_reversed(s_dv, m - 1, dv, b, c0, c1, h0, nh)
         _stage_out_reversed(s_dk, c1 - 2 - lo, dk, b, lo, c1 - 1, h0, nh)
     for h in range(nh):
-        dzr[b, h0 + h] = -acc_r[h]  # grad_z = -conj(sum lam)
-        dzi[b, h0 + h] = acc_i[h]
+        dz[b, h0 + h, 0] = -acc_r[h]  # grad_z = -conj(sum lam)
+        dz[b, h0 + h, 1] = acc_i[h]
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
-def _right_sweep(v, k, zr, zi, pl_r, pl_i, yr, yi, yRr, yRi, b, h0, nh):
+def _right_sweep(v, k, z, pl_r, pl_i, yr, yi, yRr, yRi, b, h0, nh):
     """Right pivots R_i = a_i - k_i/R_{i+1}, then y_i = 1/(L_i - k_i/R_{i+1}); turns stored L into 1/L."""
+    if h0 < 0 or nh < 0:  # never true: it lets LLVM drop numba's negative-index wraparound on h0 + h and vectorise
+        raise ValueError("negative row offset")
     n = v.shape[1]
     dt = v.dtype
     nxt_r = np.zeros(ROW_BLOCK, dt)  # k_i / R_{i+1}, 0 past the end
@@ -174,8 +186,8 @@ def _right_sweep(v, k, zr, zi, pl_r, pl_i, yr, yi, yRr, yRi, b, h0, nh):
     shift_r = np.empty(ROW_BLOCK, dt)
     shift_i = np.empty(ROW_BLOCK, dt)
     for h in range(nh):
-        shift_r[h] = zr[b, h0 + h]
-        shift_i[h] = -zi[b, h0 + h]
+        shift_r[h] = z[b, h0 + h, 0]
+        shift_i[h] = -z[b, h0 + h, 1]
     for i in range(n - 1, -1, -1):
         for h in range(nh):  # y_i = 1/(L_i - k_i/R_{i+1}) and 1/L_i, from the stored L_i
             cr = nxt_r[h]
@@ -210,6 +222,8 @@ def _right_sweep(v, k, zr, zi, pl_r, pl_i, yr, yi, yRr, yRi, b, h0, nh):
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
 def _adjoint_seed(yr, yi, gyr, gyi, b, i, h0, nh, mu_r, mu_i):
     """mu = -g y^2 at position i: the adjoint of D_i = L_i + R_i - a_i, with g = gyr - i*gyi."""
+    if h0 < 0 or nh < 0:  # never true: it lets LLVM drop numba's negative-index wraparound on h0 + h and vectorise
+        raise ValueError("negative row offset")
     for h in range(nh):
         a = yr[b, i, h0 + h]
         c = yi[b, i, h0 + h]
@@ -224,6 +238,8 @@ def _adjoint_seed(yr, yi, gyr, gyi, b, i, h0, nh, mu_r, mu_i):
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
 def _bidir_right_adjoint(k, yr, yi, yRr, yRi, gyr, gyi, lamRr, lamRi, b, h0, nh):
     """Left to right: lamR_i = mu_i + k_{i-1}/R_i^2 lamR_{i-1}; writes lamR."""
+    if h0 < 0 or nh < 0:  # never true: it lets LLVM drop numba's negative-index wraparound on h0 + h and vectorise
+        raise ValueError("negative row offset")
     n = yr.shape[1]
     dt = yr.dtype
     mu_r = np.empty(ROW_BLOCK, dt)
@@ -253,9 +269,11 @@ def _bidir_right_adjoint(k, yr, yi, yRr, yRi, gyr, gyi, lamRr, lamRi, b, h0, nh)
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
-def _bidir_left_adjoint(k, yr, yi, yLr, yLi, yRr, yRi, gyr, gyi, lamRr, lamRi, dv, dk, dzr, dzi, b, h0, nh):
+def _bidir_left_adjoint(k, yr, yi, yLr, yLi, yRr, yRi, gyr, gyi, lamRr, lamRi, dv, dk, dz, b, h0, nh):
     """Right to left: lamL_i = mu_i + k_i/L_i^2 lamL_{i+1}; da_i = lamL_i + lamR_i - mu_i;
     dk_i = Re(-lamL_{i+1}/L_i - lamR_i/R_{i+1})."""
+    if h0 < 0 or nh < 0:  # never true: it lets LLVM drop numba's negative-index wraparound on h0 + h and vectorise
+        raise ValueError("negative row offset")
     n = yr.shape[1]
     dt = yr.dtype
     mu_r = np.empty(ROW_BLOCK, dt)
@@ -300,41 +318,41 @@ def _bidir_left_adjoint(k, yr, yi, yLr, yLi, yRr, yRi, gyr, gyi, lamRr, lamRi, d
         if (n - i) % CHUNK == 0 or i == 0:
             _flush(part_r, part_i, acc_r, acc_i, nh)
     for h in range(nh):
-        dzr[b, h0 + h] = -acc_r[h]
-        dzi[b, h0 + h] = acc_i[h]
+        dz[b, h0 + h, 0] = -acc_r[h]
+        dz[b, h0 + h, 1] = acc_i[h]
 
 
-def _causal_forward(v, k, zr, zi, yr, yi):
-    """v, yr, yi: (B, N, H); k: (B, N-1, H); zr, zi: (B, H). All C-contiguous, one dtype."""
+def _causal_forward(v, k, z, yr, yi):
+    """v, yr, yi: (B, N, H); k: (B, N-1, H); z: (B, H, 2) real and imaginary parts. All C-contiguous, one dtype."""
     nb, _, nh = v.shape
     blocks = (nh + ROW_BLOCK - 1) // ROW_BLOCK
     for job in prange(nb * blocks):
         b = job // blocks
         h0 = (job % blocks) * ROW_BLOCK
-        _left_sweep(v, k, zr, zi, yr, yi, b, h0, min(ROW_BLOCK, nh - h0), False)
+        _left_sweep(v, k, z, yr, yi, b, h0, min(ROW_BLOCK, nh - h0), False)
 
 
-def _causal_backward(k, yr, yi, gyr, gyi, dv, dk, dzr, dzi):
+def _causal_backward(k, yr, yi, gyr, gyi, dv, dk, dz):
     nb, _, nh = yr.shape
     blocks = (nh + ROW_BLOCK - 1) // ROW_BLOCK
     for job in prange(nb * blocks):
         b = job // blocks
         h0 = (job % blocks) * ROW_BLOCK
-        _causal_adjoint(k, yr, yi, gyr, gyi, dv, dk, dzr, dzi, b, h0, min(ROW_BLOCK, nh - h0))
+        _causal_adjoint(k, yr, yi, gyr, gyi, dv, dk, dz, b, h0, min(ROW_BLOCK, nh - h0))
 
 
-def _bidirectional_forward(v, k, zr, zi, yr, yi, yLr, yLi, yRr, yRi):
+def _bidirectional_forward(v, k, z, yr, yi, yLr, yLi, yRr, yRi):
     nb, _, nh = v.shape
     blocks = (nh + ROW_BLOCK - 1) // ROW_BLOCK
     for job in prange(nb * blocks):
         b = job // blocks
         h0 = (job % blocks) * ROW_BLOCK
         nr = min(ROW_BLOCK, nh - h0)
-        _left_sweep(v, k, zr, zi, yLr, yLi, b, h0, nr, True)
-        _right_sweep(v, k, zr, zi, yLr, yLi, yr, yi, yRr, yRi, b, h0, nr)
+        _left_sweep(v, k, z, yLr, yLi, b, h0, nr, True)
+        _right_sweep(v, k, z, yLr, yLi, yr, yi, yRr, yRi, b, h0, nr)
 
 
-def _bidirectional_backward(k, yr, yi, yLr, yLi, yRr, yRi, gyr, gyi, lamRr, lamRi, dv, dk, dzr, dzi):
+def _bidirectional_backward(k, yr, yi, yLr, yLi, yRr, yRi, gyr, gyi, lamRr, lamRi, dv, dk, dz):
     nb, _, nh = yr.shape
     blocks = (nh + ROW_BLOCK - 1) // ROW_BLOCK
     for job in prange(nb * blocks):
@@ -342,7 +360,7 @@ def _bidirectional_backward(k, yr, yi, yLr, yLi, yRr, yRi, gyr, gyi, lamRr, lamR
         h0 = (job % blocks) * ROW_BLOCK
         nr = min(ROW_BLOCK, nh - h0)
         _bidir_right_adjoint(k, yr, yi, yRr, yRi, gyr, gyi, lamRr, lamRi, b, h0, nr)
-        _bidir_left_adjoint(k, yr, yi, yLr, yLi, yRr, yRi, gyr, gyi, lamRr, lamRi, dv, dk, dzr, dzi, b, h0, nr)
+        _bidir_left_adjoint(k, yr, yi, yLr, yLi, yRr, yRi, gyr, gyi, lamRr, lamRi, dv, dk, dz, b, h0, nr)
 
 
 def _compile(fn, parallel):
@@ -378,44 +396,45 @@ def _np(t: Tensor) -> np.ndarray:
 
 
 class _CpuBKCore(torch.autograd.Function):
+    """Rows (B, H, N) in and out; the kernels see position-major planes (B, N, H) (a free transpose for a
+    mixer's projections). Layout changes happen in here, where they make no autograd nodes."""
+
     @staticmethod
     def forward(ctx, v: Tensor, k: Tensor, z: Tensor, causal: bool):  # type: ignore[override]
-        v = v.contiguous()
-        k = k.contiguous()
-        zr = z.real.contiguous()
-        zi = z.imag.contiguous()
+        v = to_planes(v)
+        k = to_planes(k)
+        z2 = torch.view_as_real(z.resolve_conj()).contiguous()  # (B, H, 2): no copy for a contiguous z
         yr = torch.empty_like(v)
         yi = torch.empty_like(v)
         if causal:
-            _kernel("causal_forward", v)(_np(v), _np(k), _np(zr), _np(zi), _np(yr), _np(yi))
+            _kernel("causal_forward", v)(_np(v), _np(k), _np(z2), _np(yr), _np(yi))
             ctx.save_for_backward(k, yr, yi)
         else:
             planes = [torch.empty_like(v) for _ in range(4)]  # 1/L and 1/R, real and imaginary
-            _kernel("bidirectional_forward", v)(_np(v), _np(k), _np(zr), _np(zi), _np(yr), _np(yi), *map(_np, planes))
+            _kernel("bidirectional_forward", v)(_np(v), _np(k), _np(z2), _np(yr), _np(yi), *map(_np, planes))
             ctx.save_for_backward(k, yr, yi, *planes)
         ctx.causal = causal
         ctx.z_dtype = z.dtype
-        return yr, yi
+        return yr.transpose(1, 2), yi.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_re: Tensor, grad_im: Tensor):  # type: ignore[override]
         k, yr, yi, *planes = ctx.saved_tensors
-        gyr = grad_re.to(yr.dtype).contiguous()
-        gyi = grad_im.to(yr.dtype).contiguous()
+        gyr = to_planes(grad_re.to(yr.dtype))
+        gyi = to_planes(grad_im.to(yr.dtype))
         dv = torch.empty_like(yr)
         dk = torch.empty_like(k)
-        dzr = torch.empty(yr.shape[0], yr.shape[2], dtype=torch.float64)
-        dzi = torch.empty_like(dzr)
+        dz = torch.empty(yr.shape[0], yr.shape[2], 2, dtype=torch.float64)
         if ctx.causal:
-            _kernel("causal_backward", yr)(_np(k), _np(yr), _np(yi), _np(gyr), _np(gyi), _np(dv), _np(dk), _np(dzr), _np(dzi))
+            _kernel("causal_backward", yr)(_np(k), _np(yr), _np(yi), _np(gyr), _np(gyi), _np(dv), _np(dk), _np(dz))
         else:
             lam_right = [torch.empty_like(yr), torch.empty_like(yr)]
             _kernel("bidirectional_backward", yr)(_np(k), _np(yr), _np(yi), *map(_np, planes), _np(gyr), _np(gyi),
-                                   *map(_np, lam_right), _np(dv), _np(dk), _np(dzr), _np(dzi))
-        grad_z = torch.complex(dzr, dzi).to(ctx.z_dtype)
-        return dv, dk, grad_z, None
+                                                  *map(_np, lam_right), _np(dv), _np(dk), _np(dz))
+        grad_z = torch.view_as_complex(dz).to(ctx.z_dtype)
+        return dv.transpose(1, 2), dk.transpose(1, 2), grad_z, None
 
 
 def bk_core_cpu(v: Tensor, k: Tensor, z: Tensor, causal: bool = True) -> tuple[Tensor, Tensor]:
-    """Numba kernels on position-major tensors: v (B, N, H), k (B, N-1, H) float32/float64, z (B, H) complex."""
+    """Numba kernels on rows v (B, H, N), k (B, H, N-1) float32/float64 and complex z (B, H); see ``to_planes``."""
     return _CpuBKCore.apply(v, k, z, causal)

@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .layout import to_planes
+
 # Under TRITON_INTERPRET (CPU tests) small chunks keep the interpreter fast and make tiny test sequences
 # span several chunks, so the carry between chunks is exercised.
 CHUNK = 8 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 64
@@ -306,8 +308,8 @@ def _coupled(k: Tensor, x_next: Tensor) -> Tensor:
 class _TritonBKCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: Tensor, k: Tensor, z: Tensor, causal: bool):  # type: ignore[override]
-        v = v.contiguous()
-        k = k.contiguous()
+        v = to_planes(v)
+        k = to_planes(k)
         zr, zi = z.real.contiguous(), z.imag.contiguous()
         inv_left = _pivot_sweep(v, k, zr, zi, reverse=False)
         if causal:
@@ -319,11 +321,11 @@ class _TritonBKCore(torch.autograd.Function):
             ctx.save_for_backward(k, y, inv_left, inv_right)
         ctx.causal = causal
         ctx.z_dtype = z.dtype
-        return y.real.contiguous(), y.imag.contiguous()
+        return y.real.contiguous().transpose(1, 2), y.imag.contiguous().transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_re: Tensor, grad_im: Tensor):  # type: ignore[override]
-        g = torch.complex(grad_re.float().contiguous(), -grad_im.float().contiguous())
+        g = torch.complex(to_planes(grad_re.float()), -to_planes(grad_im.float()))
         if ctx.causal:
             k, y = ctx.saved_tensors
             # lam_i = -g_i y_i^2 + k_i y_i^2 lam_{i+1}
@@ -341,11 +343,11 @@ class _TritonBKCore(torch.autograd.Function):
             grad_k = (-lam_left[:, 1:] * inv_left[:, :-1] - lam_right[:, :-1] * inv_right[:, 1:]).real
             total = lam_a.sum(dim=1)
         grad_z = (-total).conj_physical().to(ctx.z_dtype)
-        return grad_v.contiguous(), grad_k.contiguous(), grad_z, None
+        return grad_v.contiguous().transpose(1, 2), grad_k.contiguous().transpose(1, 2), grad_z, None
 
 
 def bk_core_triton(v: Tensor, k: Tensor, z: Tensor, causal: bool = True) -> tuple[Tensor, Tensor]:
-    """Triton kernels on position-major float32 tensors v (B, N, H), k (B, N-1, H), complex z (B, H)."""
+    """Triton kernels on rows v (B, H, N), k (B, H, N-1) and complex z (B, H); see ``to_planes``."""
     if v.dtype != torch.float32:
         # the kernels are float32; float64 inputs (tests, gradcheck) run the same kernels in float32
         re, im = _TritonBKCore.apply(v.float(), k.float(), z.to(torch.complex64), causal)

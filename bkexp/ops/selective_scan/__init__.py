@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 
 import torch
 from torch import Tensor
 
-from bkexp.ops.backends import resolve
-
+from bkexp.ops.backends import module_available, resolve
 
 BACKENDS: tuple[str, ...] = ("cuda", "cpu", "ref")
 _INSTALL_HINT = {
@@ -47,7 +45,7 @@ _INSTALL_HINT = {
 @functools.cache
 def _mamba_ssm_error() -> str | None:
     """Why ``mamba_ssm``'s selective scan does not import (None when it does)."""
-    if importlib.util.find_spec("mamba_ssm") is None:
+    if not module_available("mamba_ssm"):
         return "mamba_ssm is not installed"
     try:
         importlib.import_module("mamba_ssm.ops.selective_scan_interface")
@@ -67,7 +65,7 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
     if backend == "cpu":
         if device.type != "cpu":
             return f"the cpu backend runs on CPU tensors, got device {device}"
-        if importlib.util.find_spec("numba") is None:
+        if not module_available("numba"):
             return _INSTALL_HINT["cpu"]
     return None
 
