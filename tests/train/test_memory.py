@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
+import textwrap
 
 import pytest
-import torch
 
-from bkexp.train.callbacks import peak_memory_mb, reset_peak_memory
+# Run in a fresh interpreter: the test process holds freed-but-resident memory from earlier tests, which an
+# allocation may reuse without raising the resident peak.
+_PROBE = textwrap.dedent("""
+    import json, torch
+    from bkexp.train.callbacks import peak_memory_mb, reset_peak_memory
+    cpu = torch.device("cpu")
+    reset_peak_memory()
+    base = peak_memory_mb(cpu)
+    block = torch.empty(512 * 2**20 // 4).fill_(1.0)  # 512 MiB, written so it is resident
+    high = peak_memory_mb(cpu)
+    del block
+    reset_peak_memory()
+    print(json.dumps({"base": base, "high": high, "after_reset": peak_memory_mb(cpu)}))
+""")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM reset is Linux-only")
 def test_reset_starts_a_new_cpu_peak():
-    cpu = torch.device("cpu")
-    reset_peak_memory()
-    base = peak_memory_mb(cpu)
-    # 512 MiB, written: more than any free memory the process may still hold resident from earlier tests.
-    block = torch.empty(512 * 2**20 // 4).fill_(1.0)
-    high = peak_memory_mb(cpu)
-    assert high >= base + 400
-    del block
-    reset_peak_memory()
-    assert peak_memory_mb(cpu) < high - 400
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True)
+    peaks = json.loads(out.stdout.strip().splitlines()[-1])
+    assert peaks["high"] >= peaks["base"] + 400
+    assert peaks["after_reset"] < peaks["high"] - 400
