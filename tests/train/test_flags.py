@@ -168,8 +168,8 @@ def test_active_learning_gradient_comes_only_from_the_highest_loss_sequences():
 
 
 def test_mixed_precision_trains_in_bf16(train):
-    # model/ffn=mlp: the MoE feed-forward's index_add_ still refuses bf16 expert outputs (see docs/flags.md).
-    summary = read_summary(train(*TINY, *MQAR_TINY, *NO_TEST, "model=bk", "model/ffn=mlp", "flags=mixed_precision"))
+    # model=bk with its default MoE feed-forward: bf16 expert outputs are added into the float32 accumulator.
+    summary = read_summary(train(*TINY, *MQAR_TINY, *NO_TEST, "model=bk", "flags=mixed_precision"))
     assert summary["status"] == "ok" and summary["causality_checked"]
     assert summary["flags"]["effects"]["precision"] == "bf16-mixed"
     assert summary["config"]["trainer"]["precision"] == "bf16-mixed"
