@@ -15,6 +15,12 @@ from bkexp.ops.bk_core import available_backends, bk_core
 
 DEFAULT_N = "256,512,1024,2048,4096,8192,16384"
 HEAD_DIM = 64
+# Least memory traffic of forward + backward per element: read v, write y (re, im); read v and dL/dy (re, im),
+# write dL/dv -- 4 + 8 + 4 + 8 + 4 bytes in float32 (shared/docs/bk_core.md; the issue's roofline).
+MIN_BYTES_PER_ELEMENT = 28
+# Peak DRAM bandwidth (GB/s) by device-name fragment, first match wins; --peak-gbs overrides.
+KNOWN_PEAK_GBS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("A100-SXM4-80GB", 2039.0),
+                  ("A100", 1555.0), ("L40S", 864.0), ("A10", 600.0))
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -35,11 +41,21 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=5, help="timed runs per configuration (median reported)")
     p.add_argument("--out", type=Path, default=Path("bench_results/bk-core"))
     p.add_argument("--quick", action="store_true", help="N up to 1024, 2 repeats: a smoke run")
+    p.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the roofline case (--roofline-rows rows at N=--roofline-n, fwd+bwd) and "
+                        "report the bandwidth it reaches (default: on for CUDA)")
+    p.add_argument("--roofline-rows", type=int, default=8 * 256, help="rows of the roofline case (default 8*256)")
+    p.add_argument("--roofline-batch", type=int, default=8, help="batch of the roofline case (default 8)")
+    p.add_argument("--roofline-n", type=int, default=8192, help="N of the roofline case (default 8192)")
+    p.add_argument("--peak-gbs", type=float, default=None,
+                   help="peak memory bandwidth in GB/s for the roofline fraction (default: known GPUs by name)")
     args = p.parse_args(argv)
     if args.channels % args.batch:
         p.error(f"--channels {args.channels} must be divisible by --batch {args.batch}")
     if args.channels % HEAD_DIM:
         p.error(f"--channels {args.channels} must be a multiple of the SDPA head size {HEAD_DIM}")
+    if args.roofline_rows % args.roofline_batch:
+        p.error(f"--roofline-rows {args.roofline_rows} must be divisible by --roofline-batch {args.roofline_batch}")
     return args
 
 
@@ -78,6 +94,29 @@ def _sdpa_case(n: int, heads: int, device: torch.device):
         return torch.autograd.grad(out, (q, k, v), g)
 
     return fwd, fwd_bwd
+
+
+def peak_bandwidth_gbs(device: torch.device, override: float | None = None) -> float | None:
+    """Peak memory bandwidth of ``device`` in GB/s: ``override``, else a known GPU's by name, else None."""
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((gbs for fragment, gbs in KNOWN_PEAK_GBS if fragment in name), None)
+
+
+def roofline_row(backend: str, rows: int, n: int, fwd_bwd_s: float, peak_gbs: float | None) -> dict[str, Any]:
+    """Bandwidth reached by one fwd+bwd call over ``rows`` x ``n`` elements, against the 28-byte floor."""
+    moved = MIN_BYTES_PER_ELEMENT * rows * n
+    floor_ms = moved / (peak_gbs * 1e9) * 1e3 if peak_gbs else None
+    return {
+        "backend": backend, "rows": rows, "n": n, "fwd_bwd_ms": fwd_bwd_s * 1e3,
+        "min_bytes": moved, "achieved_gbs": moved / fwd_bwd_s / 1e9, "peak_gbs": peak_gbs,
+        "floor_ms": floor_ms,
+        "bandwidth_fraction": moved / fwd_bwd_s / 1e9 / peak_gbs if peak_gbs else None,
+        "times_floor": fwd_bwd_s * 1e3 / floor_ms if floor_ms else None,
+    }
 
 
 def _plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
@@ -182,6 +221,19 @@ def main(argv: list[str]) -> int:
     plots = _plots(rows, args.out)
     print()
     print(md)
-    print(f"\nthreads={meta['threads']} device={device}; wrote {args.out}/bk_core.{{json,csv,md}} and "
-          + ", ".join(p.name for p in plots))
+    written = [f"{args.out}/bk_core.{{json,csv,md}}", *(p.name for p in plots)]
+    if args.roofline if args.roofline is not None else device.type == "cuda":
+        peak = peak_bandwidth_gbs(device, args.peak_gbs)
+        roof = []
+        for backend in [b for b in wanted if b not in ("sdpa", "torch", "torch_autograd")]:
+            _, fwd_bwd = _bk_case(backend, args.roofline_n, args.roofline_batch,
+                                  args.roofline_rows // args.roofline_batch, True, device)
+            t = time_fn(fwd_bwd, device=device, warmup=1, repeat=repeat, min_time_s=0.2)
+            roof.append(roofline_row(backend, args.roofline_rows, args.roofline_n, t["median_s"], peak))
+        roof_md = write_table(roof, list(roof[0]) if roof else ["backend"], args.out, "roofline",
+                              {**meta, "min_bytes_per_element": MIN_BYTES_PER_ELEMENT, "mode": "causal"})
+        print(f"\nroofline: causal fwd+bwd, {args.roofline_rows} rows x N={args.roofline_n}, "
+              f"{MIN_BYTES_PER_ELEMENT} bytes/element at least; peak {peak or 'unknown'} GB/s\n{roof_md}")
+        written.append("roofline.{json,csv,md}")
+    print(f"\nthreads={meta['threads']} device={device}; wrote " + ", ".join(written))
     return 0 if all(math.isfinite(r["fwd_bwd_us_per_token"]) for r in rows) else 1

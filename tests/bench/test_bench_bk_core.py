@@ -1,0 +1,57 @@
+"""``bkexp bench bk-core`` at a toy size: its tables, plots and roofline arithmetic (a smoke test, not timing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bkexp.bench.bk_core import MIN_BYTES_PER_ELEMENT, peak_bandwidth_gbs, roofline_row
+from bkexp.cli import main as bkexp_main
+
+
+def test_bench_bk_core_writes_tables_plots_and_roofline(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    argv = ["bench", "bk-core", "--n", "32,64", "--channels", "128", "--batch", "2", "--backends", "cpu,torch,sdpa",
+            "--repeat", "1", "--roofline", "--roofline-rows", "16", "--roofline-batch", "2", "--roofline-n", "64",
+            "--peak-gbs", "100", "--out", str(out)]
+    assert bkexp_main(argv) == 0
+    result = json.loads((out / "bk_core.json").read_text())
+    assert {(r["backend"], r["n"]) for r in result["rows"]} == {(b, n) for b in ("cpu", "torch", "sdpa") for n in (32, 64)}
+    for row in result["rows"]:
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["channels"] == 128
+        assert row["fwd_bwd_us_per_token"] == pytest.approx(row["fwd_bwd_ms"] * 1e3 / row["n"])
+        if row["backend"] == "torch":
+            assert row["speedup_vs_torch_fwd_bwd"] == pytest.approx(1.0)
+    assert result["meta"]["threads"] == torch.get_num_threads() and result["meta"]["heads"] == 64
+    assert result["meta"]["environment"]["torch"] == torch.__version__
+    for name in ("bk_core.csv", "bk_core.md", "time_per_token.png", "speedup_vs_torch.png"):
+        assert (out / name).stat().st_size > 0
+    roof = json.loads((out / "roofline.json").read_text())["rows"]
+    assert [r["backend"] for r in roof] == ["cpu"]  # the python-loop backends and SDPA are not roofline cases
+    assert roof[0]["min_bytes"] == MIN_BYTES_PER_ELEMENT * 16 * 64 and roof[0]["peak_gbs"] == 100
+
+
+def test_roofline_arithmetic() -> None:
+    # The issue's case: 8 x 256 rows at N = 8192 move at least 28 B/element: 0.47 GB, ~0.1 ms at 4.8 TB/s.
+    row = roofline_row("triton", 8 * 256, 8192, 0.2e-3, 4800.0)
+    assert row["min_bytes"] == 28 * 2048 * 8192
+    assert row["floor_ms"] == pytest.approx(0.0979, abs=1e-4)
+    assert row["achieved_gbs"] == pytest.approx(row["min_bytes"] / 0.2e-3 / 1e9)
+    assert row["bandwidth_fraction"] == pytest.approx(row["achieved_gbs"] / 4800.0)
+    assert row["times_floor"] == pytest.approx(0.2 / row["floor_ms"])
+    unknown = roofline_row("cpu", 4, 8, 1e-3, None)
+    assert unknown["bandwidth_fraction"] is None and unknown["floor_ms"] is None
+
+
+def test_peak_bandwidth_is_only_claimed_where_known() -> None:
+    assert peak_bandwidth_gbs(torch.device("cpu")) is None
+    assert peak_bandwidth_gbs(torch.device("cpu"), 51.2) == 51.2
+
+
+def test_bad_arguments_name_the_value(capsys) -> None:
+    with pytest.raises(SystemExit):
+        bkexp_main(["bench", "bk-core", "--channels", "100", "--batch", "3"])
+    assert "--channels 100 must be divisible by --batch 3" in capsys.readouterr().err
