@@ -260,6 +260,25 @@ def _ppl_column(rows: Sequence[dict[str, Any]], base: Sequence[dict[str, Any]]) 
     return METRICS_BY_NAME["val_ppl"].column
 
 
+def _comparison_keys(runs: RunSet) -> list[str]:
+    """Swept keys, other than the flag, that split the flag-vs-none comparison into separate cells.
+
+    A key that changes only with the flag is part of the flag, not an axis: ``flags=quantization`` sets
+    ``bits=8`` while every other flag runs at 32, and must still be compared with ``flags=none``.
+    """
+    records = runs.frame.to_dict("records")
+
+    def flag_driven(key: str) -> bool:
+        values: dict[str, set] = {}
+        for row in records:
+            value = row[key]
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                values.setdefault(display(row[FLAG_KEY]), set()).add(display(value))
+        return all(len(v) == 1 for v in values.values())
+
+    return [k for k in runs.point_keys if k != FLAG_KEY and not flag_driven(k)]
+
+
 def flag_deltas(runs: RunSet) -> list[dict[str, Any]]:
     """Each flag against ``flags=none`` per model (and per other swept point): relative changes of the means.
 
@@ -267,11 +286,12 @@ def flag_deltas(runs: RunSet) -> list[dict[str, Any]]:
     likewise ``train_tokens_per_sec_change`` and ``peak_mb_change``, over each cell's successful runs (seeds).
     ``status``: ``ok``; ``n/a`` when every run of the cell failed because the flag does not apply to the model;
     ``failed`` when runs failed otherwise; ``no baseline`` when ``flags=none`` has no successful run there.
+    Keys that change only with the flag (``bits`` under ``flags=quantization``) do not split the cells.
     Empty when ``flags`` is not a swept key.
     """
     if FLAG_KEY not in runs.point_keys:
         return []
-    others = [k for k in runs.point_keys if k != FLAG_KEY]
+    others = _comparison_keys(runs)
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in runs.frame.to_dict("records"):
         other = tuple(row[k] for k in others)
@@ -317,7 +337,7 @@ def _flag_delta_md(runs: RunSet) -> list[str]:
     deltas = flag_deltas(runs)
     if not deltas:
         return []
-    others = [k for k in runs.point_keys if k != FLAG_KEY]
+    others = _comparison_keys(runs)
     columns = sorted({(d["model"], tuple(d.get(k) for k in others)) for d in deltas},
                      key=lambda c: (sort_key(c[0]), tuple(map(sort_key, c[1]))))
     header = ["flag"] + [m if not others else f"{m} ({point_label(others, p)})" for m, p in columns]

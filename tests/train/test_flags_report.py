@@ -21,17 +21,20 @@ RUNS = {
     ("mamba", "sparse_bk"): "FlagNotApplicableError: flags.sparse_bk applies to BK mixers; model 'mamba' has none",
     ("mamba", "compile"): "RuntimeError: inductor crashed",
     ("bk", "compile"): (40.0, 1200.0, 220.0),
+    ("bk", "quantization"): (41.0, 950.0, 200.0),  # flags=quantization trains at bits=8
 }
+BITS = {("bk", "quantization"): 8}
 
 
-def write_job(sweep: Path, job: int, model: str, flags: str, result) -> None:
-    overrides = [f"model={model}", f"flags={flags}"]
+def write_job(sweep: Path, job: int, model: str, flags: str, result, bits: int = 32,
+              extra: tuple[str, ...] = ()) -> None:
+    overrides = [f"model={model}", f"flags={flags}", *extra]
     run_dir = sweep / f"{job}_{','.join(overrides)}"
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     failed = isinstance(result, str)
     summary = {"status": "failed" if failed else "ok", "error": result if failed else None, "model": model,
-               "dataset": "wikitext2", "seq_len": 256, "bits": 32, "seed": 0, "overrides": overrides,
+               "dataset": "wikitext2", "seq_len": 256, "bits": bits, "seed": 0, "overrides": overrides,
                "sweep": {"dir": str(sweep), "job_num": job, "override_dirname": ",".join(overrides)},
                "metrics": {}, "throughput": {}, "memory": {}, "config": {"model": {"name": model}}}
     if not failed:
@@ -45,7 +48,7 @@ def write_job(sweep: Path, job: int, model: str, flags: str, result) -> None:
 def ablation(tmp_path: Path) -> Path:
     sweep = tmp_path / "multirun" / "2026-01-01_00-00-00-000000"
     for job, ((model, flags), result) in enumerate(RUNS.items()):
-        write_job(sweep, job, model, flags, result)
+        write_job(sweep, job, model, flags, result, BITS.get((model, flags), 32))
     return sweep
 
 
@@ -60,6 +63,20 @@ def test_flag_deltas_against_none_per_model(ablation: Path) -> None:
     assert deltas[("mamba", "pruning")]["ppl_change"] == pytest.approx(45 / 50 - 1)
     assert deltas[("mamba", "sparse_bk")]["status"] == "n/a"
     assert deltas[("mamba", "compile")]["status"] == "failed"
+    # bits changes only with the flag, so it is part of flags=quantization, not a separate comparison cell
+    assert deltas[("bk", "quantization")]["status"] == "ok"
+    assert deltas[("bk", "quantization")]["ppl_change"] == pytest.approx(41 / 40 - 1)
+
+
+def test_a_key_swept_within_every_flag_still_splits_the_cells(tmp_path: Path) -> None:
+    sweep = tmp_path / "multirun" / "2026-01-01_00-00-00-000000"
+    runs = {("none", 8): (40.0, 1000.0, 200.0), ("none", 32): (30.0, 1000.0, 200.0),
+            ("pruning", 8): (44.0, 900.0, 200.0), ("pruning", 32): (36.0, 900.0, 200.0)}
+    for job, ((flags, bits), result) in enumerate(runs.items()):
+        write_job(sweep, job, "bk", flags, result, bits, extra=(f"bits={bits}",))
+    deltas = {d["bits"]: d for d in flag_deltas(collect_runs([sweep]))}
+    assert deltas[8]["ppl_change"] == pytest.approx(44 / 40 - 1)
+    assert deltas[32]["ppl_change"] == pytest.approx(36 / 30 - 1)
 
 
 def test_summary_md_has_the_flag_tables(ablation: Path) -> None:
