@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from bkexp.bench.common import environment, log_log_plot, time_fn, write_table
 from bkexp.ops.bk_core import available_backends, bk_core
+from bkexp.ops.testing import rel_err
 
 DEFAULT_N = "256,512,1024,2048,4096,8192,16384"
 HEAD_DIM = 64
@@ -47,6 +48,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--roofline-rows", type=int, default=8 * 256, help="rows of the roofline case (default 8*256)")
     p.add_argument("--roofline-batch", type=int, default=8, help="batch of the roofline case (default 8)")
     p.add_argument("--roofline-n", type=int, default=8192, help="N of the roofline case (default 8192)")
+    p.add_argument("--accuracy", action="store_true",
+                   help="also write accuracy.{json,csv,md}: max relative error of each backend's outputs and "
+                        "gradients (float32 inputs) against the float64 dense reference, both modes")
+    p.add_argument("--accuracy-n", default="64,512", help="sequence lengths of the accuracy table (default 64,512)")
     p.add_argument("--peak-gbs", type=float, default=None,
                    help="peak memory bandwidth in GB/s for the roofline fraction (default: known GPUs by name)")
     args = p.parse_args(argv)
@@ -117,6 +122,47 @@ def roofline_row(backend: str, rows: int, n: int, fwd_bwd_s: float, peak_gbs: fl
         "bandwidth_fraction": moved / fwd_bwd_s / 1e9 / peak_gbs if peak_gbs else None,
         "times_floor": fwd_bwd_s * 1e3 / floor_ms if floor_ms else None,
     }
+
+
+def accuracy_rows(backends: list[str], ns: list[int], device: torch.device) -> list[dict[str, Any]]:
+    """Max relative error (max-norm) of y and of dL/dv, dL/dk, dL/dz against float64 dense autograd.
+
+    Inputs as in the op tests: float32, 2 x 4 rows laid out as a mixer's (B, N, H) view, v ~ N(0, 1),
+    k ~ U(0, 1.5), one z per row with Im(z) in [0.05, 1.05]; a random weighted loss of Re y and Im y.
+    """
+    out = []
+    for n in ns:
+        gen = torch.Generator().manual_seed(n)
+        v = torch.randn(2, n, 4, generator=gen, dtype=torch.float64).transpose(1, 2)
+        k = 1.5 * torch.rand(2, 4, n - 1, generator=gen, dtype=torch.float64)
+        z = torch.complex(0.5 * torch.randn(2, 4, generator=gen, dtype=torch.float64),
+                          0.05 + torch.rand(2, 4, generator=gen, dtype=torch.float64))
+        w = torch.randn(2, 2, 4, n, generator=gen, dtype=torch.float64)
+        for causal in (True, False):
+            case = (v, k, z, w, causal, device)
+            expected = _y_and_grads("reference", *case, torch.float64)
+            for backend in backends:
+                got = _y_and_grads(backend, *case, torch.float32)
+                errs = [rel_err(_real_pairs(a), _real_pairs(e)) for a, e in zip(got, expected)]
+                out.append({"backend": backend, "mode": "causal" if causal else "bidirectional", "n": n,
+                            "y": max(errs[:2]), "grad_v": errs[2], "grad_k": errs[3], "grad_z": errs[4]})
+    return out
+
+
+def _y_and_grads(backend: str, v: torch.Tensor, k: torch.Tensor, z: torch.Tensor, w: torch.Tensor, causal: bool,
+                 device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Re y, Im y and the gradients of a weighted loss for v, k, z, computed with inputs cast to ``dtype``."""
+    ctype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    vv, kk = (t.to(device=device, dtype=dtype).requires_grad_() for t in (v, k))
+    zz = z.to(device=device, dtype=ctype).requires_grad_()
+    re, im = bk_core(vv, kk, zz, causal=causal, backend=backend)
+    w = w.to(device)
+    loss = (re.double() * w[0]).sum() + (im.double() * w[1]).sum()
+    return [t.detach().cpu() for t in (re, im, *torch.autograd.grad(loss, (vv, kk, zz)))]
+
+
+def _real_pairs(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
 
 
 def _plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
@@ -235,5 +281,11 @@ def main(argv: list[str]) -> int:
         print(f"\nroofline: causal fwd+bwd, {args.roofline_rows} rows x N={args.roofline_n}, "
               f"{MIN_BYTES_PER_ELEMENT} bytes/element at least; peak {peak or 'unknown'} GB/s\n{roof_md}")
         written.append("roofline.{json,csv,md}")
+    if args.accuracy:
+        acc = accuracy_rows([b for b in wanted if b != "sdpa"], [int(x) for x in args.accuracy_n.split(",")], device)
+        acc_md = write_table(acc, ["backend", "mode", "n", "y", "grad_v", "grad_k", "grad_z"], args.out, "accuracy",
+                             {**meta, "note": "max relative error vs float64 dense autograd, float32 inputs"})
+        print(f"\naccuracy: max relative error against the float64 dense reference\n{acc_md}")
+        written.append("accuracy.{json,csv,md}")
     print(f"\nthreads={meta['threads']} device={device}; wrote " + ", ".join(written))
     return 0 if all(math.isfinite(r["fwd_bwd_us_per_token"]) for r in rows) else 1

@@ -16,7 +16,7 @@ def test_bench_bk_core_writes_tables_plots_and_roofline(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     argv = ["bench", "bk-core", "--n", "32,64", "--channels", "128", "--batch", "2", "--backends", "cpu,torch,sdpa",
             "--repeat", "1", "--roofline", "--roofline-rows", "16", "--roofline-batch", "2", "--roofline-n", "64",
-            "--peak-gbs", "100", "--out", str(out)]
+            "--peak-gbs", "100", "--accuracy", "--accuracy-n", "2,40", "--out", str(out)]
     assert bkexp_main(argv) == 0
     result = json.loads((out / "bk_core.json").read_text())
     assert {(r["backend"], r["n"]) for r in result["rows"]} == {(b, n) for b in ("cpu", "torch", "sdpa") for n in (32, 64)}
@@ -32,6 +32,11 @@ def test_bench_bk_core_writes_tables_plots_and_roofline(tmp_path: Path) -> None:
     roof = json.loads((out / "roofline.json").read_text())["rows"]
     assert [r["backend"] for r in roof] == ["cpu"]  # the python-loop backends and SDPA are not roofline cases
     assert roof[0]["min_bytes"] == MIN_BYTES_PER_ELEMENT * 16 * 64 and roof[0]["peak_gbs"] == 100
+    accuracy = json.loads((out / "accuracy.json").read_text())["rows"]
+    assert {(r["backend"], r["mode"], r["n"]) for r in accuracy} == {
+        (b, m, n) for b in ("cpu", "torch") for m in ("causal", "bidirectional") for n in (2, 40)}
+    for row in accuracy:  # float32 against float64: a few ulps, and not exactly zero (it was computed)
+        assert all(0 < row[c] < 1e-5 for c in ("y", "grad_v", "grad_k", "grad_z")), row
 
 
 def test_roofline_arithmetic() -> None:
