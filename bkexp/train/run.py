@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from bkexp.quant import QuantSpec
-from bkexp.train.callbacks import ThroughputMonitor, peak_memory_mb, reset_peak_memory
+from bkexp.train.callbacks import ThroughputMonitor, peak_memory_mb, reset_peak_memory, resident_memory_mb
 from bkexp.train.causality import check_causality
 from bkexp.train.config import validate_config
 from bkexp.train.flags import (
@@ -115,6 +115,8 @@ def run(cfg: DictConfig) -> float | None:
     run_dir = Path(cfg.paths.output_dir)
     identity = job_identity()
     record = RunRecord(run_dir)
+    # What the process holds before this run (interpreter, libraries, caches of earlier jobs): part of peak_mb.
+    record.update(memory={"start_rss_mb": resident_memory_mb()})
     record.update(
         run_dir=str(run_dir.resolve()),
         model=cfg.model.get("name"), dataset=cfg.dataset.get("name"), seq_len=cfg.get("seq_len"),
@@ -197,7 +199,8 @@ def run(cfg: DictConfig) -> float | None:
         return None
     finally:
         record.update(wall_time_s=time.time() - started)
-        record.data.setdefault("memory", {"peak_mb": peak_memory_mb(torch.device("cpu"))})
+        if "peak_mb" not in record.data["memory"]:  # failed before training: the process peak so far
+            record.update(memory={**record.data["memory"], "peak_mb": peak_memory_mb(torch.device("cpu"))})
         if rank_zero_only.rank == 0:
             path = record.write()
             log.info("run %s: results in %s", record.data["status"], path.parent)
@@ -242,7 +245,7 @@ def _record_callbacks(record: RunRecord, trainer: pl.Trainer) -> None:
     for callback in trainer.callbacks:
         if isinstance(callback, ThroughputMonitor):
             record.update(throughput=callback.results())
-    record.update(memory={"peak_mb": peak_memory_mb(trainer.strategy.root_device)})
+    record.update(memory={**record.data.get("memory", {}), "peak_mb": peak_memory_mb(trainer.strategy.root_device)})
 
 
 def _flag_callbacks(flags: Flags, cfg: DictConfig, model: torch.nn.Module,
