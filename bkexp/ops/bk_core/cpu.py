@@ -48,7 +48,7 @@ def _flush(part_r, part_i, acc_r, acc_i, nh):
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
 def _left_sweep(v, k, z, out_r, out_i, b, h0, nh, store_pivot):
     """Left pivots L_i = a_i - k_{i-1}/L_{i-1} of rows h0..h0+nh of batch b; writes 1/L or L itself."""
-    if h0 < 0 or nh < 0:  # never true: it lets LLVM drop numba's negative-index wraparound on h0 + h and vectorise
+    if h0 < 0 or nh < 0:  # never true; lets LLVM vectorise h0 + h (see the module docstring)
         raise ValueError("negative row offset")
     n = v.shape[1]
     dt = v.dtype
@@ -87,7 +87,7 @@ def _left_sweep(v, k, z, out_r, out_i, b, h0, nh, store_pivot):
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
 def _stage_in_reversed(src, b, p0, p1, h0, nh, dst, q0):
     """dst[q0 - j, h] = src[b, p0 + j, h0 + h] for positions p0..p1-1: ascending reads, reversed slots."""
-    if h0 < 0 or nh < 0:  # never true: it lets LLVM drop numba's negative-index wraparound on h0 + h and vectorise
+    if h0 < 0 or nh < 0:  # never true; lets LLVM vectorise h0 + h (see the module docstring)
         raise ValueError("negative row offset")
     for j in range(p1 - p0):
         for h in range(nh):
@@ -97,7 +97,7 @@ def _stage_in_reversed(src, b, p0, p1, h0, nh, dst, q0):
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
 def _stage_out_reversed(src, q0, dst, b, p0, p1, h0, nh):
     """dst[b, p0 + j, h0 + h] = src[q0 - j, h] for positions p0..p1-1 (ascending writes)."""
-    if h0 < 0 or nh < 0:  # never true: it lets LLVM drop numba's negative-index wraparound on h0 + h and vectorise
+    if h0 < 0 or nh < 0:  # never true; lets LLVM vectorise h0 + h (see the module docstring)
         raise ValueError("negative row offset")
     for j in range(p1 - p0):
         for h in range(nh):
@@ -115,7 +115,7 @@ def _causal_adjoint(k, yr, yi, gyr, gyi, dv, dk, dz, b, h0, nh):
     The recurrence loop only updates lam; dk and the z-gradient sum are separate loops so that each
     stays simple enough for LLVM to vectorise across rows.
     """
-    if h0 < 0 or nh < 0:  # never true: it lets LLVM drop numba's negative-index wraparound on h0 + h and vectorise
+    if h0 < 0 or nh < 0:  # never true; lets LLVM vectorise h0 + h (see the module docstring)
         raise ValueError("negative row offset")
     n = yr.shape[1]
     dt = yr.dtype
@@ -180,7 +180,7 @@ def _causal_adjoint(k, yr, yi, gyr, gyi, dv, dk, dz, b, h0, nh):
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
 def _right_sweep(v, k, z, pl_r, pl_i, yr, yi, yRr, yRi, b, h0, nh):
     """Right pivots R_i = a_i - k_i/R_{i+1}, then y_i = 1/(L_i - k_i/R_{i+1}); turns stored L into 1/L."""
-    if h0 < 0 or nh < 0:  # never true: it lets LLVM drop numba's negative-index wraparound on h0 + h and vectorise
+    if h0 < 0 or nh < 0:  # never true; lets LLVM vectorise h0 + h (see the module docstring)
         raise ValueError("negative row offset")
     n = v.shape[1]
     dt = v.dtype
@@ -225,7 +225,7 @@ def _right_sweep(v, k, z, pl_r, pl_i, yr, yi, yRr, yRi, b, h0, nh):
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
 def _adjoint_seed(yr, yi, gyr, gyi, b, i, h0, nh, mu_r, mu_i):
     """mu = -g y^2 at position i: the adjoint of D_i = L_i + R_i - a_i, with g = gyr - i*gyi."""
-    if h0 < 0 or nh < 0:  # never true: it lets LLVM drop numba's negative-index wraparound on h0 + h and vectorise
+    if h0 < 0 or nh < 0:  # never true; lets LLVM vectorise h0 + h (see the module docstring)
         raise ValueError("negative row offset")
     for h in range(nh):
         a = yr[b, i, h0 + h]
@@ -241,7 +241,7 @@ def _adjoint_seed(yr, yi, gyr, gyi, b, i, h0, nh, mu_r, mu_i):
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
 def _bidir_right_adjoint(k, yr, yi, yRr, yRi, gyr, gyi, lamRr, lamRi, b, h0, nh):
     """Left to right: lamR_i = mu_i + k_{i-1}/R_i^2 lamR_{i-1}; writes lamR."""
-    if h0 < 0 or nh < 0:  # never true: it lets LLVM drop numba's negative-index wraparound on h0 + h and vectorise
+    if h0 < 0 or nh < 0:  # never true; lets LLVM vectorise h0 + h (see the module docstring)
         raise ValueError("negative row offset")
     n = yr.shape[1]
     dt = yr.dtype
@@ -275,7 +275,7 @@ def _bidir_right_adjoint(k, yr, yi, yRr, yRi, gyr, gyi, lamRr, lamRi, b, h0, nh)
 def _bidir_left_adjoint(k, yr, yi, yLr, yLi, yRr, yRi, gyr, gyi, lamRr, lamRi, dv, dk, dz, b, h0, nh):
     """Right to left: lamL_i = mu_i + k_i/L_i^2 lamL_{i+1}; da_i = lamL_i + lamR_i - mu_i;
     dk_i = Re(-lamL_{i+1}/L_i - lamR_i/R_{i+1})."""
-    if h0 < 0 or nh < 0:  # never true: it lets LLVM drop numba's negative-index wraparound on h0 + h and vectorise
+    if h0 < 0 or nh < 0:  # never true; lets LLVM vectorise h0 + h (see the module docstring)
         raise ValueError("negative row offset")
     n = yr.shape[1]
     dt = yr.dtype
