@@ -32,16 +32,21 @@ def release_free_memory() -> None:
             libc.malloc_trim(0)
 
 
-def resident_memory_mb() -> float | None:
-    """Current resident set size (VmRSS) in MiB, None where /proc is unavailable."""
+def _proc_status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in MiB; None where /proc is unavailable."""
     try:
         with open("/proc/self/status") as handle:
             for line in handle:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 2**10  # kB
     except OSError:
         pass
     return None
+
+
+def resident_memory_mb() -> float | None:
+    """Current resident set size (VmRSS) in MiB, None where /proc is unavailable."""
+    return _proc_status_mb("VmRSS")
 
 
 def reset_peak_memory() -> None:
@@ -67,13 +72,9 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak memory since ``reset_peak_memory``: CUDA allocator peak on GPU, peak RSS (VmHWM) on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10  # kB
-    except OSError:
-        pass
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
