@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from bkexp.bench.common import environment, log_log_plot, time_fn, write_table
 from bkexp.ops.bk_core import available_backends, bk_core
-from bkexp.ops.testing import rel_err
+from bkexp.ops.testing import as_real, rel_err
 
 DEFAULT_N = "256,512,1024,2048,4096,8192,16384"
 HEAD_DIM = 64
@@ -145,7 +145,7 @@ def accuracy_rows(backends: list[str], ns: list[int], device: torch.device) -> l
             expected = _y_and_grads("reference", *case, torch.float64)
             for backend in backends:
                 got = _y_and_grads(backend, *case, torch.float32)
-                errs = [rel_err(_real_pairs(a), _real_pairs(e)) for a, e in zip(got, expected)]
+                errs = [rel_err(as_real(a), as_real(e)) for a, e in zip(got, expected)]
                 out.append({"backend": backend, "mode": "causal" if causal else "bidirectional", "n": n,
                             "y": max(errs[:2]), "grad_v": errs[2], "grad_k": errs[3], "grad_z": errs[4]})
     return out
@@ -161,10 +161,6 @@ def _y_and_grads(backend: str, v: torch.Tensor, k: torch.Tensor, z: torch.Tensor
     w = w.to(device)
     loss = (re.double() * w[0]).sum() + (im.double() * w[1]).sum()
     return [t.detach().cpu() for t in (re, im, *torch.autograd.grad(loss, (vv, kk, zz)))]
-
-
-def _real_pairs(t: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
 
 
 def _plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
@@ -270,7 +266,8 @@ def main(argv: list[str]) -> int:
     print()
     print(md)
     written = [f"{args.out}/bk_core.{{json,csv,md}}", *(p.name for p in plots)]
-    if args.roofline if args.roofline is not None else device.type == "cuda":
+    roofline = device.type == "cuda" if args.roofline is None else args.roofline
+    if roofline:
         peak = peak_bandwidth_gbs(device, args.peak_gbs)
         roof = []
         for backend in [b for b in wanted if b not in ("sdpa", "torch", "torch_autograd")]:

@@ -66,7 +66,6 @@ class AdaptiveComputationTime(AuxLossModule):
         self.aux_loss = self.ponder_weight * (halt.to(p.dtype) + 1 + remainder).mean()
         return out, halt
 
-
     def extra_repr(self) -> str:
         return f"threshold={self.threshold}, ponder_weight={self.ponder_weight}"
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 
 
+def as_real(t: torch.Tensor) -> torch.Tensor:
+    """Complex tensors as (..., 2) real pairs, so a relative error covers both parts; real ones unchanged."""
+    return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Max-norm relative error ``max|a - e| / max(max|e|, tiny)``, computed in float64."""
     a = actual.detach().to(torch.float64)

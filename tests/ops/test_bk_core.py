@@ -17,7 +17,7 @@ import bkexp.ops.bk_core as bk
 from bkexp.ops import backends
 from bkexp.ops.bk_core import BACKENDS, available_backends, bk_core, resolve_backend
 from bkexp.ops.bk_core.reference import bk_core_reference, dense_matrix
-from bkexp.ops.testing import assert_rel_close, rel_err
+from bkexp.ops.testing import as_real, assert_rel_close, rel_err
 
 FAST_BACKENDS = [b for b in available_backends("cpu") if b != "reference"]
 MODES = {"causal": True, "bidir": False}
@@ -45,11 +45,6 @@ def make_inputs(batch: int, heads: int, n: int, *, seed: int = 0, dtype=torch.fl
         imag = z.imag * (1.0 + torch.rand(batch, heads, generator=gen, dtype=torch.float64))
         z = torch.complex(real, imag).to(torch.complex128 if dtype == torch.float64 else torch.complex64)
     return v, k, z
-
-
-def as_real(t: torch.Tensor) -> torch.Tensor:
-    """Complex tensors as (..., 2) real pairs, so the relative error covers both parts."""
-    return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
 
 
 def pair(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
@@ -398,7 +393,7 @@ _TRITON_SCRIPT = textwrap.dedent(
     import json, torch
     from bkexp.ops.bk_core import bk_core
     from bkexp.ops.bk_core.reference import bk_core_reference
-    from bkexp.ops.testing import rel_err
+    from bkexp.ops.testing import as_real, rel_err
     results = {}
     gen = torch.Generator().manual_seed(0)
     for causal in (True, False):
@@ -418,8 +413,7 @@ _TRITON_SCRIPT = textwrap.dedent(
             rr, ri = bk_core_reference(vd.reshape(b * h, n), kd.reshape(b * h, n - 1), zd.reshape(b * h), causal)
             rr, ri = rr.reshape(b, h, n), ri.reshape(b, h, n)
             exp = [rr, ri, *torch.autograd.grad(loss(rr, ri), (vd, kd, zd), materialize_grads=True)]
-            real = lambda t: torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
-            results[f"{'causal' if causal else 'bidir'}-N{n}"] = [rel_err(real(a), real(e)) for a, e in zip(got, exp)]
+            results[f"{'causal' if causal else 'bidir'}-N{n}"] = [rel_err(as_real(a), as_real(e)) for a, e in zip(got, exp)]
     # causality of the chunked kernel: positions before j are bit-identical
     v, k, z = torch.randn(1, 2, 30, generator=gen), torch.rand(1, 2, 29, generator=gen), 0.2 + 0.3j
     re0, im0 = bk_core(v, k, z, backend="triton")

@@ -131,9 +131,10 @@ def _run_position_major(fn: Callable[..., tuple[Tensor, Tensor]], v: Tensor, k: 
         return fn(v, k, z, causal)
     rows = v.numel() // n
     h = shape[-2] if v.dim() >= 2 else 1
-    batch = rows // h if v.dim() >= 2 and is_plane_view(v.reshape(rows // h, h, n)) else 1
-    out = fn(v.reshape(batch, rows // batch, n), k.reshape(batch, rows // batch, n - 1),
-             z.reshape(batch, rows // batch), causal)
+    v3 = v.reshape(rows // h, h, n)
+    if not is_plane_view(v3):
+        h, v3 = rows, v.reshape(1, rows, n)
+    out = fn(v3, k.reshape(rows // h, h, n - 1), z.reshape(rows // h, h), causal)
     return out[0].reshape(shape), out[1].reshape(shape)
 
 
