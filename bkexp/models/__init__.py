@@ -1,7 +1,8 @@
 """nn.Modules only (no Lightning): the shared LM backbone, its mixers and feed-forward layers."""
 
 from bkexp.models.backbone import Block, LanguageModel
+from bkexp.models.decoding import DecodeState
 from bkexp.models.ffn import MLP
 from bkexp.models.moe import MoEFeedForward
 
-__all__ = ["MLP", "Block", "LanguageModel", "MoEFeedForward"]
+__all__ = ["MLP", "Block", "DecodeState", "LanguageModel", "MoEFeedForward"]

@@ -29,7 +29,8 @@ from bkexp.models.adaptive import (
     flops_per_call,
 )
 from bkexp.models.koopman import KoopmanOperator
-from bkexp.models.mixers.base import Mixer
+from bkexp.models.decoding import DecodeState
+from bkexp.models.mixers.base import DecodeLayerState, Mixer
 from bkexp.models.mixers.bk import BKMixer
 from bkexp.models.multiscale import CausalResampler, middle_layers
 from bkexp.models.physics import EnergyConservation
@@ -61,16 +62,34 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._residual(x, self.mixer)
+
+    def _residual(self, x: Tensor, mix: Callable[[Tensor], Tensor]) -> Tensor:
         h = self.norm1(x)
         if self.parallel:
-            out = self.mixer(h)
+            out = mix(h)
             if self.ffn is not None:
                 out = out + self.ffn(h)
             return x + self.drop(out)
-        x = x + self.drop(self.mixer(h))
+        x = x + self.drop(mix(h))
         if self.ffn is not None:
             x = x + self.drop(self.ffn(self.norm2(x)))
         return x
+
+    def prefill(self, x: Tensor, capacity: int) -> tuple[Tensor, DecodeLayerState]:
+        """``forward(x)`` and the mixer's decoding state (the feed-forward is per token and keeps none)."""
+        states: list[DecodeLayerState] = []
+
+        def mix(h: Tensor) -> Tensor:
+            out, state = self.mixer.prefill(h, capacity)
+            states.append(state)
+            return out
+
+        return self._residual(x, mix), states[0]
+
+    def step(self, x: Tensor, state: DecodeLayerState, position: int) -> Tensor:
+        """One new position ``x`` (batch, 1, d_model); updates the mixer's ``state`` in place."""
+        return self._residual(x, lambda h: self.mixer.step(h, state, position))
 
     def forward_active(self, x: Tensor, active: Tensor, block_rows: int) -> tuple[Tensor, int]:
         """Early-exit evaluation: the mixer runs over every token (later tokens read every earlier token's
@@ -438,6 +457,55 @@ class LanguageModel(nn.Module):
             self.train(was_training)
         self._multi_scale_speedup = full / half
         return self._multi_scale_speedup
+
+    # ------------------------------------------------------------------ incremental decoding
+
+    @property
+    def decode_unsupported(self) -> str | None:
+        """None when ``prefill``/``step`` work for this model, else why not (flags or a mixer's reason)."""
+        staged = [flag for flag, module in (("multi_scale", self.resampler), ("act", self.act_halting),
+                                            ("early_exit", self.exit_heads), ("koopman", self.koopman))
+                  if module is not None]
+        if staged:
+            return (f"flag(s) {', '.join(staged)} run staged execution over the whole sequence and have no "
+                    "incremental form; decode a model trained without them")
+        for i, block in enumerate(self.blocks):
+            reason = block.mixer.decode_unsupported
+            if reason is not None:
+                return f"layer {i}: {reason}"
+        return None
+
+    def prefill(self, input_ids: Tensor, capacity: int | None = None) -> tuple[Tensor, DecodeState]:
+        """Logits (batch, seq, vocab) of the prompt ``input_ids`` (batch, seq >= 1), equal to ``forward``'s,
+        and the decoding state after its last token. ``capacity``: total tokens (prompt + generated) the
+        state should hold without growing (a hint for caches that grow with the context)."""
+        reason = self.decode_unsupported
+        if reason is not None:
+            raise NotImplementedError(f"model {self.name!r} cannot decode incrementally: {reason}")
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be (batch, seq) with seq >= 1, got shape {tuple(input_ids.shape)}")
+        n = input_ids.shape[1]
+        x = self.drop(self.embed(input_ids))
+        layers = []
+        for block in self.blocks:
+            x, state = block.prefill(x, max(capacity or n, n))
+            layers.append(state)
+        return self.head(self.norm_f(x)), DecodeState(position=n, layers=layers)
+
+    def step(self, tokens: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
+        """Logits (batch, vocab) of the next position after feeding ``tokens`` (batch,) or (batch, 1); equal to
+        ``forward``'s logits at that position over the whole sequence. ``state`` is updated in place (like
+        mamba_ssm's inference params) and returned."""
+        if tokens.dim() == 2 and tokens.shape[1] == 1:
+            tokens = tokens[:, 0]
+        if tokens.dim() != 1 or tokens.shape[0] != state.batch_size:
+            raise ValueError(f"tokens must be (batch,) or (batch, 1) with batch = {state.batch_size} (the state's), "
+                             f"got shape {tuple(tokens.shape)}")
+        x = self.drop(self.embed(tokens[:, None]))
+        for block, layer_state in zip(self.blocks, state.layers, strict=True):
+            x = block.step(x, layer_state, state.position)
+        state.position += 1
+        return self.head(self.norm_f(x))[:, 0], state
 
     @property
     def causal(self) -> bool:

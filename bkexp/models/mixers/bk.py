@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bkexp.models.mixers.base import Mixer
-from bkexp.ops.bk_core import BACKENDS, bk_core, resolve_backend
+from bkexp.ops.bk_core import BACKENDS, bk_core, bk_core_state, bk_core_step, resolve_backend
 
 COUPLING_MODES = ("head", "input")
 SPARSE_LOGIT_INIT = 3.0
@@ -152,10 +152,9 @@ class BKMixer(Mixer):
         order = torch.argsort(self.head_logit.detach(), descending=True, stable=True)
         return order[: self.n_active_heads].sort().values
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"expected input (batch, seq, d_model={self.d_model}), got {tuple(x.shape)}")
-        self._last_device = x.device
+    def _inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Potentials ``v`` (B, N, H'), couplings (as ``couplings``), shifts ``z`` (H',) of the running heads
+        H' (all, or the active ones under ``sparse_heads``, whose indices come fourth)."""
         heads = self.active_heads()
         v = self.w_v(x)
         if self.v_bound is not None:
@@ -165,6 +164,32 @@ class BKMixer(Mixer):
         if heads is not None:  # only the active heads' rows reach the BK-Core
             v, z = v[..., heads], z[heads]
             k = k[:, heads] if self.coupling == "input" else k[heads]
+        return v, k, z, heads
+
+    def _output(self, features: Tensor, heads: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """``bk_scale * W_o features`` for features (B, N, 2H'): ``[Re y_h..., Im y_h...]`` of the running heads."""
+        if heads is None:
+            return self.w_o(features.to(dtype)) * self.bk_scale
+        # Skipped heads contribute zeros, so only the active heads' columns of W_o are needed.
+        gate = torch.sigmoid(self.head_logit[heads]).repeat(2)
+        columns = torch.cat([heads, heads + self.n_heads])
+        out = F.linear(features.to(dtype) * gate.to(dtype), self.w_o.weight[:, columns], self.w_o.bias)
+        return out * self.bk_scale
+
+    @staticmethod
+    def _compute_dtype(v: Tensor) -> torch.dtype:
+        # The op computes in float32 (float64 stays float64); feed it that, not autocast's bf16/fp16.
+        return torch.float64 if v.dtype == torch.float64 else torch.float32
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._forward(x)[0]
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Output and the BK-Core's (Re y, Im y), each (B, H', N)."""
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"expected input (batch, seq, d_model={self.d_model}), got {tuple(x.shape)}")
+        self._last_device = x.device
+        v, k, z, heads = self._inputs(x)
         v = v.transpose(1, 2) + self.base_diag  # (B, H, N): one row per (batch, head)
         rows = v.shape[:-1]
         k = k.expand(*rows, max(x.shape[1] - 1, 0))
@@ -172,18 +197,40 @@ class BKMixer(Mixer):
         if self.record_energy:
             n = v.shape[-1]
             self.energy = ((v.sum(-1) + 2 * k.sqrt().sum(-1)) / n).mean()
-        # The op computes in float32 (float64 stays float64); feed it that, not autocast's bf16/fp16.
-        compute = torch.float64 if v.dtype == torch.float64 else torch.float32
+        compute = self._compute_dtype(v)
         re, im = bk_core(v.to(compute), k.to(compute), z.to(compute.to_complex()),
                          causal=self.causal, backend=self.backend)
         features = torch.cat([re, im], dim=1).transpose(1, 2)  # (B, N, 2H): [Re y_h..., Im y_h...]
-        if heads is None:
-            return self.w_o(features.to(x.dtype)) * self.bk_scale
-        # Skipped heads contribute zeros, so only the active heads' columns of W_o are needed.
-        gate = torch.sigmoid(self.head_logit[heads]).repeat(2)
-        columns = torch.cat([heads, heads + self.n_heads])
-        out = F.linear(features.to(x.dtype) * gate.to(x.dtype), self.w_o.weight[:, columns], self.w_o.bias)
-        return out * self.bk_scale
+        return self._output(features, heads, x.dtype), re, im
+
+    @property
+    def decode_unsupported(self) -> str | None:
+        if self.causal:
+            return None
+        return ("bidirectional BK-Core (causal=False): every output depends on every later token, so it has no "
+                "incremental form; use causal=True for language models")
+
+    def prefill(self, x: Tensor, capacity: int) -> tuple[Tensor, dict[str, Tensor]]:
+        out, re, im = self._forward(x)
+        return out, {"pivot": bk_core_state(re, im)}
+
+    def step(self, x: Tensor, state: dict[str, Tensor], position: int) -> Tensor:
+        """One position. The state is ``{"pivot"}``: ``1/L_t`` of the last position per (batch, running head),
+        complex (B, H'); see ``bkexp.ops.bk_core.step``. The coupling ``k_t`` of the new pair is computed
+        from the new token alone (input mode) or is the head's parameter, so nothing else is carried."""
+        v, k, z, heads = self._inputs(x)
+        v = v[:, 0] + self.base_diag  # (B, H')
+        if self.coupling == "input":
+            k = F.softplus(self.w_k(x[:, 0]))  # k_{t-1} from token t, as in couplings()
+            if heads is not None:
+                k = k[:, heads]
+        else:
+            k = k[:, 0]  # (H',): one coupling per head
+        compute = self._compute_dtype(v)
+        re, im, state["pivot"] = bk_core_step(v.to(compute), k.to(compute), z.to(compute.to_complex()),
+                                              state["pivot"])
+        features = torch.cat([re, im], dim=-1).unsqueeze(1)  # (B, 1, 2H')
+        return self._output(features, heads, x.dtype)
 
     def flag_stats(self) -> dict[str, float]:
         """Measured effect of the mixer-level flags: the fraction of BK heads that run the BK-Core."""

@@ -17,7 +17,12 @@ from torch import Tensor, nn
 
 from bkexp.models.mixers.base import Mixer
 from bkexp.ops.selective_scan import BACKENDS as SCAN_BACKENDS
-from bkexp.ops.selective_scan import resolve_backend, selective_scan
+from bkexp.ops.selective_scan import (
+    resolve_backend,
+    selective_scan,
+    selective_scan_last_state,
+    selective_state_update,
+)
 
 DT_INITS = ("random", "constant")
 
@@ -86,19 +91,61 @@ class MambaMixer(Mixer):
         self.out_proj.weight._residual_out = True
 
     def forward(self, hidden_states: Tensor) -> Tensor:
+        return self._forward(hidden_states, keep_state=False)[0]
+
+    def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``dt`` (before its bias), ``B``, ``C`` from the conv output ``x`` (..., d_inner); and ``A``."""
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # the bias enters the scan as delta_bias
+        return dt, B, C, -torch.exp(self.A_log.float())
+
+    def _forward(self, hidden_states: Tensor, keep_state: bool) -> tuple[Tensor, dict[str, Tensor] | None]:
         # Activations stay position-major (b, l, channels); the scan receives (b, channels, l) *views*
         # of them (its documented layout), which is the layout the CPU kernel walks, so nothing is copied.
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (b, l, d_inner) each
+        conv_in = x
         x = F.silu(self._causal_conv(x))  # (b, l, d_inner)
-        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d_inner); the bias enters the scan as delta_bias
-        A = -torch.exp(self.A_log.float())
+        dt, B, C, A = self._ssm_inputs(x)
         name = resolve_backend(self.backend, hidden_states.device)
         self._backend_used = name
         y = self.scan(x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
                       self.D.float(), z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(),
                       delta_softplus=True, backend=name)
-        return self.out_proj(y.transpose(1, 2))
+        out = self.out_proj(y.transpose(1, 2))
+        if not keep_state:
+            return out, None
+        # The last d_conv - 1 conv inputs (zeros before the sequence start) and the scan's final state.
+        window = F.pad(conv_in, (0, 0, max(self.d_conv - 1 - conv_in.shape[1], 0), 0))
+        conv = window[:, window.shape[1] - (self.d_conv - 1):].transpose(1, 2).contiguous()
+        ssm = selective_scan_last_state(x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2),
+                                        self.dt_proj.bias.float(), delta_softplus=True)
+        return out, {"conv": conv, "ssm": ssm}
+
+    @property
+    def decode_unsupported(self) -> str | None:
+        return None
+
+    def prefill(self, x: Tensor, capacity: int) -> tuple[Tensor, dict[str, Tensor]]:
+        out, state = self._forward(x, keep_state=True)
+        return out, state
+
+    def step(self, x: Tensor, state: dict[str, Tensor], position: int) -> Tensor:
+        """One position (mamba_ssm's ``Mamba.step``). The state is ``{"conv": (b, d_inner, d_conv - 1)`` -- the
+        last conv inputs, oldest first -- ``, "ssm": (b, d_inner, d_state)}``, both of constant size."""
+        x, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # (b, d_inner) each
+        window = torch.cat([state["conv"], x.unsqueeze(-1)], dim=-1)  # (b, d_inner, d_conv), newest last
+        state["conv"] = window[..., 1:]
+        weight = self.conv1d.weight[:, 0, :]
+        conv = x * weight[:, -1]  # the taps in _causal_conv's order
+        for tap in range(self.d_conv - 1):
+            conv = conv + window[..., tap] * weight[:, tap]
+        if self.conv1d.bias is not None:
+            conv = conv + self.conv1d.bias
+        x = F.silu(conv)
+        dt, B, C, A = self._ssm_inputs(x)
+        y = selective_state_update(state["ssm"], x, dt, A, B, C, self.D.float(), z=z,
+                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        return self.out_proj(y).unsqueeze(1)
 
     def _causal_conv(self, x: Tensor) -> Tensor:
         """``self.conv1d`` (depthwise, left padding d_conv - 1, output cut to l) on position-major (b, l, d).

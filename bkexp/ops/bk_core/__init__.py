@@ -31,6 +31,9 @@ Layout: the cpu and triton kernels work on position-major planes (B, N, H). A mi
 copy is made and ``y`` comes back as the same kind of transposed view, so ``y.transpose(-1, -2)`` is a
 contiguous (B, N, H) tensor. Other layouts work too, at the cost of one gather of the rows.
 
+Decoding: ``bk_core_step`` advances one position from the state ``bk_core_state`` reads off a causal
+output (the last pivot, see ``step.py``).
+
 Exact adjoint vs autograd (ablation): ``backend="torch"`` (or cpu/triton) differentiates with the exact
 O(N) adjoint; ``backend="torch_autograd"`` runs the identical recurrence through plain autograd.
 """
@@ -47,6 +50,7 @@ from torch import Tensor
 from bkexp.ops.backends import module_available, resolve
 
 from .layout import is_plane_view
+from .step import bk_core_state, bk_core_step
 
 BACKENDS: tuple[str, ...] = ("reference", "torch", "torch_autograd", "cpu", "triton")
 _INSTALL_HINT = {
@@ -220,4 +224,4 @@ def _dispatch(fn: Callable[..., tuple[Tensor, Tensor]], name: str, v: Tensor, k:
     return re.reshape(v.shape), im.reshape(v.shape)
 
 
-__all__ = ["BACKENDS", "available_backends", "bk_core", "resolve_backend"]
+__all__ = ["BACKENDS", "available_backends", "bk_core", "bk_core_state", "bk_core_step", "resolve_backend"]

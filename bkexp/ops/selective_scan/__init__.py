@@ -19,6 +19,9 @@ Backends (``BACKENDS``):
 - ``cpu``: numba kernels, forward and exact adjoint backward with checkpointed states (O(b·d·l) memory).
 - ``ref``: the sequential PyTorch loop (``reference.py``), any device; the test oracle, slow.
 
+Decoding (``step.py``): ``selective_state_update`` advances the state one position (mamba_ssm's function of
+that name) and ``selective_scan_last_state`` gives the state a parallel scan over a prompt ends in.
+
 ``backend="auto"`` picks cuda for CUDA tensors and cpu for CPU tensors, and falls back to ref (logging a
 warning once) when that fast path cannot run; ``resolve_backend`` says which one would run. A backend
 requested by name that cannot run raises an error saying how to install it.
@@ -33,6 +36,8 @@ import torch
 from torch import Tensor
 
 from bkexp.ops.backends import module_available, resolve
+
+from .step import selective_scan_last_state, selective_state_update
 
 BACKENDS: tuple[str, ...] = ("cuda", "cpu", "ref")
 _INSTALL_HINT = {
@@ -147,4 +152,5 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         return implementation(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
 
 
-__all__ = ["BACKENDS", "available_backends", "resolve_backend", "selective_scan"]
+__all__ = ["BACKENDS", "available_backends", "resolve_backend", "selective_scan", "selective_scan_last_state",
+           "selective_state_update"]
