@@ -13,9 +13,46 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from bkexp.train.callbacks import logs_this_step
 from bkexp.train.flags import highest_loss_rows
 
 IGNORE_INDEX = -100
+
+
+def build_optimizer(factory: Callable[..., torch.optim.Optimizer], groups: list[dict[str, Any]],
+                    fused_allowed: bool = True) -> torch.optim.Optimizer:
+    """``factory(groups)``; a factory that leaves ``fused`` and ``foreach`` at None gets the fastest kernel.
+
+    PyTorch's default (``fused=None, foreach=None``) is the per-parameter for-loop on CPU, which costs more per
+    step than all of Lightning's overhead (AdamW, bk small: 18.5 ms vs 4.1 ms fused). So when the factory (a
+    ``functools.partial`` from a ``_partial_`` config) says ``fused: null`` and no ``foreach``, it gets
+    ``fused=True`` where its optimizer class has a fused kernel for every parameter's device, else
+    ``foreach=True`` where it has ``foreach``. ``fused_allowed=False`` (gradient clipping under Lightning's
+    mixed-precision plugin, which refuses optimizers that unscale inside ``step``) skips to ``foreach``.
+    Explicit ``fused``/``foreach`` values are passed through untouched.
+    """
+    keywords = getattr(factory, "keywords", None) or {}
+    optimizer_class = getattr(factory, "func", None)
+    if not (isinstance(optimizer_class, type) and "fused" in keywords and keywords["fused"] is None
+            and keywords.get("foreach") is None):
+        return factory(groups)
+    accepted = inspect.signature(optimizer_class).parameters
+    if fused_allowed and "fused" in accepted and _all_on(groups, _fused_devices()):
+        return factory(groups, fused=True)
+    if "foreach" in accepted:
+        return factory(groups, foreach=True)
+    return factory(groups)
+
+
+def _fused_devices() -> set[str]:
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    return set(_get_fused_kernels_supported_devices())
+
+
+def _all_on(groups: list[dict[str, Any]], device_types: set[str]) -> bool:
+    params = [p for group in groups for p in group["params"]]
+    return bool(params) and all(p.device.type in device_types and p.is_floating_point() for p in params)
 
 
 def split_weight_decay(model: nn.Module) -> list[dict[str, Any]]:
@@ -116,17 +153,20 @@ class LMTask(pl.LightningModule):
         if not torch.isfinite(total):
             raise FloatingPointError(f"non-finite training loss {float(total)} at step {self.global_step}")
         self.tokens_seen += batch_tokens * self.trainer.world_size
-        self.log("train/loss", loss, prog_bar=True)
-        if aux:
-            self.log("train/aux_loss", sum(aux.values()))
-        self.log("train/tokens", float(self.tokens_seen))
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if logs_this_step(self.trainer):
+            self.log("train/loss", loss, prog_bar=True)
+            metrics = {"train/tokens": float(self.tokens_seen), "lr": self.trainer.optimizers[0].param_groups[0]["lr"]}
+            if aux:
+                metrics["train/aux_loss"] = sum(aux.values()).detach()
+            self.log_dict(metrics)
         return total
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
+        if not logs_this_step(self.trainer):
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
-            self.log("grad_norm", torch.stack(grads).norm())
+            self.log("grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def _eval_step(self, batch: dict[str, Tensor], split: str) -> None:
         logits, losses, mask = self.token_losses(batch)
@@ -171,11 +211,19 @@ class LMTask(pl.LightningModule):
         self._eval_epoch_end("test")
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(split_weight_decay(self.model))
+        optimizer = build_optimizer(self.optimizer_factory, split_weight_decay(self.model),
+                                    fused_allowed=not self._clips_under_mixed_precision())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _clips_under_mixed_precision(self) -> bool:
+        if self._trainer is None:
+            return False
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        return isinstance(self.trainer.precision_plugin, MixedPrecision) and bool(self.trainer.gradient_clip_val)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
