@@ -64,16 +64,18 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self._residual(x, self.mixer)
 
-    def _residual(self, x: Tensor, mix: Callable[[Tensor], Tensor]) -> Tensor:
+    def _residual(self, x: Tensor, mix: Callable[[Tensor], Tensor], ffn: Callable[[Tensor], Tensor] | None = None
+                  ) -> Tensor:
+        ffn = self.ffn if ffn is None else ffn
         h = self.norm1(x)
         if self.parallel:
             out = mix(h)
-            if self.ffn is not None:
-                out = out + self.ffn(h)
+            if ffn is not None:
+                out = out + ffn(h)
             return x + self.drop(out)
         x = x + self.drop(mix(h))
-        if self.ffn is not None:
-            x = x + self.drop(self.ffn(self.norm2(x)))
+        if ffn is not None:
+            x = x + self.drop(ffn(self.norm2(x)))
         return x
 
     def prefill(self, x: Tensor, capacity: int) -> tuple[Tensor, DecodeLayerState]:
@@ -88,8 +90,9 @@ class Block(nn.Module):
         return self._residual(x, mix), states[0]
 
     def step(self, x: Tensor, state: DecodeLayerState, position: int) -> Tensor:
-        """One new position ``x`` (batch, 1, d_model); updates the mixer's ``state`` in place."""
-        return self._residual(x, lambda h: self.mixer.step(h, state, position))
+        """One new position ``x`` (batch, 1, d_model); updates the mixer's ``state`` in place. A feed-forward
+        with a ``step`` method (MoE: no padded expert blocks) uses it."""
+        return self._residual(x, lambda h: self.mixer.step(h, state, position), getattr(self.ffn, "step", None))
 
     def forward_active(self, x: Tensor, active: Tensor, block_rows: int) -> tuple[Tensor, int]:
         """Early-exit evaluation: the mixer runs over every token (later tokens read every earlier token's

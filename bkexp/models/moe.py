@@ -73,18 +73,29 @@ class MoEFeedForward(AuxLossModule):
             gate = gate / gate.sum(dim=-1, keepdim=True)
         return probs, gate, expert_idx
 
-    def run_expert(self, e: int, inputs: Tensor) -> Tensor:
-        """Expert ``e`` on ``inputs`` (rows, D), in zero-padded blocks of exactly ``block_rows`` rows."""
-        if self.block_rows is None or inputs.shape[0] == 0:
+    def run_expert(self, e: int, inputs: Tensor, block_rows: int | None = None) -> Tensor:
+        """Expert ``e`` on ``inputs`` (rows, D), in zero-padded blocks of exactly ``block_rows`` rows (None: one call)."""
+        if block_rows is None or inputs.shape[0] == 0:
             return self.experts[e](inputs)
         n = inputs.shape[0]
-        padded = -(-n // self.block_rows) * self.block_rows
+        padded = -(-n // block_rows) * block_rows
         if padded != n:
             inputs = torch.cat([inputs, inputs.new_zeros(padded - n, inputs.shape[1])])
-        return torch.cat([self.experts[e](block) for block in inputs.split(self.block_rows)])[:n]
-
+        return torch.cat([self.experts[e](block) for block in inputs.split(block_rows)])[:n]
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._forward(x, self.block_rows)
+
+    def step(self, x: Tensor) -> Tensor:
+        """The layer on one decoding position per row: the experts run on exactly their tokens.
+
+        Padding to ``block_rows`` buys bit-exactness across calls whose routing differs, which the causality
+        check needs but decoding does not (the result equals ``forward``'s up to round-off, tested); on a
+        handful of rows it would multiply the expert work by up to ``block_rows``.
+        """
+        return self._forward(x, None)
+
+    def _forward(self, x: Tensor, block_rows: int | None) -> Tensor:
         if x.shape[-1] != self.d_model:
             raise ValueError(f"expected last dim d_model={self.d_model}, got input of shape {tuple(x.shape)}")
         flat = x.reshape(-1, self.d_model)
@@ -106,7 +117,7 @@ class MoEFeedForward(AuxLossModule):
             rows = order[start:start + count]
             start += count
             tokens = assign_token[rows]
-            expert_out = self.run_expert(e, flat.index_select(0, tokens))
+            expert_out = self.run_expert(e, flat.index_select(0, tokens), block_rows)
             # Under autocast the experts return bf16/fp16 while `out` holds x's dtype: add in out's dtype.
             out.index_add_(0, tokens, (expert_out * assign_gate[rows].unsqueeze(-1).to(expert_out.dtype)).to(out.dtype))
 

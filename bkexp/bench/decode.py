@@ -1,0 +1,212 @@
+"""``bkexp bench decode``: prefill and per-token decode cost, and decoding-state memory, per model vs context.
+
+For each model (``model=bk,mamba,transformer`` at one ``size`` preset, so parameter counts are matched as in
+training runs), each context length L and each batch size B:
+
+- ``prefill_tok_s``: ``B * L / t`` for ``LanguageModel.prefill`` of a random (B, L) prompt (one timed run
+  after a warm-up at the smallest L);
+- ``decode_ms`` / ``decode_tok_s``: the median time of one ``step`` (B new tokens) right after that
+  prefill, i.e. at context L, and ``B / t``;
+- ``state_bytes``: bytes of the decoding state after the prefill (``DecodeState.nbytes``: the KV cache for
+  attention, sized for the L + timed steps positions it holds; the pivots for BK; conv window + SSM state
+  for Mamba), and ``state_bytes_per_row`` = / B.
+
+The summary (``crossings`` in the JSON, printed) names, per batch size, the first measured L at which
+attention's decode step costs more than each recurrent model's, and where its state outgrows theirs.
+Writes ``decode.json/.csv/.md`` and ``decode.png`` (decode time per token vs context, one panel per batch
+size) under ``--out``. On a shared CPU run with ``OMP_WAIT_POLICY=PASSIVE`` (recorded in the meta).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from bkexp.bench.common import environment, time_fn, write_table
+
+MODELS = ("transformer", "bk", "mamba")
+COLUMNS = ["model", "batch", "context", "prefill_s", "prefill_tok_s", "decode_ms", "decode_tok_s",
+           "us_per_token", "state_bytes", "state_bytes_per_row", "non_embedding_params"]
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def build_model(name: str, size: str, vocab: int, config_dir: Path = CONF_DIR) -> torch.nn.Module:
+    """``model=<name> size=<size>`` composed from the config tree and instantiated (what a run trains)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    if not (config_dir / "train.yaml").is_file():
+        raise FileNotFoundError(f"config tree not found at {config_dir} (bkexp bench decode composes the run "
+                                "configs; run it from a bkexp checkout or pass --config-dir)")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={name}", f"size={size}"])
+    GlobalHydra.instance().clear()
+    return instantiate(cfg.model, vocab_size=vocab)
+
+
+def measure(model: torch.nn.Module, batch: int, context: int, steps: int, vocab: int, device: torch.device,
+            seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
+    capacity = context + steps + 2  # the cache holds every position the timed steps write
+    result: dict = {}
+
+    def prefill() -> None:
+        result["state"] = model.prefill(ids, capacity=capacity)[1]
+
+    timing = time_fn(prefill, device=device, warmup=0, repeat=1)
+    state = result.pop("state")
+    tokens = torch.randint(0, vocab, (batch,), generator=gen).to(device)
+    step = time_fn(lambda: model.step(tokens, state), device=device, warmup=2, repeat=steps)
+    row = {"batch": batch, "context": context, "prefill_s": timing["median_s"],
+           "prefill_tok_s": batch * context / timing["median_s"], "decode_ms": 1e3 * step["median_s"],
+           "decode_tok_s": batch / step["median_s"], "us_per_token": 1e6 * step["median_s"] / batch,
+           "state_bytes": state.nbytes(), "state_bytes_per_row": state.nbytes() // batch}
+    del state
+    gc.collect()
+    return row
+
+
+def crossings(rows: list[dict], key: str) -> dict[str, dict[str, int | str]]:
+    """Per batch and recurrent model: the first context where attention's ``key`` exceeds the model's."""
+    out: dict[str, dict[str, int | str]] = {}
+    table = {(r["model"], r["batch"], r["context"]): r[key] for r in rows}
+    for batch in sorted({r["batch"] for r in rows}):
+        per_model: dict[str, int | str] = {}
+        for other in sorted({r["model"] for r in rows} - {"transformer"}):
+            contexts = sorted(c for (m, b, c) in table if m == other and b == batch
+                              and ("transformer", b, c) in table)
+            if not contexts:
+                continue
+            above = [table[("transformer", batch, c)] > table[(other, batch, c)] for c in contexts]
+            if not above[-1]:
+                per_model[other] = f"attention not above {other} at the largest measured context {contexts[-1]}"
+            elif all(above):
+                per_model[other] = f"attention above {other} from {contexts[0]} (every measured length)"
+            else:  # the first length from which attention stays above
+                per_model[other] = contexts[max(i for i, a in enumerate(above) if not a) + 1]
+        out[f"batch {batch}"] = per_model
+    return out
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for model in MODELS:
+            points = sorted((r["context"], r["us_per_token"]) for r in rows if r["model"] == model
+                            and r["batch"] == batch)
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length (tokens already in the state)")
+        ax.set_ylabel("decode time per token (µs)")
+        ax.set_title(f"batch {batch}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise SystemExit(f"bkexp bench decode: {what} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise SystemExit(f"bkexp bench decode: {what} needs positive integers, got {text!r}")
+    return values
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bkexp bench decode", description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--size", default="small", help="size preset (conf/size): tiny, small, medium")
+    parser.add_argument("--context", default="256,512,1024,2048,4096,8192,16384",
+                        help="comma-separated context lengths")
+    parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--steps", type=int, default=16, help="timed decode steps per point (median reported)")
+    parser.add_argument("--vocab", type=int, default=512, help="vocabulary size of the random-token models")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--config-dir", type=Path, default=CONF_DIR, help="bkexp's conf/ tree")
+    parser.add_argument("--out", type=Path, default=Path("bench_results/decode"), help="output directory")
+    args = parser.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in MODELS]
+    if bad or not models:
+        print(f"bkexp bench decode: unknown model(s) {bad or args.models!r}; valid: {', '.join(MODELS)}",
+              file=sys.stderr)
+        return 2
+    sizes = sorted(p.stem for p in args.config_dir.glob("size/*.yaml"))
+    if args.size not in sizes:
+        print(f"bkexp bench decode: unknown size {args.size!r}; valid: {', '.join(sizes)}", file=sys.stderr)
+        return 2
+    if args.steps < 1:
+        print(f"bkexp bench decode: --steps must be >= 1, got {args.steps}", file=sys.stderr)
+        return 2
+    contexts, batches = _ints(args.context, "--context"), _ints(args.batch, "--batch")
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+
+    rows: list[dict] = []
+    params: dict[str, int] = {}
+    for name in models:
+        torch.manual_seed(0)
+        model = build_model(name, args.size, args.vocab, args.config_dir).to(device=device, dtype=dtype).eval()
+        params[name] = model.param_counts()["non_embedding"]
+        with torch.inference_mode():
+            measure(model, batches[0], contexts[0], 2, args.vocab, device)  # warm-up: kernels compile, caches fill
+            for batch in batches:
+                for context in contexts:
+                    try:
+                        row = measure(model, batch, context, args.steps, args.vocab, device)
+                    except torch.OutOfMemoryError:
+                        print(f"  {name:<12} batch {batch:<3} context {context:<6} out of memory: skipped", flush=True)
+                        continue
+                    row = {"model": name, **row, "non_embedding_params": params[name]}
+                    rows.append(row)
+                    print(f"  {name:<12} batch {batch:<3} context {context:<6} prefill {row['prefill_tok_s']:10.0f} "
+                          f"tok/s  decode {row['decode_tok_s']:9.1f} tok/s ({row['us_per_token']:9.1f} us/token)  "
+                          f"state {row['state_bytes']:>12,d} B", flush=True)
+        del model
+        gc.collect()
+
+    summary = {"decode_time": crossings(rows, "us_per_token"), "state_bytes": crossings(rows, "state_bytes")}
+    env = environment()
+    env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
+    meta = {"benchmark": "decode", "size": args.size, "vocab": args.vocab, "dtype": args.dtype,
+            "contexts": contexts, "batches": batches, "steps": args.steps, "non_embedding_params": params,
+            "timing": "prefill: one run after a warm-up; decode: median of --steps single-token steps at the "
+                      "given context", "crossings": summary, "environment": env}
+    md = write_table(rows, COLUMNS, args.out, "decode", meta)
+    _plot(rows, args.out / "decode.png",
+          f"decode cost vs context ({args.size} size, {args.dtype}, {env['device']}, {env['threads']} threads)")
+    print(md)
+    for what, per_batch in summary.items():
+        for batch, per_model in per_batch.items():
+            for other, where in per_model.items():
+                text = where if isinstance(where, str) else f"attention above {other} from context {where}"
+                print(f"{what} ({batch}): {text}")
+    print(f"wrote {args.out}/decode.{{json,csv,md,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
