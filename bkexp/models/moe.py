@@ -28,17 +28,21 @@ class MoEFeedForward(AuxLossModule):
     forward; the backbone adds it to the training loss. ``self.router_stats`` keeps the detached
     ``fraction`` (f), ``prob_mean`` (P) and unweighted ``balance_loss`` of the last forward for logging.
 
-    Dispatch gathers each expert's tokens with an index-select and scatters the weighted results back with
-    ``index_add_``, so the cost is ``top_k`` expert MLP passes per token, not ``n_experts``.
+    Dispatch: the ``T * top_k`` assignments are laid out grouped by expert in one buffer, each expert's group
+    zero-padded to a whole number of ``block_rows``-row blocks; each expert MLP runs once on its part of the
+    buffer, and the gated results are gathered back per token. Both moves are row gathers whose backward is the
+    other gather (``_Dispatch``/``_Combine``), so no scatter-add runs forward or backward, and the cost is
+    ``top_k`` expert passes per token plus at most ``block_rows - 1`` padding rows per expert.
 
-    Bit-exactness: a BLAS matmul's result for one row depends on how many rows the call has and where the
-    row sits (MKL picks different kernels and edge tiles by shape), so with one call per expert a token's
-    output would change in the last bits when *other* tokens -- future ones included -- change the expert's
-    load. The run-time causality check demands bit-identical logits, so by default each expert runs on
-    zero-padded blocks of exactly ``block_rows`` rows: every matmul has the same shape whatever the
-    routing, and a token's output is a bit-exact function of that token. The padding costs at most
-    ``block_rows - 1`` wasted rows per expert per call; ``block_rows=None`` makes one call per expert
-    (equal up to round-off only).
+    Bit-exactness: a BLAS matmul's result for one row can depend on how many rows the call has (MKL picks
+    another kernel or edge tile for some shapes; one row alone takes the GEMV path), so with calls of
+    arbitrary size a token's output would change in the last bits when *other* tokens -- future ones
+    included -- change an expert's load. The run-time causality check demands bit-identical logits, so by
+    default every expert call has a multiple of ``block_rows`` rows (zero padded): measured with MKL on
+    x86 (float32, float64 and bfloat16, 1 and 2 threads), every row's result is then the same whatever the
+    multiple, and a token's output is a bit-exact function of that token (``tests/models/test_moe.py``
+    checks it at loads from 1 to 9 blocks). ``block_rows=None`` runs unpadded calls (equal up to round-off).
+    Modules are called normally, so quantized, pruned or hooked expert ``nn.Linear`` layers behave as usual.
     """
 
     def __init__(self, d_model: int, n_experts: int = 4, top_k: int = 1, expansion: float = 4.0,
@@ -73,15 +77,30 @@ class MoEFeedForward(AuxLossModule):
             gate = gate / gate.sum(dim=-1, keepdim=True)
         return probs, gate, expert_idx
 
-    def run_expert(self, e: int, inputs: Tensor, block_rows: int | None = None) -> Tensor:
-        """Expert ``e`` on ``inputs`` (rows, D), in zero-padded blocks of exactly ``block_rows`` rows (None: one call)."""
-        if block_rows is None or inputs.shape[0] == 0:
-            return self.experts[e](inputs)
-        n = inputs.shape[0]
-        padded = -(-n // block_rows) * block_rows
-        if padded != n:
-            inputs = torch.cat([inputs, inputs.new_zeros(padded - n, inputs.shape[1])])
-        return torch.cat([self.experts[e](block) for block in inputs.split(block_rows)])[:n]
+    def layout(self, expert_idx: Tensor, block_rows: int | None
+               ) -> tuple[Tensor, Tensor, list[tuple[int, int]], list[int], Tensor]:
+        """Where each (token, choice) assignment goes in the expert-grouped, block-padded buffer.
+
+        Returns ``slot_of`` (T*k,) the buffer row of assignment ``t*k + j``; ``assign_of_slot`` (P,) the
+        assignment of each buffer row (0 for padding); ``pad``, the ``(start, stop)`` row ranges of padding;
+        the buffer rows of each expert (a list, summing to P); and the per-expert assignment ``counts``.
+        """
+        assign_expert = expert_idx.reshape(-1)
+        n_assign = assign_expert.numel()
+        order = torch.argsort(assign_expert, stable=True)
+        counts = torch.bincount(assign_expert, minlength=self.n_experts)
+        rows = counts if block_rows is None else (counts + block_rows - 1) // block_rows * block_rows
+        count_start = torch.cumsum(counts, 0) - counts
+        row_start = torch.cumsum(rows, 0) - rows
+        sorted_expert = assign_expert[order]
+        slot_sorted = torch.arange(n_assign, device=order.device) - count_start[sorted_expert] + row_start[sorted_expert]
+        slot_of = torch.empty_like(slot_sorted).index_copy_(0, order, slot_sorted)
+        rows_list = rows.tolist()
+        ends = torch.cumsum(rows, 0).tolist()
+        pad = [(end - r + c, end) for end, r, c in zip(ends, rows_list, counts.tolist()) if r > c]
+        assign_of_slot = torch.zeros(ends[-1] if ends else 0, dtype=torch.long, device=order.device)
+        assign_of_slot[slot_sorted] = order
+        return slot_of, assign_of_slot, pad, rows_list, counts
 
     def forward(self, x: Tensor) -> Tensor:
         return self._forward(x, self.block_rows)
@@ -101,25 +120,14 @@ class MoEFeedForward(AuxLossModule):
         flat = x.reshape(-1, self.d_model)
         n_tokens = flat.shape[0]
         probs, gate, expert_idx = self.route(flat)
+        slot_of, assign_of_slot, pad, rows, counts = self.layout(expert_idx, block_rows)
+        token_of_slot = assign_of_slot if self.top_k == 1 else assign_of_slot // self.top_k
 
-        # One row per (token, choice) assignment, grouped by expert.
-        assign_expert = expert_idx.reshape(-1)
-        assign_token = torch.arange(n_tokens, device=x.device).repeat_interleave(self.top_k)
-        assign_gate = gate.reshape(-1)
-        order = torch.argsort(assign_expert, stable=True)
-        counts = torch.bincount(assign_expert, minlength=self.n_experts)
-
-        out = torch.zeros_like(flat)
-        start = 0
-        for e, count in enumerate(counts.tolist()):
-            if count == 0:
-                continue
-            rows = order[start:start + count]
-            start += count
-            tokens = assign_token[rows]
-            expert_out = self.run_expert(e, flat.index_select(0, tokens), block_rows)
-            # Under autocast the experts return bf16/fp16 while `out` holds x's dtype: add in out's dtype.
-            out.index_add_(0, tokens, (expert_out * assign_gate[rows].unsqueeze(-1).to(expert_out.dtype)).to(out.dtype))
+        buffer = _Dispatch.apply(flat, token_of_slot, pad, slot_of, self.top_k)
+        outputs = [self.experts[e](part) for e, part in enumerate(buffer.split(rows)) if rows[e] > 0]
+        expert_out = torch.cat(outputs) if len(outputs) > 1 else outputs[0] if outputs else buffer
+        # Under autocast the experts return bf16/fp16 while x may be float32: gate and combine in x's dtype.
+        out = _Combine.apply(expert_out.to(flat.dtype), gate.to(flat.dtype), slot_of, assign_of_slot, pad)
 
         # Switch-Transformer load balancing; f is not differentiable, P carries the gradient to the router.
         fraction = counts.to(probs.dtype) / max(n_tokens * self.top_k, 1)
@@ -133,6 +141,76 @@ class MoEFeedForward(AuxLossModule):
     def extra_repr(self) -> str:
         return (f"n_experts={self.n_experts}, top_k={self.top_k}, renormalize={self.renormalize}, "
                 f"aux_loss_weight={self.aux_loss_weight}, block_rows={self.block_rows}")
+
+
+def _expand_rows(src: Tensor, index: Tensor, pad: list[tuple[int, int]]) -> Tensor:
+    """``out[i] = src[index[i]]``, zero on the padding row ranges: token (or assignment) rows -> buffer rows."""
+    out = src.index_select(0, index)
+    for start, stop in pad:
+        out[start:stop] = 0
+    return out
+
+
+def _sum_rows(src: Tensor, slot_of: Tensor, top_k: int, gate: Tensor | None = None) -> Tensor:
+    """``out[t] = sum_j gate[t, j] * src[slot_of[t*k + j]]`` (gate 1 if None), in the order j = 0..k-1."""
+    picked = src.index_select(0, slot_of)
+    if top_k == 1:
+        return picked if gate is None else picked.mul_(gate)
+    picked = picked.view(-1, top_k, src.shape[-1])
+    if gate is not None:
+        picked.mul_(gate.unsqueeze(-1))
+    out = picked[:, 0]
+    for j in range(1, top_k):  # a fixed elementwise order: each token's sum is independent of the others
+        out = out + picked[:, j]
+    return out
+
+
+class _Dispatch(torch.autograd.Function):
+    """Token rows -> expert-grouped buffer rows; the backward sums each token's k buffer rows (a gather)."""
+
+    @staticmethod
+    def forward(ctx, src: Tensor, token_of_slot: Tensor, pad: list[tuple[int, int]], slot_of: Tensor,
+                top_k: int) -> Tensor:
+        ctx.save_for_backward(slot_of)
+        ctx.top_k = top_k
+        return _expand_rows(src, token_of_slot, pad)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (slot_of,) = ctx.saved_tensors
+        return _sum_rows(grad.contiguous(), slot_of, ctx.top_k), None, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """Gated buffer rows -> token rows, ``out[t] = sum_j gate[t, j] * src[slot_of[t*k + j]]``.
+
+    One gather and an in-place scale forward; backward recomputes the gather for the gate gradient and copies
+    each token's scaled gradient back to its buffer rows (gathers only, no scatter-add).
+    """
+
+    @staticmethod
+    def forward(ctx, src: Tensor, gate: Tensor, slot_of: Tensor, assign_of_slot: Tensor,
+                pad: list[tuple[int, int]]) -> Tensor:
+        ctx.save_for_backward(src, gate, slot_of, assign_of_slot)
+        ctx.pad = pad
+        return _sum_rows(src, slot_of, gate.shape[1], gate)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        src, gate, slot_of, assign_of_slot = ctx.saved_tensors
+        pad = ctx.pad
+        grad = grad.contiguous()
+        top_k = gate.shape[1]
+        grad_gate = None
+        if ctx.needs_input_grad[1]:
+            picked = src.index_select(0, slot_of).view(-1, top_k, src.shape[-1])
+            grad_gate = torch.bmm(picked, grad.unsqueeze(-1)).squeeze(-1)  # row dot products (T, k)
+        grad_src = None
+        if ctx.needs_input_grad[0]:
+            # Buffer row s holds assignment (t, j): its gradient is gate[t, j] * grad[t].
+            scaled = (grad.unsqueeze(1) * gate.unsqueeze(-1)).view(-1, src.shape[-1])
+            grad_src = _expand_rows(scaled, assign_of_slot, pad)
+        return grad_src, grad_gate, None, None, None
 
 
 __all__ = ["MoEFeedForward"]
