@@ -13,6 +13,7 @@ BENCHMARKS = {
     "bk-core": "bkexp.bench.bk_core",
     "mamba": "bkexp.bench.mamba",
     "quant": "bkexp.bench.quant",
+    "train-step": "bkexp.bench.train_step",
     "decode": "bkexp.bench.decode",
 }
 

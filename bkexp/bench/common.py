@@ -14,6 +14,32 @@ from typing import Any
 import torch
 
 
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose_config(overrides: Sequence[str], config_dir: Path = CONF_DIR, command: str = "bkexp bench"):
+    """The run config ``train.yaml`` composed with ``overrides`` (what ``python train.py <overrides>`` builds)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not (config_dir / "train.yaml").is_file():
+        raise FileNotFoundError(f"config tree not found at {config_dir} ({command} composes the run "
+                                "configs; run it from a bkexp checkout or pass --config-dir)")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def build_model(name: str, size: str, vocab: int, config_dir: Path = CONF_DIR) -> torch.nn.Module:
+    """``model=<name> size=<size>`` composed from the config tree and instantiated (what a run trains)."""
+    from hydra.utils import instantiate
+
+    cfg = compose_config([f"model={name}", f"size={size}"], config_dir, "bkexp bench decode")
+    return instantiate(cfg.model, vocab_size=vocab)
+
+
 def environment() -> dict[str, Any]:
     """Threads, device and library versions: what a benchmark number depends on."""
     import numpy

@@ -27,28 +27,11 @@ from pathlib import Path
 
 import torch
 
-from bkexp.bench.common import environment, time_fn, write_table
+from bkexp.bench.common import CONF_DIR, build_model, environment, time_fn, write_table
 
 MODELS = ("transformer", "bk", "mamba")
 COLUMNS = ["model", "batch", "context", "prefill_s", "prefill_tok_s", "decode_ms", "decode_tok_s",
            "us_per_token", "state_bytes", "state_bytes_per_row", "non_embedding_params"]
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-
-def build_model(name: str, size: str, vocab: int, config_dir: Path = CONF_DIR) -> torch.nn.Module:
-    """``model=<name> size=<size>`` composed from the config tree and instantiated (what a run trains)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.utils import instantiate
-
-    if not (config_dir / "train.yaml").is_file():
-        raise FileNotFoundError(f"config tree not found at {config_dir} (bkexp bench decode composes the run "
-                                "configs; run it from a bkexp checkout or pass --config-dir)")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={name}", f"size={size}"])
-    GlobalHydra.instance().clear()
-    return instantiate(cfg.model, vocab_size=vocab)
 
 
 def measure(model: torch.nn.Module, batch: int, context: int, steps: int, vocab: int, device: torch.device,

@@ -1,0 +1,42 @@
+"""``bkexp bench train-step`` at a toy size: tables, plot, interleaved rows and the component references."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bkexp.cli import main as bkexp_main
+
+
+def test_train_step_writes_per_token_and_component_tables(tmp_path: Path) -> None:
+    out = tmp_path / "ts"
+    argv = ["bench", "train-step", "--size", "tiny", "--n", "16,32", "--tokens", "64", "--vocab", "64",
+            "--repeat", "1", "--warmup", "0", "--components", "--components-n", "16", "--components-batch", "2",
+            "--out", str(out)]
+    assert bkexp_main(argv) == 0
+    result = json.loads((out / "train_step.json").read_text())
+    rows = result["rows"]
+    assert {(r["model"], r["n"]) for r in rows} == {(m, n) for m in ("transformer", "bk", "mamba") for n in (16, 32)}
+    for r in rows:
+        assert r["batch"] == 64 // r["n"] and r["step_ms"] > 0
+        assert r["us_per_token"] == pytest.approx(r["step_ms"] * 1e3 / (r["batch"] * r["n"]))
+        assert r["vs_transformer"] > 0 and (r["model"] != "transformer" or r["vs_transformer"] == 1.0)
+    assert result["meta"]["size"] == "tiny" and result["meta"]["vocab"] == 64
+    for name in ("train_step.csv", "train_step.md", "train_step.png", "components.csv", "components.md"):
+        assert (out / name).stat().st_size > 0
+    comp = {(r["model"], r["component"]): r for r in json.loads((out / "components.json").read_text())["rows"]}
+    assert {c for _, c in comp} >= {"mixer (AttentionMixer)", "ffn (MLP)", "mixer (BKMixer)", "ffn (MoEFeedForward)",
+                                    "BK-Core op", "mixer (MambaMixer)", "selective scan op"}
+    moe = comp[("bk", "ffn (MoEFeedForward)")]
+    dense = comp[("bk", moe["reference"])]  # tiny: 4 experts of 1.5 x 128, top-1 -> a 192-wide dense MLP
+    assert moe["reference"] == "dense MLP, same active FLOPs (192 hidden)"
+    assert moe["vs_reference"] == pytest.approx(moe["fwd_bwd_ms"] / dense["fwd_bwd_ms"])
+
+
+def test_bad_model_is_refused_with_the_valid_ones(capsys) -> None:
+    with pytest.raises(SystemExit):
+        bkexp_main(["bench", "train-step", "--models", "bk,gpt"])
+    err = capsys.readouterr().err
+    assert "gpt" in err and "transformer, bk, mamba" in err
