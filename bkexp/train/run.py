@@ -149,6 +149,9 @@ def run(cfg: DictConfig) -> float | None:
         record.data["flags"].update(enabled=flags.enabled())
         model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
         record.update(params=model.param_counts(), state_size=model.state_size(cfg.seq_len))
+        if cfg.get("size") is not None:  # which preset, and whether it matches parameters or FLOPs across models
+            record.update(size={k: v for k, v in OmegaConf.to_container(cfg.size, resolve=True).items()
+                                if k in ("name", "matched", "reference_seq_len")})
         model = quant.prepare(model)  # before the causality check: the quantized model is the one trained
         record.update(quant=quant.describe(model))
         log.info("model %s: %s parameters (%s non-embedding)", cfg.model.name,

@@ -78,3 +78,4 @@ def test_step_metrics_are_logged_every_n_steps_and_on_the_last_step(train):
     # The last step's values still reach the run's record (callback_metrics), though no logger was due.
     assert summary["steps"] == 7 and summary["tokens"]["train"] == 7 * 4 * 32
     assert summary["metrics"]["train/tokens"] == pytest.approx(7 * 4 * 32)
+    assert summary["size"] == {"name": "tiny", "matched": "parameters"}  # what the size preset equalises
