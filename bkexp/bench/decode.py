@@ -4,7 +4,8 @@ For each model (``model=bk,mamba,transformer`` at one ``size`` preset, so parame
 training runs), each context length L and each batch size B:
 
 - ``prefill_tok_s``: ``B * L / t`` for ``LanguageModel.prefill`` of a random (B, L) prompt (one timed run
-  after a warm-up at the smallest L);
+  after a warm-up at the smallest L). Above ``--prefill-max-tokens`` prompt tokens one row is prefilled and
+  its state repeated B times (the decode cost does not depend on the tokens) and prefill is left empty;
 - ``decode_ms`` / ``decode_tok_s``: the median time of one ``step`` (B new tokens) right after that
   prefill, i.e. at context L, and ``B / t``;
 - ``state_bytes``: bytes of the decoding state after the prefill (``DecodeState.nbytes``: the KV cache for
@@ -35,9 +36,13 @@ COLUMNS = ["model", "batch", "context", "prefill_s", "prefill_tok_s", "decode_ms
 
 
 def measure(model: torch.nn.Module, batch: int, context: int, steps: int, vocab: int, device: torch.device,
-            seed: int = 0) -> dict:
+            prefill_max_tokens: int | None = None, seed: int = 0) -> dict:
+    """One point. Above ``prefill_max_tokens`` prompt tokens (batch * context) the prefill runs on one row and
+    its state is repeated ``batch`` times (decode cost does not depend on the tokens); prefill is then not
+    reported."""
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
+    replicate = prefill_max_tokens is not None and batch * context > prefill_max_tokens and batch > 1
+    ids = torch.randint(0, vocab, (1 if replicate else batch, context), generator=gen).to(device)
     capacity = context + steps + 2  # the cache holds every position the timed steps write
     result: dict = {}
 
@@ -46,10 +51,14 @@ def measure(model: torch.nn.Module, batch: int, context: int, steps: int, vocab:
 
     timing = time_fn(prefill, device=device, warmup=0, repeat=1)
     state = result.pop("state")
+    if replicate:
+        state = state.index_select(torch.zeros(batch, dtype=torch.long))
     tokens = torch.randint(0, vocab, (batch,), generator=gen).to(device)
     step = time_fn(lambda: model.step(tokens, state), device=device, warmup=2, repeat=steps)
-    row = {"batch": batch, "context": context, "prefill_s": timing["median_s"],
-           "prefill_tok_s": batch * context / timing["median_s"], "decode_ms": 1e3 * step["median_s"],
+    prefill_s = None if replicate else timing["median_s"]
+    row = {"batch": batch, "context": context, "prefill_s": prefill_s,
+           "prefill_tok_s": None if replicate else batch * context / timing["median_s"],
+           "decode_ms": 1e3 * step["median_s"],
            "decode_tok_s": batch / step["median_s"], "us_per_token": 1e6 * step["median_s"] / batch,
            "state_bytes": state.nbytes(), "state_bytes_per_row": state.nbytes() // batch}
     del state
@@ -124,6 +133,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--context", default="256,512,1024,2048,4096,8192,16384",
                         help="comma-separated context lengths")
     parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--prefill-max-tokens", type=int, default=32768,
+                        help="above this many prompt tokens (batch x context) one row is prefilled and its state "
+                             "repeated for the batch; prefill is then not timed (0: always prefill the batch)")
     parser.add_argument("--steps", type=int, default=16, help="timed decode steps per point (median reported)")
     parser.add_argument("--vocab", type=int, default=512, help="vocabulary size of the random-token models")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
@@ -159,13 +171,15 @@ def main(argv: list[str]) -> int:
             for batch in batches:
                 for context in contexts:
                     try:
-                        row = measure(model, batch, context, args.steps, args.vocab, device)
+                        row = measure(model, batch, context, args.steps, args.vocab, device,
+                                      args.prefill_max_tokens or None)
                     except torch.OutOfMemoryError:
                         print(f"  {name:<12} batch {batch:<3} context {context:<6} out of memory: skipped", flush=True)
                         continue
                     row = {"model": name, **row, "non_embedding_params": params[name]}
                     rows.append(row)
-                    print(f"  {name:<12} batch {batch:<3} context {context:<6} prefill {row['prefill_tok_s']:10.0f} "
+                    prefill = "  (1 row)" if row["prefill_tok_s"] is None else f"{row['prefill_tok_s']:10.0f}"
+                    print(f"  {name:<12} batch {batch:<3} context {context:<6} prefill {prefill} "
                           f"tok/s  decode {row['decode_tok_s']:9.1f} tok/s ({row['us_per_token']:9.1f} us/token)  "
                           f"state {row['state_bytes']:>12,d} B", flush=True)
         del model
@@ -175,7 +189,8 @@ def main(argv: list[str]) -> int:
     env = environment()
     env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
     meta = {"benchmark": "decode", "size": args.size, "vocab": args.vocab, "dtype": args.dtype,
-            "contexts": contexts, "batches": batches, "steps": args.steps, "non_embedding_params": params,
+            "contexts": contexts, "batches": batches, "steps": args.steps,
+            "prefill_max_tokens": args.prefill_max_tokens, "non_embedding_params": params,
             "timing": "prefill: one run after a warm-up; decode: median of --steps single-token steps at the "
                       "given context", "crossings": summary, "environment": env}
     md = write_table(rows, COLUMNS, args.out, "decode", meta)

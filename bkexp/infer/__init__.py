@@ -6,7 +6,7 @@
 - ``bkexp generate RUN_DIR --prompt TEXT``: the command (``bkexp.infer.cli``).
 """
 
-from bkexp.infer.generate import generate, generate_text
+from bkexp.infer.generate import cut_at_until, generate, generate_text, until_stop
 from bkexp.infer.sampling import Sampling, filter_logits, sample_next
 
-__all__ = ["Sampling", "filter_logits", "generate", "generate_text", "sample_next"]
+__all__ = ["Sampling", "cut_at_until", "filter_logits", "generate", "generate_text", "sample_next", "until_stop"]

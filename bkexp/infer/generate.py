@@ -113,21 +113,30 @@ def _generate_batch(model: nn.Module, ids: Tensor, max_new_tokens: int, sampling
     return out
 
 
+def cut_at_until(text: str, until: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any of the ``until`` strings (lm-eval's ``until``)."""
+    for u in until:
+        if u:
+            text = text.split(u, 1)[0]
+    return text
+
+
+def until_stop(tokenizer: Any, until: Sequence[str]) -> Callable[[list[int]], bool] | None:
+    """A ``stop`` callback for ``generate``: True once the decoded continuation contains an ``until`` string."""
+    until = [u for u in until if u]
+    if not until:
+        return None
+    return lambda tokens: any(u in tokenizer.decode(tokens) for u in until)
+
+
 def generate_text(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
                   sampling: Sampling | None = None, *, until: Sequence[str] = (), batch_size: int = 8) -> list[str]:
     """Continuations of text ``prompts`` through ``tokenizer`` (``encode(text)``/``decode(ids)``), each cut at
     the first of the ``until`` strings (lm-eval's ``generate_until`` semantics)."""
-    until = [u for u in until if u]
-
-    def cut(text: str) -> str:
-        for u in until:
-            text = text.split(u, 1)[0]
-        return text
-
-    stop = (lambda tokens: cut(tokenizer.decode(tokens)) != tokenizer.decode(tokens)) if until else None
     encoded = [tokenizer.encode(p) for p in prompts]
-    outs = generate(model, encoded, max_new_tokens, sampling, stop=stop, batch_size=batch_size)
-    return [cut(tokenizer.decode(o)) for o in outs]
+    outs = generate(model, encoded, max_new_tokens, sampling, stop=until_stop(tokenizer, until),
+                    batch_size=batch_size)
+    return [cut_at_until(tokenizer.decode(o), until) for o in outs]
 
 
-__all__ = ["generate", "generate_text"]
+__all__ = ["cut_at_until", "generate", "generate_text", "until_stop"]

@@ -12,13 +12,15 @@ from bkexp.cli import main as bkexp_main
 def test_bench_decode_writes_table_plot_and_state_sizes(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     argv = ["bench", "decode", "--size", "tiny", "--context", "16,48", "--batch", "1,2", "--steps", "2",
-            "--vocab", "64", "--device", "cpu", "--out", str(out)]
+            "--vocab", "64", "--device", "cpu", "--prefill-max-tokens", "64", "--out", str(out)]
     assert bkexp_main(argv) == 0
     result = json.loads((out / "decode.json").read_text())
     rows = {(r["model"], r["batch"], r["context"]): r for r in result["rows"]}
     assert set(rows) == {(m, b, c) for m in ("transformer", "bk", "mamba") for b in (1, 2) for c in (16, 48)}
-    for row in rows.values():
-        assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 and row["state_bytes"] > 0
+    for key, row in rows.items():
+        assert row["decode_tok_s"] > 0 and row["state_bytes"] > 0
+        # 2 x 48 prompt tokens exceed --prefill-max-tokens: one row prefilled, its state repeated, no prefill rate
+        assert (row["prefill_tok_s"] is None) == (key[1:] == (2, 48)) and (row["prefill_tok_s"] or 1) > 0
         assert row["state_bytes"] == row["batch"] * row["state_bytes_per_row"]
     # tiny preset: transformer d_model 128 x 2 layers; bk 4 heads x 2 layers; mamba d_inner 240 x 4 layers
     # the cache holds the context plus the warm-up and timed steps (capacity = context + steps + 2), float32

@@ -7,7 +7,7 @@ import torch
 
 from bkexp.ops.bk_core import bk_core, bk_core_state, bk_core_step
 from bkexp.ops.bk_core.reference import bk_core_reference
-from bkexp.ops.selective_scan import selective_scan_last_state, selective_state_update
+from bkexp.ops.selective_scan import available_backends, selective_scan, selective_state_update
 from bkexp.ops.selective_scan.reference import selective_scan_reference
 from bkexp.ops.testing import assert_rel_close
 
@@ -82,27 +82,31 @@ def scan_inputs(b: int, d: int, n: int, l: int, grouped: bool, dtype: torch.dtyp
             "B": rand(*BC), "C": rand(*BC), "D": rand(d), "z": rand(b, d, l), "delta_bias": rand(d, scale=0.5)}
 
 
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "ref") if b in available_backends("cpu")])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["f64", "f32"])
 @pytest.mark.parametrize("grouped", [False, True], ids=["shared", "grouped"])
-def test_selective_state_update_matches_scan(grouped: bool, dtype: torch.dtype, tol: float) -> None:
-    """Steps from the state a parallel prefix leaves == the reference scan; the last state matches the steps'."""
-    b, d, n, l, prefix = 2, 6, 4, 300, 270  # 270 positions: three chunks of selective_scan_last_state
+def test_selective_state_update_continues_a_parallel_scan(grouped: bool, dtype: torch.dtype, tol: float,
+                                                          backend: str) -> None:
+    """The last state of a parallel prefix (return_last_state) == the state stepped from zero; steps from it ==
+    the float64 reference scan over the whole sequence."""
+    b, d, n, l, prefix = 2, 6, 4, 90, 70  # 70 positions span three checkpoint chunks of the cpu kernel
     x = scan_inputs(b, d, n, l, grouped, dtype)
     ref = selective_scan_reference(**{k: v.double() for k, v in x.items()}, delta_softplus=True)
     head = {k: (v[..., :prefix] if v.dim() >= 3 else v) for k, v in x.items()}
-    state = selective_scan_last_state(head["u"], head["delta"], x["A"], head["B"], x["delta_bias"], True, chunk=128)
+    out, state = selective_scan(**head, delta_softplus=True, return_last_state=True, backend=backend)
     assert state.shape == (b, d, n) and state.dtype == dtype
+    assert torch.equal(out, selective_scan(**head, delta_softplus=True, backend=backend))
     walked = torch.zeros(b, d, n, dtype=dtype)
     for t in range(prefix):  # the same state, one step at a time from zero
         selective_state_update(walked, x["u"][..., t], x["delta"][..., t], x["A"], x["B"][..., t], x["C"][..., t],
                                dt_bias=x["delta_bias"], dt_softplus=True)
-    assert_rel_close(state, walked, tol * 10, "last state vs stepped state")
+    assert_rel_close(state, walked, tol, "last state vs stepped state")
     outs = []
     for t in range(prefix, l):
-        out = selective_state_update(state, x["u"][..., t], x["delta"][..., t], x["A"], x["B"][..., t],
-                                     x["C"][..., t], x["D"], x["z"][..., t], x["delta_bias"], True)
-        assert out.shape == (b, d) and out.dtype == dtype
-        outs.append(out)
+        step = selective_state_update(state, x["u"][..., t], x["delta"][..., t], x["A"], x["B"][..., t],
+                                      x["C"][..., t], x["D"], x["z"][..., t], x["delta_bias"], True)
+        assert step.shape == (b, d) and step.dtype == dtype
+        outs.append(step)
     assert_rel_close(torch.stack(outs, -1), ref[..., prefix:], tol, "steps after a parallel prefix")
 
 

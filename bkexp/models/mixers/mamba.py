@@ -17,12 +17,7 @@ from torch import Tensor, nn
 
 from bkexp.models.mixers.base import Mixer
 from bkexp.ops.selective_scan import BACKENDS as SCAN_BACKENDS
-from bkexp.ops.selective_scan import (
-    resolve_backend,
-    selective_scan,
-    selective_scan_last_state,
-    selective_state_update,
-)
+from bkexp.ops.selective_scan import resolve_backend, selective_scan, selective_state_update
 
 DT_INITS = ("random", "constant")
 
@@ -108,18 +103,17 @@ class MambaMixer(Mixer):
         dt, B, C, A = self._ssm_inputs(x)
         name = resolve_backend(self.backend, hidden_states.device)
         self._backend_used = name
+        # keep_state: the scan also returns its state after the last position (mamba_ssm's return_last_state).
         y = self.scan(x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
                       self.D.float(), z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(),
-                      delta_softplus=True, backend=name)
-        out = self.out_proj(y.transpose(1, 2))
+                      delta_softplus=True, backend=name, **({"return_last_state": True} if keep_state else {}))
         if not keep_state:
-            return out, None
-        # The last d_conv - 1 conv inputs (zeros before the sequence start) and the scan's final state.
+            return self.out_proj(y.transpose(1, 2)), None
+        y, ssm = y
+        # The last d_conv - 1 conv inputs (zeros before the sequence start).
         window = F.pad(conv_in, (0, 0, max(self.d_conv - 1 - conv_in.shape[1], 0), 0))
         conv = window[:, window.shape[1] - (self.d_conv - 1):].transpose(1, 2).contiguous()
-        ssm = selective_scan_last_state(x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2),
-                                        self.dt_proj.bias.float(), delta_softplus=True)
-        return out, {"conv": conv, "ssm": ssm}
+        return self.out_proj(y.transpose(1, 2)), {"conv": conv, "ssm": ssm}
 
     @property
     def decode_unsupported(self) -> str | None:

@@ -19,8 +19,8 @@ Backends (``BACKENDS``):
 - ``cpu``: numba kernels, forward and exact adjoint backward with checkpointed states (O(b·d·l) memory).
 - ``ref``: the sequential PyTorch loop (``reference.py``), any device; the test oracle, slow.
 
-Decoding (``step.py``): ``selective_state_update`` advances the state one position (mamba_ssm's function of
-that name) and ``selective_scan_last_state`` gives the state a parallel scan over a prompt ends in.
+Decoding: ``return_last_state=True`` also returns the state a parallel scan over a prompt ends in, and
+``selective_state_update`` (``step.py``, mamba_ssm's function of that name) advances it one position.
 
 ``backend="auto"`` picks cuda for CUDA tensors and cpu for CPU tensors, and falls back to ref (logging a
 warning once) when that fast path cannot run; ``resolve_backend`` says which one would run. A backend
@@ -37,7 +37,7 @@ from torch import Tensor
 
 from bkexp.ops.backends import module_available, resolve
 
-from .step import selective_scan_last_state, selective_state_update
+from .step import selective_state_update
 
 BACKENDS: tuple[str, ...] = ("cuda", "cpu", "ref")
 _INSTALL_HINT = {
@@ -136,21 +136,24 @@ def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                   backend: str = "auto") -> Tensor:
-    """``out`` (batch, d, l) in ``u``'s dtype; see the module docstring for semantics, shapes and backends."""
+                   return_last_state: bool = False, backend: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
+    """``out`` (batch, d, l) in ``u``'s dtype; see the module docstring for semantics, shapes and backends.
+
+    ``return_last_state=True`` (mamba_ssm's option) returns ``(out, last_state)``: the state after the last
+    position, (batch, d, n), from which ``selective_state_update`` continues (not differentiable).
+    """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     name = resolve_backend(backend, u.device)
     if name == "cuda":
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
-        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "cpu":
         from .cpu import selective_scan_cpu as implementation
     else:
         from .reference import selective_scan_reference as implementation
     with torch.autocast(device_type=u.device.type, enabled=False):
-        return implementation(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+        return implementation(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state))
 
 
-__all__ = ["BACKENDS", "available_backends", "resolve_backend", "selective_scan", "selective_scan_last_state",
-           "selective_state_update"]
+__all__ = ["BACKENDS", "available_backends", "resolve_backend", "selective_scan", "selective_state_update"]

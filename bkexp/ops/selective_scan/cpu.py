@@ -101,8 +101,9 @@ def _block_span(block, nd, group_size, per_group, width):
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _scan_forward(u, delta, A_t, Bk, Ck, group_size, width, y, checkpoints, save, every):
-    """u, delta, y: (b, l, d); A_t: (n, d); Bk, Ck: (b|1, g, l|1, n); checkpoints: (b, l/every, n, d)."""
+def _scan_forward(u, delta, A_t, Bk, Ck, group_size, width, y, checkpoints, save, every, last, keep_last):
+    """u, delta, y: (b, l, d); A_t: (n, d); Bk, Ck: (b|1, g, l|1, n); checkpoints: (b, l/every, n, d);
+    last: (b, n, d), the state after the last position when ``keep_last`` (decoding continues from it)."""
     nb, nl, nd = u.shape
     ns = A_t.shape[0]
     per_group = (group_size + width - 1) // width
@@ -147,6 +148,9 @@ def _scan_forward(u, delta, A_t, Bk, Ck, group_size, width, y, checkpoints, save
                     h[base + c] = value
                     acc[c] += value * c_tk
             y[ib, t, c0:c1] = acc
+        if keep_last:
+            for k in range(ns):
+                last[ib, k, c0:c1] = h[k * nc:(k + 1) * nc]
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -254,7 +258,9 @@ class _ScanFunction(torch.autograd.Function):
     """``y = scan(u, delta, A, Bk, Ck)`` on CPU tensors ((b, d, l) in and out), with the exact adjoint backward."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, Bk: Tensor, Ck: Tensor, group_size: int) -> Tensor:
+    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, Bk: Tensor, Ck: Tensor, group_size: int,
+                last: Tensor | None) -> Tensor:
+        """``last`` (b, n, d), when given, receives the state after the last position (not differentiable)."""
         u_t = u.detach().transpose(1, 2).contiguous()  # (b, l, d): channels innermost
         delta_t = delta.detach().transpose(1, 2).contiguous()
         A_t = A.detach().t().contiguous()
@@ -266,8 +272,10 @@ class _ScanFunction(torch.autograd.Function):
         n_ck = (nl + CHECKPOINT - 1) // CHECKPOINT
         checkpoints = u_t.new_empty((nb, n_ck, ns, nd) if save else (1, 1, ns, 1))
         y_t = torch.empty_like(u_t)
+        keep_last = last is not None
+        last_np = last.numpy() if keep_last else np.empty((1, 1, 1), u_t.numpy().dtype)
         _scan_forward(u_t.numpy(), delta_t.numpy(), A_t.numpy(), Bk.numpy(), Ck.numpy(), group_size, width,
-                      y_t.numpy(), checkpoints.numpy(), save, CHECKPOINT)
+                      y_t.numpy(), checkpoints.numpy(), save, CHECKPOINT, last_np, keep_last)
         if save:
             ctx.save_for_backward(u_t, delta_t, A_t, Bk, Ck, checkpoints)
             ctx.group_size = group_size
@@ -293,12 +301,12 @@ class _ScanFunction(torch.autograd.Function):
                        dA_t.numpy(), dB_part.numpy(), dC_part.numpy())
         dB = _reduce_blocks(dB_part, Bk.shape, nb, groups)
         dC = _reduce_blocks(dC_part, Ck.shape, nb, groups)
-        return du_t.transpose(1, 2), ddelta_t.transpose(1, 2), dA_t.sum(0).t(), dB, dC, None
+        return du_t.transpose(1, 2), ddelta_t.transpose(1, 2), dA_t.sum(0).t(), dB, dC, None, None
 
 
 def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                        z: Tensor | None = None, delta_bias: Tensor | None = None,
-                       delta_softplus: bool = False) -> Tensor:
+                       delta_softplus: bool = False, return_last_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Same contract as ``selective_scan_reference``; inputs already validated, CPU tensors, real ``A``."""
     dtype_in = u.dtype
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -318,8 +326,11 @@ def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
         Bk = Bk.repeat_interleave(group_size // finer, dim=1)
         Ck = Ck.repeat_interleave(group_size_c // finer, dim=1)
         group_size = finer
-    y = _ScanFunction.apply(u_c, delta_c, A.to(compute), Bk, Ck, group_size)
+    last = u_c.new_empty(u_c.shape[0], A.shape[1], dim) if return_last_state else None
+    y = _ScanFunction.apply(u_c, delta_c, A.to(compute), Bk, Ck, group_size, last)
     out = y if D is None else y + u_c * D.to(compute)[:, None]
     if z is not None:
         out = out * F.silu(z.to(compute))
+    if return_last_state:
+        return out.to(dtype_in), last.transpose(1, 2)
     return out.to(dtype_in)

@@ -33,8 +33,10 @@ def _per_channel(param: Tensor, dim: int) -> Tensor:
 
 def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                              z: Tensor | None = None, delta_bias: Tensor | None = None,
-                             delta_softplus: bool = False) -> Tensor:
-    """``out`` of shape (batch, d, l) in ``u``'s dtype; inputs as in ``bkexp.ops.selective_scan``."""
+                             delta_softplus: bool = False, return_last_state: bool = False
+                             ) -> Tensor | tuple[Tensor, Tensor]:
+    """``out`` of shape (batch, d, l) in ``u``'s dtype; inputs as in ``bkexp.ops.selective_scan``. With
+    ``return_last_state`` also the state after the last position, (batch, d, n) in the compute dtype."""
     dtype_in = u.dtype
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     u = u.to(compute)
@@ -63,4 +65,6 @@ def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     out = y if D is None else y + u * D.to(compute)[:, None]
     if z is not None:
         out = out * F.silu(z.to(compute))
+    if return_last_state:
+        return out.to(dtype_in), state
     return out.to(dtype_in)

@@ -1,4 +1,4 @@
-"""Single-step selective scan (``mamba_ssm``'s ``selective_state_update``) and the state a parallel scan leaves.
+"""Single-step selective scan: ``mamba_ssm``'s ``selective_state_update``.
 
 A Mamba decoder carries the SSM state ``h`` of shape (batch, d, n) per layer. One step (position t)::
 
@@ -11,14 +11,7 @@ names and shapes: ``state`` (batch, d, n); ``x``, ``dt``, ``z`` (batch, d); ``A`
 (batch, n) or grouped (batch, g, n) with ``d % g == 0``; ``D``, ``dt_bias`` (d,). Computation is float32
 (float64 for a float64 state); the output has ``x``'s dtype.
 
-``selective_scan_last_state(u, delta, A, B, delta_bias, delta_softplus)`` is the state after the last
-position of a parallel ``selective_scan`` over (batch, d, l) inputs (mamba_ssm's ``return_last_state``), so
-that decoding continues from a prompt scanned in parallel. It is computed chunk by chunk in closed form,
-
-    h_end = exp(A * sum_chunk delta') h_start + sum_t exp(A * R_t) delta'_t u_t B_t,
-
-with ``R_t`` the sum of ``delta'`` over the chunk's positions after ``t`` (a reverse cumulative sum, so the
-recent terms that dominate are exact; ``A < 0`` keeps every factor <= 1). Memory is O(batch * d * n * chunk).
+The state a parallel scan over a prompt ends in comes from ``selective_scan(..., return_last_state=True)``.
 """
 
 from __future__ import annotations
@@ -85,38 +78,4 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     return out.to(x.dtype)
 
 
-def selective_scan_last_state(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, delta_bias: Tensor | None = None,
-                              delta_softplus: bool = False, chunk: int = 128) -> Tensor:
-    """The state ``h_{l-1}`` (batch, d, n) after scanning u, delta (batch, d, l) with B (batch, n, l) or grouped
-    (batch, g, n, l); float32 (float64 for float64 ``u``). ``C``, ``D`` and ``z`` do not enter the state."""
-    if u.dim() != 3 or delta.shape != u.shape:
-        raise ValueError(f"u and delta must share a (batch, d, l) shape, got {tuple(u.shape)} and {tuple(delta.shape)}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    compute = _compute_dtype(u)
-    batch, dim, length = u.shape
-    if B.dim() == 3 and tuple(B.shape) == (batch, A.shape[1], length):
-        Bc = B.unsqueeze(1)  # (b, 1, n, l): shared by every channel
-    elif B.dim() == 4 and B.shape[0] == batch and dim % B.shape[1] == 0:
-        Bc = B.repeat_interleave(dim // B.shape[1], dim=1)
-    else:
-        raise ValueError(f"B of shape {tuple(B.shape)} is invalid; valid: (batch, n, l) or (batch, g, n, l)")
-    delta = delta.to(compute)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(compute)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    A = A.to(compute)
-    drive_in = delta * u.to(compute)  # (b, d, l)
-    state = u.new_zeros(batch, dim, A.shape[1], dtype=compute)
-    for start in range(0, length, chunk):
-        d_c = delta[..., start:start + chunk]
-        after = d_c.flip(-1).cumsum(-1).flip(-1) - d_c  # R_t: delta' summed over the chunk's later positions
-        weights = torch.exp(after.unsqueeze(2) * A[None, :, :, None])  # (b, d, n, c)
-        local = (weights * drive_in[:, :, None, start:start + chunk]
-                 * Bc[..., start:start + chunk].to(compute)).sum(-1)
-        state = torch.exp(A * d_c.sum(-1, keepdim=True)) * state + local
-    return state
-
-
-__all__ = ["selective_scan_last_state", "selective_state_update"]
+__all__ = ["selective_state_update"]
