@@ -14,6 +14,7 @@ BENCHMARKS = {
     "mamba": "bkexp.bench.mamba",
     "quant": "bkexp.bench.quant",
     "train-step": "bkexp.bench.train_step",
+    "overhead": "bkexp.bench.overhead",
     "decode": "bkexp.bench.decode",
 }
 
