@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import os
+import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,8 @@ def load_summary(path: Path) -> dict[str, Any]:
 
 
 def orphan_record(run_dir: Path) -> dict[str, Any]:
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():  # killed after its first checkpoint
+        return _with_location(_killed_record(run_dir), run_dir)
     summary = {
         "status": "failed",
         "error": f"MissingSummary: no {SUMMARY_FILE} in {run_dir} (the job was killed, or is still running)",
@@ -161,7 +164,42 @@ def _with_location(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         overrides = _read_yaml(run_dir / ".hydra" / "overrides.yaml")
         summary["overrides"] = [str(o) for o in overrides] if isinstance(overrides, list) else []
     summary.setdefault("status", "failed")
+    if summary["status"] == "running" and not _still_running(summary):
+        summary.update(_killed_record(run_dir))
     return summary
+
+
+def _still_running(summary: Mapping[str, Any]) -> bool:
+    """A run that says "running" is alive when its process still exists on this host (else it was killed)."""
+    pid, host = summary.get("pid"), summary.get("hostname")
+    if not isinstance(pid, int) or host != socket.gethostname():
+        return False  # another machine's run (a copied sweep): it ended when it was copied, or we cannot tell
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The global step stored in a Lightning checkpoint (memory-mapped, weights only), None if unreadable."""
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # noqa: BLE001 - a truncated or foreign file: the step is unknown, the report goes on
+        return None
+
+
+def _killed_record(run_dir: Path) -> dict[str, Any]:
+    """A run killed without a word (SIGKILL, power loss): interrupted at its last checkpoint's step."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    step = checkpoint_step(last) if last.is_file() else None
+    where = f"its last checkpoint is at step {step} ({last})" if step is not None else "no checkpoint to resume from"
+    return {"status": "interrupted", "step": step, "signal": None,
+            "error": f"killed without an exit status (e.g. SIGKILL); {where}"}
 
 
 def _override_keys(summaries: Iterable[Mapping[str, Any]]) -> list[str]:

@@ -116,3 +116,25 @@ class ReportCallback(Callback):
             run.summary["report/n_failed"] = report.n_failed
         finally:
             run.finish()
+
+
+class SweepExitStatus(Callback):
+    """`on_multirun_end`: exit with status 1 when a job of the sweep did not end ``ok``.
+
+    Every job has run by then (a multirun records a failed job and goes on), and listed before the report
+    callback it runs after it (Hydra calls end hooks in reverse order), so the report is written first. A
+    script or CI job that launched the sweep sees the failure in the exit code.
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from bkexp.report.collect import find_run_dirs, load_summary, orphan_record
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        files, orphans = find_run_dirs(sweep_dir) if sweep_dir.is_dir() else ([], [])
+        statuses = [load_summary(p)["status"] for p in files] + [orphan_record(d)["status"] for d in orphans]
+        bad = {s: statuses.count(s) for s in sorted(set(statuses)) if s != "ok"}
+        if bad:
+            counts = ", ".join(f"{n} {s}" for s, n in bad.items())
+            print(f"[bkexp] sweep {sweep_dir}: {sum(bad.values())} of {len(statuses)} jobs did not end ok "
+                  f"({counts}); exit status 1", flush=True)
+            raise SystemExit(1)

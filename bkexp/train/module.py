@@ -150,8 +150,6 @@ class LMTask(pl.LightningModule):
         else:
             aux = self.model.aux_losses()
         total = loss + sum(aux.values()) if aux else loss
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"non-finite training loss {float(total)} at step {self.global_step}")
         self.tokens_seen += batch_tokens * self.trainer.world_size
         if logs_this_step(self.trainer):
             self.log("train/loss", loss, prog_bar=True)

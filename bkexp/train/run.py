@@ -34,6 +34,7 @@ from bkexp.train.flags import (
     resolve_flags,
     weight_sparsity,
 )
+from bkexp.train.lifecycle import DivergenceLimits, Lifecycle, SignalWatch, classify, running_record
 from bkexp.train.module import LMTask
 from bkexp.train.summary import RunRecord, environment
 from bkexp.utils import flatten
@@ -126,11 +127,14 @@ def run(cfg: DictConfig) -> float | None:
     )
     loggers: list[Logger] = []
     status = "failed"
+    trainer: pl.Trainer | None = None
+    watch = SignalWatch().__enter__()
     try:
         record.update(config=OmegaConf.to_container(cfg, resolve=True), env=environment())
         if cfg.get("flags") is not None:  # as composed; replaced by the validated settings below
             record.update(flags=OmegaConf.to_container(cfg.flags, resolve=True))
         validate_config(cfg)
+        limits = DivergenceLimits.from_config(cfg.get("divergence"))
         flags, skipped = resolve_flags(cfg)
         flag_changes = apply_flags(cfg, flags)
         record.update(flags={**flags.settings(), "enabled": flags.enabled(), "skipped": skipped,
@@ -180,27 +184,35 @@ def run(cfg: DictConfig) -> float | None:
                       active_fraction=flags.active_fraction if flags.active_learning else None)
         loggers = build_loggers(cfg, identity)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-        trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False,
-                                          callbacks=callbacks + flag_callbacks)
+        lifecycle = Lifecycle(datamodule.vocab_size, limits)
+        trainer = watch.trainer = instantiate(cfg.trainer, logger=loggers or False,
+                                              callbacks=callbacks + flag_callbacks + [lifecycle])
+        record.update(**running_record())
+        record.write()  # a run killed from here on is seen as such by `bkexp report`
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        tokens_trained = task.tokens_seen  # before trainer.test loads the best checkpoint's counters
         metrics = _final_metrics(trainer, task, datamodule, quant, test=bool(cfg.get("test_after_fit")),
                                  test_final_weights=flags.pruning)
         record.update(quant=quant.describe(model))
-        record.update(metrics=metrics, steps=trainer.global_step, tokens={"train": task.tokens_seen},
+        record.update(metrics=metrics, steps=trainer.global_step, tokens={"train": tokens_trained},
                       backends=model.backends(), device=str(task.device))
         _record_callbacks(record, trainer)
         record.data["flags"]["effects"] = _flag_effects(flags, flag_effects, trainer, task, model, sample,
                                                         quant, record.data.get("backends", {}))
         status = "success"
-        record.update(status="ok")
+        record.update(status="ok", exit_code=0)
         return metrics.get("best/val_loss", metrics.get("val/loss"))
-    except Exception as exc:
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-        log.error("run failed: %s: %s", type(exc).__name__, exc)
-        if should_raise(cfg, identity):
+    except BaseException as exc:
+        outcome, fields = classify(exc, watch, trainer.global_step if trainer is not None else None)
+        record.update(status=outcome, **fields, traceback=traceback.format_exc())
+        log.error("run %s: %s", outcome, fields["error"])
+        if outcome == "interrupted":  # also in a multirun: the user (or the scheduler) stops the whole sweep
+            raise SystemExit(fields["exit_code"]) from exc
+        if should_raise(cfg, identity) or not isinstance(exc, Exception):
             raise
         return None
     finally:
+        watch.__exit__()
         record.update(wall_time_s=time.time() - started)
         if "peak_mb" not in record.data["memory"]:  # failed before training: the process peak so far
             record.update(memory={**record.data["memory"], "peak_mb": peak_memory_mb(torch.device("cpu"))})

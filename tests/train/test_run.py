@@ -80,12 +80,12 @@ def test_default_run_writes_a_complete_run_directory(train):
 
 
 def test_failed_run_still_writes_summary(train, tmp_path):
-    with pytest.raises(FloatingPointError, match="non-finite training loss"):
-        train(*TINY, *MQAR_TINY, "optimizer.lr=1e30", "trainer.gradient_clip_val=null", "scheduler=constant")
+    with pytest.raises(Exception, match="bogus"):
+        train(*TINY, *MQAR_TINY, "trainer.precision=bogus")
     (run_dir,) = list((tmp_path / "outputs").iterdir())
     summary = read_summary(run_dir)
-    assert summary["status"] == "failed"
-    assert summary["error"].startswith("FloatingPointError: non-finite training loss")
+    assert summary["status"] == "failed" and summary["exit_code"] == 1
+    assert "bogus" in summary["error"]
     assert summary["params"]["total"] > 0 and summary["wall_time_s"] > 0
     assert not list(run_dir.glob(".summary.json.*"))  # no temporary file left behind
 
@@ -121,26 +121,30 @@ def test_wikitext2_offline_without_data_dir_fails_fast_with_instructions(train):
         train(*TINY, "dataset=wikitext2")
 
 
-def test_multirun_sweep_reports_and_survives_a_failing_job(train):
-    sweep_dir = train(*TINY, *MQAR_TINY, "model.n_layers=1,2", "optimizer.lr=3e-3,1e30",
-                      "trainer.gradient_clip_val=null", "scheduler=constant", multirun=True)
+def test_multirun_sweep_reports_survives_a_failing_job_and_exits_non_zero(train, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:  # after every job ran and the report was written
+        train(*TINY, *MQAR_TINY, "model.n_layers=1,2", "optimizer.lr=3e-3,1e30",
+              "trainer.gradient_clip_val=null", "scheduler=constant", multirun=True)
+    assert exited.value.code == 1
+    assert "2 of 4 jobs did not end ok (2 diverged); exit status 1" in capsys.readouterr().out
+    (sweep_dir,) = list((tmp_path / "multirun").iterdir())
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "summary.json").exists())
     assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1", "2", "3"]
     assert jobs[0].name.startswith("0_compute_flops=False,") and len(jobs[0].name) <= 122  # cut + hashed
     statuses = {p.name: read_summary(p)["status"] for p in jobs}
-    assert sorted(statuses.values()) == ["failed", "failed", "ok", "ok"]
+    assert sorted(statuses.values()) == ["diverged", "diverged", "ok", "ok"]
     for job in jobs:
         summary = read_summary(job)
         assert summary["sweep"]["dir"] == str(sweep_dir.resolve())
         if "optimizer.lr=1e+30" in summary["overrides"] or "optimizer.lr=1e30" in summary["overrides"]:
-            assert summary["error"].startswith("FloatingPointError")
+            assert summary["error"].startswith("Diverged: ") and summary["exit_code"] == 1
         for name in (".hydra/config.yaml", "train.log", "summary.json"):
             assert (job / name).is_file()
     # The Hydra callback wrote the report at the end of the sweep.
     import pandas as pd
 
     table = pd.read_csv(sweep_dir / "summary.csv")
-    assert len(table) == 4 and sorted(table["status"]) == ["failed", "failed", "ok", "ok"]
+    assert len(table) == 4 and sorted(table["status"]) == ["diverged", "diverged", "ok", "ok"]
     markdown = (sweep_dir / "summary.md").read_text()
     assert "failed" in markdown and "transformer" in markdown
     assert (sweep_dir / "comparison.json").is_file()

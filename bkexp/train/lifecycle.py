@@ -1,0 +1,244 @@
+"""How a run ends and how it continues: signals, divergence, exit codes and the status in summary.json.
+
+Every run ends with one of four statuses, and the process exit code follows it:
+
+==============  =====================================================  ==========================
+status          when                                                   exit code (single run)
+==============  =====================================================  ==========================
+``ok``          training and evaluation finished                       0
+``failed``      an exception (the error is recorded)                   1 (Hydra reports the error)
+``diverged``    a non-finite or exploding loss (:class:`Diverged`)     1
+``interrupted`` SIGTERM (``timeout``, SLURM, ``kill``) or SIGINT       128 + signal (143, 130)
+==============  =====================================================  ==========================
+
+A run killed with SIGKILL cannot write anything; its summary.json stays ``running`` (written when training
+starts) and ``bkexp report`` shows it as interrupted at the step of its last checkpoint.
+
+SIGTERM is handled by Lightning: it sets ``trainer.received_sigterm`` and raises ``SIGTERMException`` (a
+``SystemExit`` with code 0) at the next batch boundary. SIGINT raises ``KeyboardInterrupt``, which Lightning
+turns into ``sys.exit(1)``. Neither says which signal it was, so :class:`SignalWatch` records the signal
+itself; :class:`Lifecycle` saves ``last.ckpt`` at the interrupted step so nothing trained is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+
+from bkexp.train.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+WATCHED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class RunStopped(Exception):
+    """A run that stopped before its end for a reason that has a status of its own."""
+
+    status = "failed"
+
+    def record(self) -> dict[str, Any]:
+        return {}
+
+
+class Diverged(RunStopped):
+    """The loss became non-finite, or stayed above ``ln(vocab) + margin``: training cannot recover."""
+
+    status = "diverged"
+
+    def __init__(self, metric: str, value: float, step: int, limit: float | None = None) -> None:
+        self.metric, self.value, self.step, self.limit = metric, float(value), int(step), limit
+        why = "is not finite" if not math.isfinite(self.value) else f"exceeds {limit:.4g} (ln(vocab) + margin)"
+        super().__init__(f"{metric}={self.value:.6g} at step {step} {why}")
+
+    def record(self) -> dict[str, Any]:
+        return {"step": self.step, "divergence": {"metric": self.metric, "value": self.value, "limit": self.limit}}
+
+
+class Interrupted(RunStopped):
+    """A signal stopped the run (raised by :class:`SignalWatch` outside ``trainer.fit``)."""
+
+    status = "interrupted"
+
+    def __init__(self, signum: int, step: int | None = None) -> None:
+        self.signum, self.step = signum, step
+        super().__init__(f"interrupted by {signal.Signals(signum).name}"
+                         + (f" at step {step}" if step is not None else ""))
+
+
+def exit_code(status: str, signum: int | None = None) -> int:
+    """The process exit code of a run that ended with ``status`` (shell convention 128 + n for signals)."""
+    if status == "ok":
+        return 0
+    if status == "interrupted" and signum is not None:
+        return 128 + int(signum)
+    return 1
+
+
+class SignalWatch:
+    """Records SIGTERM/SIGINT during a run, so the run's status can name the signal.
+
+    Inside ``trainer.fit``/``test`` Lightning composes its own SIGTERM handler with this one (it keeps handlers
+    that were installed before it) and stops at the next batch boundary; outside them (data setup, the
+    causality check) SIGTERM raises :class:`Interrupted` at once. SIGINT always raises ``KeyboardInterrupt``,
+    as Python does by default. The previous handlers are restored on exit.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.step: int | None = None
+        self.trainer: pl.Trainer | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:
+            self.signum = signum
+            self.step = self.trainer.global_step if self.trainer is not None else None
+            log.warning("received %s%s; stopping", signal.Signals(signum).name,
+                        f" at step {self.step}" if self.step is not None else "")
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if signal.getsignal(signum) is self._handle:  # Lightning's handler is not active: stop here
+            raise Interrupted(signum, self.step)
+
+    def __enter__(self) -> SignalWatch:
+        try:
+            for signum in WATCHED_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        except ValueError:  # not the main thread: signals cannot be handled here
+            self._previous = {}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def classify(exc: BaseException, watch: SignalWatch, step: int | None) -> tuple[str, dict[str, Any]]:
+    """The status and summary fields of a run that ended with ``exc``."""
+    signum = watch.signum
+    if signum is None and isinstance(exc, KeyboardInterrupt):
+        signum = int(signal.SIGINT)
+    if signum is not None:  # Lightning's SIGTERMException and sys.exit(1) after Ctrl-C land here too
+        name = signal.Signals(signum).name
+        return "interrupted", {"signal": name, "step": step, "error": f"interrupted by {name}",
+                               "exit_code": exit_code("interrupted", signum)}
+    if isinstance(exc, RunStopped):
+        return exc.status, {**exc.record(), "error": f"{type(exc).__name__}: {exc}", "exit_code": 1}
+    return "failed", {"error": f"{type(exc).__name__}: {exc}", "step": step, "exit_code": 1}
+
+
+def running_record() -> dict[str, Any]:
+    """Fields of the summary written when training starts: who runs it, so a report can tell a dead run."""
+    return {"status": "running", "pid": os.getpid(), "hostname": socket.gethostname()}
+
+
+# ------------------------------------------------------------------------------------------------ divergence
+
+
+@dataclass
+class DivergenceLimits:
+    """When a loss counts as diverged: non-finite at any step, or above ``ln(vocab) + margin``.
+
+    ``margin`` is in nats above uniform guessing; null disables the explosion test (non-finite losses are
+    always divergence). The training loss is judged from ``after_steps`` on and must stay above the limit for
+    ``patience`` consecutive steps (single batches spike). A validation loss only diverges when it is not
+    finite: above the limit it may be overfitting (confidently wrong on unseen data), which is a result.
+    """
+
+    margin: float | None = 3.0
+    after_steps: int = 50
+    patience: int = 10
+
+    @classmethod
+    def from_config(cls, node: Any) -> DivergenceLimits:
+        """From the ``divergence`` config node; unknown keys are an error that lists the valid ones."""
+        values = dict(node or {})
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"divergence.{unknown[0]} is not a setting; valid: {', '.join(cls.__dataclass_fields__)}")
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        if self.margin is not None and not (isinstance(self.margin, (int, float)) and self.margin > 0):
+            raise ConfigError(f"divergence.margin={self.margin!r} must be a positive number of nats or null")
+        for key in ("after_steps", "patience"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "patience" else 0):
+                raise ConfigError(f"divergence.{key}={value!r} must be an integer >= {1 if key == 'patience' else 0}")
+
+
+class Lifecycle(pl.Callback):
+    """Stops a diverging run, saves ``last.ckpt`` when a signal stops training, counts resumes.
+
+    It runs before ModelCheckpoint (Lightning orders checkpoint callbacks last), so a diverged state is never
+    written as ``last.ckpt`` or as a best checkpoint.
+    """
+
+    def __init__(self, vocab_size: int, limits: DivergenceLimits | None = None) -> None:
+        self.limits = limits or DivergenceLimits()
+        self.limit = math.log(vocab_size) + self.limits.margin if self.limits.margin is not None else None
+        self._above = 0
+        self.saved_on_interrupt: str | None = None
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        value = float(loss.detach())
+        step = trainer.global_step
+        if not math.isfinite(value):  # before backward: non-finite gradients never reach the weights
+            raise Diverged("train/loss", value, step)
+        if self.limit is None or step < self.limits.after_steps:
+            return
+        self._above = self._above + 1 if value > self.limit else 0
+        if self._above >= self.limits.patience:
+            raise Diverged("train/loss", value, step, self.limit)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get("val/loss")
+        if value is None:
+            return
+        value = float(value)
+        if not math.isfinite(value):  # a finite but high validation loss may be overfitting, not divergence
+            raise Diverged("val/loss", value, trainer.global_step)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        stopped_by_signal = isinstance(exception, (KeyboardInterrupt, SystemExit, Interrupted))
+        if stopped_by_signal and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            ckpt = trainer.checkpoint_callback
+            if isinstance(ckpt, ModelCheckpoint) and ckpt.dirpath and ckpt.save_last and trainer.global_step > 0:
+                path = str(Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}")
+                trainer.save_checkpoint(path)
+                self.saved_on_interrupt = path
+                log.info("saved %s at step %d", path, trainer.global_step)
+
+
+class FiniteModelCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that never ranks a checkpoint whose monitored metric is NaN or infinite as a best one.
+
+    Lightning replaces a NaN score by +inf and may still keep it while fewer than ``save_top_k`` exist.
+    """
+
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        current = monitor_candidates.get(self.monitor) if self.monitor else None
+        if current is not None and not torch.isfinite(torch.as_tensor(current)).all():
+            log.warning("%s=%s is not finite: no best checkpoint at step %d", self.monitor, float(current),
+                        trainer.global_step)
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
