@@ -53,6 +53,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--components-n", type=int, default=256, help="N of the components table (default 256)")
     p.add_argument("--components-batch", type=int, default=32, help="batch of the components table (default 32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", default="32", choices=["32", "bf16-mixed"],
+                   help="32: float32; bf16-mixed: bfloat16 autocast with float32 weights (flash SDPA on GPU)")
     p.add_argument("--override", action="append", default=[],
                    help="extra Hydra override applied to every model (repeatable), e.g. model/ffn=mlp")
     p.add_argument("--config-dir", type=Path, default=CONF_DIR, help="bkexp's conf/ tree")
@@ -70,6 +73,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         p.error("need every N >= 2, --tokens >= 1, --repeat >= 1 and --vocab >= 2")
     if args.baseline not in args.models:
         args.baseline = None
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
     return args
 
 
@@ -84,15 +90,21 @@ def build(name: str, args: argparse.Namespace, n: int) -> tuple[torch.nn.Module,
 
 
 def train_step_fn(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: int, n: int,
-                  vocab: int) -> Callable[[], float]:
-    """One optimizer step on random tokens (loss = next-token cross-entropy + auxiliary losses)."""
+                  vocab: int, precision: str = "32") -> Callable[[], float]:
+    """One optimizer step on random tokens (loss = next-token cross-entropy + auxiliary losses).
+
+    The returned float synchronises with the device, so a timed call covers the step's kernels.
+    """
+    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(n)
-    ids = torch.randint(0, vocab, (batch, n + 1), generator=gen)
+    ids = torch.randint(0, vocab, (batch, n + 1), generator=gen).to(device)
     inputs, labels = ids[:, :-1], ids[:, 1:]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        logits = model(inputs)
+        with autocast:
+            logits = model(inputs)
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
         aux = model.aux_losses() if hasattr(model, "aux_losses") else {}
         total = loss + sum(aux.values()) if aux else loss
@@ -103,16 +115,20 @@ def train_step_fn(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batc
     return step
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeat: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, calling them in turn (A, B, C, A, B, C, ...)."""
+def interleaved(fns: dict[Any, Callable[[], Any]], warmup: int, repeat: int,
+                device: torch.device = torch.device("cpu")) -> dict[Any, list[float]]:
+    """Seconds per call of each function, calling them in turn (A, B, C, A, B, C, ...); CUDA is synchronised."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[Any, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return times
 
@@ -126,10 +142,11 @@ def step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         fns, params = {}, {}
         for name in args.models:
             model, factory = build(name, args, n)
-            model.train()
-            fns[name] = train_step_fn(model, build_optimizer(factory, split_weight_decay(model)), batch, n, args.vocab)
+            model.to(args.device).train()
+            fns[name] = train_step_fn(model, build_optimizer(factory, split_weight_decay(model)), batch, n, args.vocab,
+                                      args.precision)
             params[name] = model.param_counts()["non_embedding"]
-        times = interleaved(fns, args.warmup, args.repeat)
+        times = interleaved(fns, args.warmup, args.repeat, args.device)
         for name, ts in times.items():
             median = statistics.median(ts)
             rows.append({"model": name, "n": n, "batch": batch, "step_ms": median * 1e3,
@@ -184,9 +201,10 @@ def component_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     references: dict[tuple[str, str], tuple[str, str]] = {}
     for name in args.models:
         model, _ = build(name, args, n)
+        model.to(args.device)
         block = model.blocks[0]
         d = model.d_model
-        x = torch.randn(batch, n, d)
+        x = torch.randn(batch, n, d, device=args.device)
         fns[(name, f"mixer ({type(block.mixer).__name__})")] = _fwd_bwd(block.mixer, x)
         shapes[(name, f"mixer ({type(block.mixer).__name__})")] = d
         if block.ffn is not None:
@@ -196,7 +214,7 @@ def component_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             experts = getattr(block.ffn, "experts", None)
             if experts is not None:  # a dense MLP with the MoE's active FLOPs: top_k experts' hidden width
                 hidden = experts[0].fc1.out_features * block.ffn.top_k
-                dense = MLP(d, expansion=hidden / d, bias=experts[0].fc1.bias is not None)
+                dense = MLP(d, expansion=hidden / d, bias=experts[0].fc1.bias is not None).to(args.device)
                 ref = (name, f"dense MLP, same active FLOPs ({hidden} hidden)")
                 fns[ref] = _fwd_bwd(dense, x)
                 shapes[ref] = d
@@ -220,7 +238,7 @@ def component_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 bk_module.bk_core = capture.fn
             fns[(name, "BK-Core op")] = _fwd_bwd(capture.fn, *capture.args, **capture.kwargs)
             shapes[(name, "BK-Core op")] = d
-    times = interleaved(fns, args.warmup, args.repeat)
+    times = interleaved(fns, args.warmup, args.repeat, args.device)
     medians = {key: statistics.median(ts) for key, ts in times.items()}
     rows = []
     for (model, component), median in medians.items():
@@ -240,7 +258,7 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     meta = {"environment": environment(), "size": args.size, "models": args.models, "tokens_per_step": args.tokens,
             "vocab": args.vocab, "repeat": args.repeat, "warmup": args.warmup, "overrides": args.override,
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "device": str(args.device), "precision": args.precision,
             "note": "median wall time of one optimizer step (forward, cross-entropy + aux losses, backward, "
                     "optimizer.step) per model, models interleaved per N; batch = tokens // N"}
     written = []
