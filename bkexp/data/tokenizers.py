@@ -5,6 +5,7 @@ Every tokenizer has the same small interface, used by :class:`bkexp.data.TextDat
 - ``fit(train_lines)``: build what depends on the training split (the word vocabulary); a no-op otherwise.
 - ``encode_lines(lines) -> LongTensor``: the whole split as one 1-D stream; each line ends with an
   end-of-line token (``<eos>`` for ``word``, the newline byte for ``byte``, ``"\\n"`` for pretrained BPE).
+- ``encode(text) -> list[int]``: free text (a prompt) as training would see it, without a final end-of-line.
 - ``decode(ids) -> str``, ``vocab_size``, ``name`` and ``describe() -> dict`` (recorded in summary.json).
 """
 
@@ -68,6 +69,16 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of free text (a prompt, an lm-eval context): its lines encoded as in training, without the
+        end-of-line token(s) training adds after the last line (the text decides whether it ends with one)."""
+        ids = self.encode_lines(text.split("\n")).tolist()
+        tail = self.encode_lines([""]).tolist()  # what an empty last line adds: the end-of-line token(s)
+        if ids[len(ids) - len(tail):] != tail:
+            raise ValueError(f"tokenizer {self.describe()} does not end the line {text.splitlines()[-1:]} with its "
+                             f"end-of-line tokens {tail}; it cannot encode this text as a prompt")
+        return ids[:len(ids) - len(tail)]
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "vocab_size": self.vocab_size}

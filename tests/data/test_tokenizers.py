@@ -95,3 +95,14 @@ def test_pretrained_tokenizer_offline_and_uncached_fails_clearly(tmp_path: Path,
         PretrainedTokenizer(name="gpt2")
     message = str(info.value)
     assert "'gpt2'" in message and "hub" in message and "tokenizer.path=" in message
+
+
+def test_encode_free_text_as_a_prompt() -> None:
+    """``encode(text)``: the lines as training encodes them, without the end-of-line after the last one."""
+    word = WordTokenizer()
+    word.fit(["the cat sat", "on the mat"])
+    assert word.encode("the cat\non") == word.encode_lines(["the cat", "on"]).tolist()[:-1] == [2, 3, 1, 5]
+    assert word.encode("the dog\n") == [2, 0, 1]  # a final newline is the <eos> it means; unknown word -> <unk>
+    byte = ByteTokenizer()
+    text = "ünï\ncödé "
+    assert byte.decode(byte.encode(text)) == text and byte.encode("") == []
