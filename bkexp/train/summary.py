@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -30,17 +31,23 @@ def _jsonable(value: Any) -> Any:
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
-    """The current commit (with ``-dirty`` when the tree has changes), or None outside a git checkout."""
+    """The current commit (with ``-dirty`` when the tree has changes), or None outside a git checkout.
+
+    Outside a checkout (a Docker image is built without .git) the commit the image was built from is read
+    from ``BKEXP_GIT_COMMIT`` (the Dockerfile's GIT_COMMIT build argument).
+    """
     cwd = cwd or Path(__file__).resolve().parent
+    baked = os.environ.get("BKEXP_GIT_COMMIT") or None
+    baked = None if baked == "unknown" else baked
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
-            return None
+            return baked
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
                                capture_output=True, text=True, timeout=10)
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return baked
 
 
 def environment(device: str | None = None) -> dict[str, Any]:
