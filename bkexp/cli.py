@@ -1,4 +1,4 @@
-"""The ``bkexp`` command: ``bench``, ``report``, ``eval-quant``, ``doctor`` (training is ``python train.py``).
+"""The ``bkexp`` command: ``bench``, ``report``, ``eval-quant``, ``prepare-data``, ``doctor`` (training is ``python train.py``).
 
 Each subcommand lives in its own module and is imported only when used, so ``bkexp report`` does not pay
 for importing the kernels and ``bkexp bench`` does not import the reporting stack.
@@ -14,13 +14,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bkexp.bench", "micro-benchmarks of ops and blocks (bkexp bench bk-core|mamba|...)"),
     "report": ("bkexp.report.cli", "aggregate run/sweep directories into summary.csv/.md, comparison.json, plots"),
     "eval-quant": ("bkexp.quant.cli", "evaluate a trained run at several weight bit widths"),
+    "prepare-data": ("bkexp.data.prepare", "tokenise a streamed dataset once into a token cache later runs reuse"),
     "doctor": ("bkexp.doctor", "print versions, devices and which kernel backends are available"),
 }
 
 
 def usage() -> str:
     lines = ["usage: bkexp <command> [args]", "", "commands:"]
-    lines += [f"  {name:<11} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<13} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     lines += ["", "Training: python train.py [hydra overrides], e.g. python train.py model=bk bits=8"]
     return "\n".join(lines)
 

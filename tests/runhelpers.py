@@ -36,7 +36,8 @@ def compose_train(overrides: list[str], output_dir: Path):
         return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
 
 
-TEXT_DATASETS = {"wikitext2", "wikitext103", "ptb", "text"}
+STREAMING_DATASETS = {"c4", "pile"}  # hub streams; offline they stream the same local files (tokenizer byte or gpt2)
+TEXT_DATASETS = {"wikitext2", "wikitext103", "ptb", "text"} | STREAMING_DATASETS
 
 
 def data_overrides(dataset: str, data_dir: Path) -> list[str]:

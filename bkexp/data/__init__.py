@@ -8,6 +8,7 @@ from bkexp.data.datamodule import (
     TextDataModule,
     TokenDataModule,
 )
+from bkexp.data.streaming import StreamingTextDataModule, StreamSource, TokenChunks, text_datamodule
 from bkexp.data.synthetic import IGNORE_INDEX, iid_tokens, mqar, split_seed
 from bkexp.data.tokenizers import ByteTokenizer, PretrainedTokenizer, Tokenizer, WordTokenizer
 
@@ -19,11 +20,15 @@ __all__ = [
     "IIDDataModule",
     "MQARDataModule",
     "PretrainedTokenizer",
+    "StreamSource",
+    "StreamingTextDataModule",
     "TextDataModule",
+    "TokenChunks",
     "TokenDataModule",
     "Tokenizer",
     "WordTokenizer",
     "iid_tokens",
     "mqar",
     "split_seed",
+    "text_datamodule",
 ]

@@ -19,9 +19,9 @@ LOCAL_WIKI = {"data_dir": str(WIKITEXT2_DIR), "files": {"train": "valid.txt", "v
 
 
 def compose(dataset: str, tokenizer: str = "word", **dataset_overrides) -> TokenDataModule:
-    """What the top-level config provides to conf/dataset/<dataset>.yaml: seq_len, seed and tokenizer."""
+    """What the top-level config provides to conf/dataset/<dataset>.yaml: seq_len, seed, tokenizer and paths."""
     root = OmegaConf.create({
-        "seq_len": 32, "seed": 0,
+        "seq_len": 32, "seed": 0, "paths": {"root_dir": "."},
         "tokenizer": OmegaConf.load(TOKENIZER_DIR / f"{tokenizer}.yaml"),
         "dataset": OmegaConf.load(DATASET_DIR / f"{dataset}.yaml"),
     })
