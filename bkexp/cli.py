@@ -1,4 +1,5 @@
-"""The ``bkexp`` command: ``bench``, ``report``, ``eval-quant``, ``prepare-data``, ``doctor`` (training is ``python train.py``).
+"""The ``bkexp`` command: ``bench``, ``report``, ``eval-quant``, ``prepare-data``, ``generate``, ``doctor`` (training
+is ``python train.py``).
 
 Each subcommand lives in its own module and is imported only when used, so ``bkexp report`` does not pay
 for importing the kernels and ``bkexp bench`` does not import the reporting stack.
@@ -15,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "report": ("bkexp.report.cli", "aggregate run/sweep directories into summary.csv/.md, comparison.json, plots"),
     "eval-quant": ("bkexp.quant.cli", "evaluate a trained run at several weight bit widths"),
     "prepare-data": ("bkexp.data.prepare", "tokenise a streamed dataset once into a token cache later runs reuse"),
+    "generate": ("bkexp.infer.cli", "continue a prompt with a trained run's model (incremental decoding)"),
     "doctor": ("bkexp.doctor", "print versions, devices and which kernel backends are available"),
 }
 
