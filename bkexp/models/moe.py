@@ -43,6 +43,8 @@ class MoEFeedForward(AuxLossModule):
     multiple, and a token's output is a bit-exact function of that token (``tests/models/test_moe.py``
     checks it at loads from 1 to 9 blocks). ``block_rows=None`` runs unpadded calls (equal up to round-off).
     Modules are called normally, so quantized, pruned or hooked expert ``nn.Linear`` layers behave as usual.
+    ``padding_flops()`` reports what the last forward spent on padding rows, so FLOP counts can show useful
+    work and padding apart.
     """
 
     def __init__(self, d_model: int, n_experts: int = 4, top_k: int = 1, expansion: float = 4.0,
@@ -67,6 +69,7 @@ class MoEFeedForward(AuxLossModule):
         self.experts = nn.ModuleList(MLP(d_model, expansion=expansion, bias=bias) for _ in range(n_experts))
         self.aux_loss: Tensor | None = None
         self.router_stats: dict[str, Tensor] = {}
+        self.padding_rows = 0  # zero rows the last forward ran through the experts (block padding)
 
     def route(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Router probabilities ``(T, E)`` (float32 or float64), top-k gates ``(T, k)`` and expert ids ``(T, k)``."""
@@ -102,6 +105,11 @@ class MoEFeedForward(AuxLossModule):
         assign_of_slot[slot_sorted] = order
         return slot_of, assign_of_slot, pad, rows_list, counts
 
+    def padding_flops(self) -> float:
+        """Forward FLOPs the last call spent on zero padding rows (2 x multiply-adds of an expert per row)."""
+        per_row = sum(p.numel() for p in self.experts[0].parameters() if p.ndim == 2)
+        return 2.0 * per_row * self.padding_rows
+
     def forward(self, x: Tensor) -> Tensor:
         return self._forward(x, self.block_rows)
 
@@ -121,6 +129,7 @@ class MoEFeedForward(AuxLossModule):
         n_tokens = flat.shape[0]
         probs, gate, expert_idx = self.route(flat)
         slot_of, assign_of_slot, pad, rows, counts = self.layout(expert_idx, block_rows)
+        self.padding_rows = sum(stop - start for start, stop in pad)
         token_of_slot = assign_of_slot if self.top_k == 1 else assign_of_slot // self.top_k
 
         buffer = _Dispatch.apply(flat, token_of_slot, pad, slot_of, self.top_k)

@@ -7,6 +7,12 @@ FLOPs = 2 x multiply-adds), so the model runs normally; ops outside PyTorch repo
 through ``Mixer.core_flops`` (e.g. the selective scan's 9 x B x L x D x N of mamba_ssm's reference).
 The training step is measured (forward + backward under the counter), not estimated; custom-op backward
 is counted as 2 x its forward. Elementwise ops and norms are not counted, as in fvcore and the papers.
+
+Counted on a training batch, and useful work apart from padding: a module that pads its inputs to fixed
+shapes (the MoE's 128-row expert blocks) reports the FLOPs it spent on padding rows through
+``padding_flops()``; ``forward_per_token`` and ``train_step_per_token`` exclude them (so models compare on
+the work their architecture needs), ``padding_*_per_token`` says what the padding cost on this batch.
+Counting on one short sequence would make padding dominate (a few tokens per expert in a 128-row block).
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ def _sdpa_cpu_backward_flop(grad_out_shape, query_shape, key_shape, value_shape,
 
 
 class _CustomOpCounter:
-    """Forward hooks that add ``core_flops(batch, seq)`` for the shape each module actually saw.
+    """Forward hooks that add ``core_flops(batch, seq)`` for the shape each module actually saw, and each
+    padding module's ``padding_flops()`` of that call.
 
     Counting per call (not per model and nominal length) keeps the count right when a layer runs at another
     resolution (multi-scale middle layers) or is called several times.
@@ -44,11 +51,16 @@ class _CustomOpCounter:
 
     def __init__(self, model: nn.Module) -> None:
         self.flops = 0.0
-        self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if hasattr(m, "core_flops")]
+        self.padding = 0.0
+        self.handles = [m.register_forward_hook(self._hook) for m in model.modules()
+                        if hasattr(m, "core_flops") or hasattr(m, "padding_flops")]
 
     def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        batch, seq = args[0].shape[:2]
-        self.flops += float(module.core_flops(batch, seq))
+        if hasattr(module, "core_flops"):
+            batch, seq = args[0].shape[:2]
+            self.flops += float(module.core_flops(batch, seq))
+        if hasattr(module, "padding_flops"):
+            self.padding += float(module.padding_flops())
 
     def close(self) -> None:
         for handle in self.handles:
@@ -56,22 +68,35 @@ class _CustomOpCounter:
 
 
 def count_flops(model: nn.Module, input_ids: Tensor) -> dict[str, Any]:
-    """Forward and training-step FLOPs per token of ``model`` on one sequence of ``input_ids``."""
+    """Forward and training-step FLOPs per token of ``model`` on the batch ``input_ids`` (pass a training batch).
+
+    ``forward_per_token`` / ``train_step_per_token``: useful FLOPs (padding excluded);
+    ``padding_forward_per_token`` / ``padding_train_step_per_token``: what padding rows cost on this batch
+    (their backward is 2 x forward, like any matmul); ``forward_by_op``: per-op totals as executed.
+    """
     probe = copy.deepcopy(model).to("cpu", torch.float32).train()
-    x = input_ids[:1].detach().cpu()
+    x = input_ids.detach().cpu()
+    if x.ndim == 1:
+        x = x.unsqueeze(0)
     tokens = x.numel()
-    custom_counter = _CustomOpCounter(probe)
+    counter = _CustomOpCounter(probe)
     with FlopCounterMode(display=False) as forward_counter, torch.no_grad():
         probe(x)
-    custom_counter.close()
-    custom = custom_counter.flops
+    custom, padding = counter.flops, counter.padding
+    counter.flops = counter.padding = 0.0
     with FlopCounterMode(display=False) as step_counter:
         probe(x).float().logsumexp(-1).sum().backward()
+    step_padding = counter.padding  # the step's own forward may route differently from the first (training mode)
+    counter.close()
     by_op = {str(op): int(n) for op, n in forward_counter.get_flop_counts().get("Global", {}).items()}
     return {
-        "forward_per_token": (forward_counter.get_total_flops() + custom) / tokens,
-        "train_step_per_token": (step_counter.get_total_flops() + 3 * custom) / tokens,
+        "forward_per_token": (forward_counter.get_total_flops() - padding + custom) / tokens,
+        "train_step_per_token": (step_counter.get_total_flops() - 3 * step_padding + 3 * custom) / tokens,
         "custom_ops_forward_per_token": custom / tokens,
+        "padding_forward_per_token": padding / tokens,
+        "padding_train_step_per_token": 3 * step_padding / tokens,
+        "batch_shape": list(x.shape),
         "forward_by_op": by_op,
-        "method": "torch FlopCounterMode (matmul/conv/sdpa) + Mixer.core_flops; elementwise ops not counted",
+        "method": "torch FlopCounterMode (matmul/conv/sdpa) + Mixer.core_flops, on a training batch; padding "
+                  "rows reported apart (padding_*); elementwise ops not counted",
     }

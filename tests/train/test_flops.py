@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bkexp.models import MLP, LanguageModel
+from bkexp.models.moe import MoEFeedForward
 from bkexp.models.mixers import AttentionMixer, BKMixer, MambaMixer
 from bkexp.train.flops import count_flops
 
@@ -38,3 +39,27 @@ def test_custom_op_flops_are_added(mixer, per_token):
     flops = count_flops(lm, torch.randint(0, V, (1, N)))
     assert flops["custom_ops_forward_per_token"] == pytest.approx(per_token)
     assert flops["forward_per_token"] > per_token
+
+
+def test_moe_padding_is_reported_apart_from_useful_flops():
+    """The MoE's zero-padded 128-row expert blocks do not count as the model's FLOPs: useful FLOPs equal those
+    of the same experts called without padding, and the padding is the padded rows' matmuls."""
+    batch, hidden = 2, int(1.5 * D)
+    lm = LanguageModel(V, D, 1, mixer=functools.partial(AttentionMixer, n_heads=2),
+                       ffn=functools.partial(MoEFeedForward, n_experts=4, expansion=1.5, block_rows=128))
+    x = torch.randint(0, V, (batch, N))
+    padded = count_flops(lm, x)
+    lm(x)  # same weights, same routing as the probe: which experts got tokens
+    used = int((lm.blocks[0].ffn.router_stats["fraction"] > 0).sum())
+    wasted_rows = 128 * used - batch * N  # top-1, fewer than 128 tokens: one block per used expert
+    assert padded["padding_forward_per_token"] * batch * N == pytest.approx(2 * 2 * D * hidden * wasted_rows)
+    assert padded["padding_train_step_per_token"] == pytest.approx(3 * padded["padding_forward_per_token"])
+    assert padded["batch_shape"] == [batch, N]
+
+    for module in lm.modules():
+        if isinstance(module, MoEFeedForward):
+            module.block_rows = None  # one call per expert: nothing padded
+    exact = count_flops(lm, x)
+    assert exact["padding_forward_per_token"] == 0
+    assert padded["forward_per_token"] == pytest.approx(exact["forward_per_token"], rel=1e-12)
+    assert padded["train_step_per_token"] == pytest.approx(exact["train_step_per_token"], rel=1e-12)
