@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullLocator
+from matplotlib.axis import Axis
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
 
 from bkexp.report.collect import ROW_KEY, RunSet, display, point_label, sort_key
 from bkexp.report.tables import Metric, cells
@@ -21,6 +22,11 @@ from bkexp.report.tables import Metric, cells
 # Report-owned PNG names; a re-run deletes its own stale ones and nothing else in plots/.
 PLOT_PREFIXES = ("metric_", "speedup_", "curves_")
 CURVE_METRICS = ("train/loss", "val/loss")
+# A curve with at most this many points gets a marker on each (a line alone hides how few points there are).
+MARKER_MAX_POINTS = 30
+# Below this max/min ratio a log axis has no room for tick labels and shows nothing a linear one would not.
+LOG_MIN_RATIO = 3.0
+MIN_LABELLED_TICKS = 3
 
 
 def slug(text: str) -> str:
@@ -45,6 +51,41 @@ def save_figure(fig: Figure, path: Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def tick_label(value: float, _pos: Any = None) -> str:
+    """Short tick text: 300, 2k, 1.5M, 2e-05."""
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if magnitude >= threshold:
+            return f"{value / threshold:.4g}{suffix}"
+    return f"{value:.3g}"
+
+
+def set_value_scale(axis: Axis, values: Sequence[float], log: bool) -> str:
+    """A readable value axis for ``values``: log only over a wide, positive range, with at least three labelled
+    ticks (1-2-5 or 1..9 per decade when the range is narrow); linear otherwise. Returns the scale used."""
+    finite = [float(v) for v in values if v is not None and np.isfinite(v)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
+    set_scale = axis.axes.set_yscale if axis is axis.axes.yaxis else axis.axes.set_xscale
+    if not log or lo <= 0 or hi / lo < LOG_MIN_RATIO:
+        set_scale("linear")
+        axis.set_major_locator(MaxNLocator(nbins=6))
+        axis.set_major_formatter(FuncFormatter(tick_label))
+        return "linear"
+    set_scale("log")
+    ticks: list[float] = []
+    for subs in ((1.0,), (1.0, 2.0, 5.0), tuple(float(i) for i in range(1, 10))):
+        candidates = LogLocator(base=10, subs=subs, numticks=100).tick_values(lo, hi)
+        ticks = [t for t in candidates if lo / 1.05 <= t <= hi * 1.05]
+        if len(ticks) >= MIN_LABELLED_TICKS:
+            break
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(FuncFormatter(tick_label))
+    axis.set_minor_formatter(NullFormatter())
+    return "log"
 
 
 def _x_key(runs: RunSet) -> str | None:
@@ -118,14 +159,15 @@ def plot_metric(runs: RunSet, metric: Metric, out_dir: Path) -> Path | None:
         length_axis = is_length_key(x_key) and numeric_x and all(float(v) > 0 for v in xs_all)
         if length_axis:
             ax.set_xscale("log", base=2)
-            if metric.scale_like_length and all_values and all(v > 0 for v in all_values):
-                ax.set_yscale("log")
+        set_value_scale(ax.yaxis, all_values, log=length_axis and metric.scale_like_length)
         ax.set_xticks([position[v] for v in xs_all])
         ax.set_xticklabels([display(v) for v in xs_all])
         if length_axis:
             ax.xaxis.set_minor_locator(NullLocator())  # only the swept lengths as x ticks, not 2^k minor marks
         ax.set_xlabel(x_key)
         name = f"metric_{slug(metric.name)}_vs_{slug(x_key)}.png"
+    if metric.from_zero:  # a size: a 1% difference must look like 1%
+        ax.set_ylim(bottom=0)
     ax.set_ylabel(metric.label)
     title = metric.label + (f" ({metric.better} is better)" if metric.better else "")
     ax.set_title(title)
@@ -229,7 +271,7 @@ def plot_curves(runs: RunSet, out_dir: Path) -> list[Path]:
                 label = f"{row[ROW_KEY]} seed={display(row.get('seed'))}"
                 label += "" if row["status"] == "ok" else " (failed)"
                 ax.plot(c[x_column], c["value"], linestyle=styles[row.get("seed")], color=colors[str(row[ROW_KEY])],
-                        marker="o" if len(c) < 3 else None, label=label)
+                        marker="o" if len(c) <= MARKER_MAX_POINTS else None, markersize=3, label=label)
             ax.set_xlabel(x_label)
             ax.set_ylabel(metric)
             ax.set_title(metric)

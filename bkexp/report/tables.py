@@ -23,6 +23,7 @@ class Metric:
     label: str
     better: str | None  # "lower", "higher" or None
     scale_like_length: bool  # time/memory/compute: plotted log-log against a length axis
+    from_zero: bool = False  # sizes (parameters): the value axis starts at zero so differences keep their scale
 
 
 METRICS: tuple[Metric, ...] = (
@@ -35,7 +36,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("peak_mb", "memory.peak_mb", "peak memory (MB)", "lower", True),
     Metric("flops_forward_per_token", "flops.forward_per_token", "forward FLOPs per token", None, True),
     Metric("flops_train_step_per_token", "flops.train_step_per_token", "train-step FLOPs per token", None, True),
-    Metric("params_non_embedding", "params.non_embedding", "parameters (non-embedding)", None, False),
+    Metric("params_non_embedding", "params.non_embedding", "parameters (non-embedding)", None, False, True),
 )
 METRICS_BY_NAME = {m.name: m for m in METRICS}
 
