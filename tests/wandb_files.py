@@ -43,18 +43,34 @@ def records(path: Path) -> list[Any]:
 
 
 def run_info(path: Path) -> dict[str, Any]:
-    """Group, name, config and final summary that an offline W&B run recorded."""
-    info: dict[str, Any] = {"group": None, "name": None, "config": {}, "summary": {}}
+    """Group, name, job type, tags, config, history rows and final summary that an offline W&B run recorded."""
+    info: dict[str, Any] = {"group": None, "name": None, "job_type": None, "tags": [], "config": {}, "summary": {},
+                            "history": []}
     for record in records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             info["group"], info["name"] = record.run.run_group, record.run.display_name
+            info["job_type"], info["tags"] = record.run.job_type, list(record.run.tags)
             for item in record.run.config.update:
                 info["config"][item.key] = json.loads(item.value_json)
         elif kind == "config":
             for item in record.config.update:
                 info["config"][item.key] = json.loads(item.value_json)
+        elif kind == "history":
+            info["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                    for item in record.history.item})
         elif kind == "summary":
             for item in record.summary.update:
                 info["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return info
+
+
+def flat_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """Nested summary values ({"throughput": {"train_tokens_per_sec": x}}) as W&B shows them: dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in summary.items():
+        if isinstance(value, dict) and not value.get("_type"):
+            out.update({f"{key}.{k}": v for k, v in flat_summary(value).items()})
+        else:
+            out[key] = value
+    return out

@@ -40,8 +40,12 @@ class ReportCallback(Callback):
         self.wandb_group = wandb_group
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
-            sweep_dir = Path(str(config.hydra.sweep.dir))
+            self._write_tensorboard_experiment(sweep_dir)
+        except Exception:
+            log.exception("writing the sweep's TensorBoard HParams summary failed")
+        try:
             from bkexp.report.cli import write_report
 
             report = write_report([sweep_dir], sweep_dir, baseline=self.baseline, metrics=self.metrics,
@@ -55,6 +59,30 @@ class ReportCallback(Callback):
                 self._log_wandb(config, sweep_dir, report)
         except Exception:
             log.exception("logging the sweep report to W&B failed (the report files are written)")
+
+    @staticmethod
+    def _summaries(sweep_dir: Path) -> list[dict[str, Any]]:
+        from bkexp.report.collect import find_run_dirs, load_summary
+
+        return [load_summary(p) for p in find_run_dirs(sweep_dir)[0]]
+
+    def _write_tensorboard_experiment(self, sweep_dir: Path) -> None:
+        """The sweep's one HParams experiment summary (TensorBoard shows a single one per log directory)."""
+        from bkexp.train.loggers import write_sweep_experiment
+
+        path = write_sweep_experiment(sweep_dir, self._summaries(sweep_dir))
+        if path is not None:
+            log.info("TensorBoard HParams summary of the sweep -> %s", path)
+
+    def _group(self, sweep_dir: Path) -> str:
+        """The W&B group the sweep's jobs used (from their summary.json), else the one they would have used."""
+        for summary in self._summaries(sweep_dir):
+            group = ((summary.get("dashboards") or {}).get("wandb") or {}).get("group")
+            if group:
+                return str(group)
+        from bkexp.train.loggers import sweep_group
+
+        return sweep_group(sweep_dir)
 
     def _want_wandb(self, sweep_dir: Path) -> bool:
         if self.log_to_wandb is False:
@@ -90,7 +118,7 @@ class ReportCallback(Callback):
         run = wandb.init(
             project=self._project(config),
             entity=self.wandb_entity,
-            group=self.wandb_group or sweep_dir.name,  # the group the sweep's job runs share
+            group=self.wandb_group or self._group(sweep_dir),  # the group the sweep's job runs share
             name="report",
             job_type="report",
             dir=str(sweep_dir),

@@ -14,7 +14,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,9 +35,9 @@ from bkexp.train.flags import (
     weight_sparsity,
 )
 from bkexp.train.lifecycle import DivergenceLimits, Lifecycle, SignalWatch, classify, running_record
+from bkexp.train.loggers import build_loggers, finish_loggers
 from bkexp.train.module import LMTask
 from bkexp.train.summary import RunRecord, environment
-from bkexp.utils import flatten
 
 log = logging.getLogger(__name__)
 
@@ -54,53 +54,6 @@ def job_identity() -> dict[str, Any]:
                  "override_dirname": hydra_cfg.job.override_dirname}
     return {"overrides": list(hydra_cfg.overrides.task), "override_dirname": hydra_cfg.job.override_dirname,
             "sweep": sweep, "multirun": multirun}
-
-
-def build_loggers(cfg: DictConfig, identity: dict[str, Any]) -> list[Logger]:
-    """Instantiate ``cfg.logger``; W&B gets a readable name, the sweep as group, and the flat config."""
-    loggers: list[Logger] = []
-    for name, logger_cfg in (cfg.get("logger") or {}).items():
-        if logger_cfg is None:
-            continue
-        kwargs: dict[str, Any] = {}
-        if logger_cfg.get("_target_", "").endswith("WandbLogger"):
-            sweep = identity["sweep"]
-            if logger_cfg.get("name") is None:
-                kwargs["name"] = identity["override_dirname"] or "default"
-            if logger_cfg.get("group") is None and sweep:
-                kwargs["group"] = Path(sweep["dir"]).name
-        logger = instantiate(logger_cfg, **kwargs)
-        if isinstance(logger, WandbLogger):
-            # Flat keys ("model.name", "seq_len", "bits") let the dashboard group and filter runs.
-            logger.experiment.config.update(flatten(OmegaConf.to_container(cfg, resolve=True)),
-                                            allow_val_change=True)
-            logger.experiment.define_metric("val/ppl", summary="min")
-        loggers.append(logger)
-        log.info("logger %s -> %s", name, type(loggers[-1]).__name__)
-    return loggers
-
-
-def finish_loggers(loggers: list[Logger], status: str, summary: dict[str, Any]) -> None:
-    """Final metrics to TensorBoard HParams and W&B summary; always close W&B so sweep runs never merge."""
-    metrics = {k: v for k, v in summary.get("metrics", {}).items()
-               if isinstance(v, (int, float)) and math.isfinite(v)}
-    for logger in loggers:
-        try:
-            if isinstance(logger, TensorBoardLogger) and metrics:
-                hparams = flatten({k: summary.get(k) for k in ("model", "dataset", "seq_len", "bits", "seed")})
-                hparams["params.non_embedding"] = summary.get("params", {}).get("non_embedding")
-                logger.log_hyperparams(hparams, {f"hparams/{k}": v for k, v in metrics.items()})
-            if isinstance(logger, WandbLogger) and logger._experiment is not None:
-                for key, value in metrics.items():
-                    logger.experiment.summary[key] = value
-                logger.experiment.summary["status"] = status
-            logger.finalize(status if status in {"success", "failed"} else "success")
-        except Exception:  # closing one logger must not hide the run's own result
-            log.exception("could not finalise logger %s", type(logger).__name__)
-        if isinstance(logger, WandbLogger):
-            import wandb
-
-            wandb.finish(exit_code=0 if status == "success" else 1)
 
 
 def should_raise(cfg: DictConfig, identity: dict[str, Any]) -> bool:
@@ -126,7 +79,6 @@ def run(cfg: DictConfig) -> float | None:
         overrides=identity["overrides"], sweep=identity["sweep"], metrics={},
     )
     loggers: list[Logger] = []
-    status = "failed"
     trainer: pl.Trainer | None = None
     watch = SignalWatch().__enter__()
     try:
@@ -182,7 +134,8 @@ def run(cfg: DictConfig) -> float | None:
         task = LMTask(model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler),
                       vocab_size=datamodule.vocab_size, log_accuracy=datamodule.has_answer_mask,
                       active_fraction=flags.active_fraction if flags.active_learning else None)
-        loggers = build_loggers(cfg, identity)
+        loggers, dashboards = build_loggers(cfg, identity)
+        record.update(dashboards=dashboards)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         lifecycle = Lifecycle(datamodule.vocab_size, limits)
         trainer = watch.trainer = instantiate(cfg.trainer, logger=loggers or False,
@@ -199,7 +152,6 @@ def run(cfg: DictConfig) -> float | None:
         _record_callbacks(record, trainer)
         record.data["flags"]["effects"] = _flag_effects(flags, flag_effects, trainer, task, model, sample,
                                                         quant, record.data.get("backends", {}))
-        status = "success"
         record.update(status="ok", exit_code=0)
         return metrics.get("best/val_loss", metrics.get("val/loss"))
     except BaseException as exc:
@@ -220,7 +172,10 @@ def run(cfg: DictConfig) -> float | None:
             path = record.write()
             log.info("run %s: results in %s", record.data["status"], path.parent)
             print(f"[bkexp] run {record.data['status']}; results in {path.parent}", flush=True)
-        finish_loggers(loggers, status, record.data)
+        if loggers:
+            finish_loggers(loggers, record.data)  # the same numbers as summary.json; records where they went
+            if rank_zero_only.rank == 0:
+                record.write()
 
 
 def _count_flops(model: torch.nn.Module, sample: torch.Tensor) -> dict[str, Any]:

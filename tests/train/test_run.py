@@ -66,7 +66,9 @@ def test_default_run_writes_a_complete_run_directory(train):
                     sessions.append(data.session_start_info.hparams)
     assert len(sessions) == 1 and sessions[0]["model"].string_value == "transformer"
     assert sessions[0]["seq_len"].number_value == 32
-    assert "hparams/test/ppl" in tags
+    # Run-level numbers under the report's names, in one "summary" category; no Lightning epoch chart.
+    assert tags >= {"summary/best/val_ppl", "summary/throughput.train_tokens_per_sec", "summary/memory.peak_mb"}
+    assert "epoch" not in tags and not any(t.startswith("hparams/") for t in tags)
 
     # W&B offline run: config and summary on disk.
     offline = list((run_dir / "wandb").glob("offline-run-*"))
@@ -74,9 +76,11 @@ def test_default_run_writes_a_complete_run_directory(train):
     (run_file,) = offline[0].glob("run-*.wandb")
     info = wandb_files.run_info(run_file)
     assert info["config"]["model.name"] == "transformer" and info["config"]["seq_len"] == 32
-    assert "paths.root_dir" not in info["name"] and "model.d_model=32" in info["name"]
-    assert info["summary"]["val/ppl"] == pytest.approx(metrics["val/ppl"], rel=1e-4)
-    assert info["summary"]["status"] == "success"
+    assert "paths.root_dir" not in info["name"] and info["name"].startswith("transformer · ")
+    assert "model.d_model=32" in info["name"] and info["job_type"] == "train" and info["group"] == ""
+    assert info["summary"]["test/ppl"] == pytest.approx(metrics["test/ppl"], rel=1e-4)
+    assert info["summary"]["throughput"]["train_tokens_per_sec"] == summary["throughput"]["train_tokens_per_sec"]
+    assert info["summary"]["status"] == "ok"
 
 
 def test_failed_run_still_writes_summary(train, tmp_path):
