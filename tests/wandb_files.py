@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +43,31 @@ def records(path: Path) -> list[Any]:
     return out
 
 
+def closed_records(path: Path, timeout: float = 60.0) -> list[Any]:
+    """The records of a finished run: W&B's service writes the file after ``finish()`` returns, so wait for the
+    closing ``exit`` record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = records(path) if Path(path).stat().st_size > HEADER else []
+        if any(r.WhichOneof("record_type") == "exit" for r in out) or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
 def run_info(path: Path) -> dict[str, Any]:
     """Group, name, job type, tags, config, history rows and final summary that an offline W&B run recorded."""
     info: dict[str, Any] = {"group": None, "name": None, "job_type": None, "tags": [], "config": {}, "summary": {},
                             "history": []}
-    for record in records(path):
+    for record in closed_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             info["group"], info["name"] = record.run.run_group, record.run.display_name
             info["job_type"], info["tags"] = record.run.job_type, list(record.run.tags)
             for item in record.run.config.update:
-                info["config"][item.key] = json.loads(item.value_json)
+                info["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         elif kind == "config":
             for item in record.config.update:
-                info["config"][item.key] = json.loads(item.value_json)
+                info["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         elif kind == "history":
             info["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                                     for item in record.history.item})

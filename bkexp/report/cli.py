@@ -8,7 +8,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ class Report:
     n_runs: int
     n_failed: int
     comparison: dict[str, Any]
+    runs: Any = None  # the collect.RunSet the report was made from
+    metrics: list[Any] = field(default_factory=list)  # the tables.Metric reported
 
     @property
     def files(self) -> list[Path]:
@@ -78,7 +80,8 @@ def write_report(dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike |
 
         written_plots = write_plots(runs, chosen, comparison_result, out / "plots")
     return Report(out_dir=out, summary_csv=csv_path, summary_md=md_path, comparison_json=json_path,
-                  plots=written_plots, n_runs=len(runs.frame), n_failed=runs.n_failed, comparison=comparison_result)
+                  plots=written_plots, n_runs=len(runs.frame), n_failed=runs.n_failed, comparison=comparison_result,
+                  runs=runs, metrics=chosen)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +99,39 @@ def build_parser() -> argparse.ArgumentParser:
                         help="report only these metrics (repeatable): an alias such as val_ppl, test_ppl, "
                              "train_tokens_per_sec, peak_mb, or a summary column such as metrics.val/acc")
     parser.add_argument("--no-plots", action="store_true", help="write the tables only")
+    parser.add_argument("--wandb-workspace", action="store_true",
+                        help="also save a W&B workspace view of the sweep (needs wandb-workspaces and a W&B server: "
+                             "wandb login, runs uploaded with wandb sync)")
+    parser.add_argument("--wandb-entity", default=os.environ.get("WANDB_ENTITY"),
+                        help="W&B entity of the workspace (default: $WANDB_ENTITY)")
+    parser.add_argument("--wandb-project", default=None,
+                        help="W&B project of the workspace (default: the project the runs logged to)")
     return parser
+
+
+def save_wandb_workspace(report: Report, entity: str | None, project: str | None) -> str:
+    """Build and save the sweep's W&B workspace view; returns its URL. Errors name what is missing."""
+    try:
+        from bkexp.report.wandb_view import build_workspace
+        import wandb_workspaces  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"--wandb-workspace needs wandb-workspaces: pip install 'bkexp[wandb]' ({exc})") from exc
+    from bkexp.report.collect import find_run_dirs, load_summary
+
+    groups, projects = set(), set()
+    for path in find_run_dirs(report.out_dir)[0]:
+        wandb = ((load_summary(path).get("dashboards") or {}).get("wandb")) or {}
+        if wandb.get("group"):
+            groups.add(str(wandb["group"]))
+            projects.add(str(wandb.get("project")))
+    if len(groups) != 1:
+        raise ValueError(f"--wandb-workspace needs runs of one W&B group under {report.out_dir}; found "
+                         f"{sorted(groups) or 'none (were the runs trained with logger=wandb in a multirun?)'}")
+    if not entity:
+        raise ValueError("--wandb-workspace needs --wandb-entity (or WANDB_ENTITY)")
+    workspace = build_workspace(entity, project or projects.pop(), groups.pop())
+    workspace.save()
+    return str(workspace.url)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,6 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bkexp report: error: {exc}", file=sys.stderr)
         return 2
     print(f"bkexp report: {report.n_runs} runs ({report.n_runs - report.n_failed} ok, {report.n_failed} failed)")
+    if args.wandb_workspace:
+        try:
+            print(f"bkexp report: W&B workspace saved: {save_wandb_workspace(report, args.wandb_entity, args.wandb_project)}")
+        except ValueError as exc:
+            print(f"bkexp report: error: {exc}", file=sys.stderr)
+            return 2
     if "skipped" in report.comparison:
         print(f"bkexp report: comparison skipped: {report.comparison['skipped']}; choose one with --baseline")
     for path in report.files:

@@ -107,7 +107,6 @@ class ReportCallback(Callback):
         return DEFAULT_WANDB_PROJECT
 
     def _log_wandb(self, config: DictConfig, sweep_dir: Path, report: Any) -> None:
-        import pandas as pd
         import wandb
 
         if wandb.run is not None:
@@ -126,20 +125,9 @@ class ReportCallback(Callback):
             config={"baseline": self.baseline, "sweep_dir": str(sweep_dir.resolve())},
         )
         try:
-            summary = pd.read_csv(report.summary_csv)
-            payload: dict[str, Any] = {"report/summary": wandb.Table(dataframe=summary, allow_mixed_types=True)}
-            rows = [
-                [point["label"], model, stats["n_ok"], stats["speedup"], stats["memory_ratio"], stats["ppl_ratio"]]
-                for point in report.comparison.get("points", [])
-                for model, stats in point.get("models", {}).items()
-            ]
-            if rows:
-                payload["report/comparison"] = wandb.Table(
-                    columns=["point", "model", "n_ok", "speedup", "memory_ratio", "ppl_ratio"], data=rows,
-                    allow_mixed_types=True)
-            for path in report.plots:
-                payload[f"report/plots/{path.stem}"] = wandb.Image(str(path))
-            run.log(payload)
+            from bkexp.report.wandb_view import log_report
+
+            log_report(run, report.runs, report.metrics, report.summary_csv, report.comparison, report.plots)
             run.summary["report/n_runs"] = report.n_runs
             run.summary["report/n_failed"] = report.n_failed
         finally:

@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 from bkexp.report.cli import main as report_main
 from bkexp.report.cli import write_report
 from bkexp.report.hydra_callback import ReportCallback
+from bkexp.train.loggers import sweep_group
+import wandb_files
 
 MODELS = ("bk", "transformer")
 SEQ_LENS = (128, 256)
@@ -308,6 +310,43 @@ def test_hydra_callback_writes_report_and_offline_wandb_table(sweep: Path, tmp_p
     assert len(logged["data"]) == 9 and "model" in logged["columns"] and "metrics.val/ppl" in logged["columns"]
     assert list((run_dir / "files").rglob("*.png"))
     assert wandb.run is None and job_run.settings.run_id not in run_dir.name
+    # Each reported metric: a long table (one row per successful run) and a line plot of it per model.
+    (metric_table,) = [t for t in tables if t.parent.name == "table" and t.name.startswith("val_ppl_")]
+    logged = json.loads(metric_table.read_text())
+    assert logged["columns"] == ["model", "seq_len", "seed", "val_ppl"] and len(logged["data"]) == 8
+    expected = {(m, n, s): measured(m, n, s)["val_ppl"] for m in MODELS for n in SEQ_LENS for s in SEEDS}
+    assert {(m, n, s): v for m, n, s, v in logged["data"]} == pytest.approx(expected)
+    info = wandb_files.run_info(next(run_dir.glob("run-*.wandb")))
+    assert info["job_type"] == "report" and info["group"] == sweep_group(sweep)
+    # wandb.plot.line: a custom chart over its table (offline: the table under report/plot/<metric>_table).
+    assert any(k.startswith("report/plot/val_ppl_table/") for k in info["summary"]), sorted(info["summary"])
+    assert info["config"]["_wandb/visualize/report/plot/val_ppl"]["panel_config"]["fieldSettings"] == {
+        "x": "seq_len", "y": "val_ppl", "stroke": "model"}
+
+
+def test_wandb_workspace_view_is_built_offline() -> None:
+    pytest.importorskip("wandb_workspaces")
+    from bkexp.report.wandb_view import build_workspace
+
+    workspace = build_workspace("team", "bkexp", "2026-01-02_03-04-05-123456-abcd1234")
+    results, curves = workspace.sections
+    assert [p.title for p in results.panels] == ["val perplexity (best) vs seq_len", "test perplexity vs seq_len",
+                                                  "train tokens/s vs seq_len", "peak memory (MB) vs seq_len"]
+    assert all(p.x.name == "seq_len" for p in results.panels)
+    assert [p.y.name for p in results.panels] == ["best/val_ppl", "test/ppl", "throughput.train_tokens_per_sec",
+                                                  "memory.peak_mb"]
+    assert curves.panels[0].y == ["train/loss", "val/loss"] and curves.panels[0].groupby.name == "model.name"
+    settings = workspace.runset_settings
+    assert [g.name for g in settings.groupby] == ["model.name"]
+    model = workspace._to_model()  # the spec W&B would receive, built without a server
+    text = model.model_dump_json()
+    assert "2026-01-02_03-04-05-123456-abcd1234" in text and "seq_len" in text
+
+
+def test_wandb_workspace_needs_one_group(sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("wandb_workspaces")
+    assert report_main([str(sweep), "--no-plots", "--wandb-workspace", "--wandb-entity", "team"]) == 2
+    assert "one W&B group" in capsys.readouterr().err
 
 
 def test_hydra_callback_never_raises(tmp_path: Path) -> None:
