@@ -30,6 +30,7 @@ from typing import Any
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from bkexp.utils import flatten
@@ -422,6 +423,8 @@ def finish_loggers(loggers: Sequence[Logger], summary: dict[str, Any]) -> None:
     ``summary`` is the run's summary.json record; what TensorBoard got is added under
     ``summary["dashboards"]["tensorboard"]`` (the sweep's experiment summary is built from it).
     """
+    if rank_zero_only.rank != 0:  # Lightning's loggers write on rank 0 only
+        return
     status = str(summary.get("status"))
     numbers = run_numbers(summary)
     dashboards = summary.setdefault("dashboards", {})
@@ -438,4 +441,7 @@ def finish_loggers(loggers: Sequence[Logger], summary: dict[str, Any]) -> None:
         if isinstance(logger, WandbLogger):
             import wandb
 
-            wandb.finish(exit_code=0 if status == "ok" else 1)
+            try:
+                wandb.finish(exit_code=0 if status == "ok" else 1)
+            except Exception:
+                log.exception("could not close the W&B run")
