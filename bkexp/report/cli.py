@@ -116,16 +116,16 @@ def save_wandb_workspace(report: Report, entity: str | None, project: str | None
         import wandb_workspaces  # noqa: F401
     except ImportError as exc:
         raise ValueError(f"--wandb-workspace needs wandb-workspaces: pip install 'bkexp[wandb]' ({exc})") from exc
-    from bkexp.report.collect import find_run_dirs, load_summary
+    from bkexp.report.collect import SUMMARY_FILE, load_summary
 
     groups, projects = set(), set()
-    for path in find_run_dirs(report.out_dir)[0]:
-        wandb = ((load_summary(path).get("dashboards") or {}).get("wandb")) or {}
-        if wandb.get("group"):
-            groups.add(str(wandb["group"]))
-            projects.add(str(wandb.get("project")))
+    for run_dir in report.runs.frame["run_dir"]:
+        logged = ((load_summary(Path(run_dir) / SUMMARY_FILE).get("dashboards") or {}).get("wandb")) or {}
+        if logged.get("group"):
+            groups.add(str(logged["group"]))
+            projects.add(str(logged.get("project")))
     if len(groups) != 1:
-        raise ValueError(f"--wandb-workspace needs runs of one W&B group under {report.out_dir}; found "
+        raise ValueError("--wandb-workspace needs runs of one W&B group; found "
                          f"{sorted(groups) or 'none (were the runs trained with logger=wandb in a multirun?)'}")
     if not entity:
         raise ValueError("--wandb-workspace needs --wandb-entity (or WANDB_ENTITY)")

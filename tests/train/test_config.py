@@ -50,10 +50,10 @@ def test_every_other_group_option_composes(group, tmp_path):
 
 @pytest.mark.parametrize("hardware,logger", list(itertools.product(["cpu", "ddp_cpu"], options("logger"))))
 def test_trainer_and_loggers_instantiate(hardware, logger, tmp_path):
-    from bkexp.train.run import build_loggers
+    from bkexp.train.loggers import build_loggers
 
     cfg = compose_train([f"hardware={hardware}", f"logger={logger}"], tmp_path)
-    loggers = build_loggers(cfg, {"overrides": [], "override_dirname": "", "sweep": None, "multirun": False})
+    loggers, _ = build_loggers(cfg, {"overrides": [], "override_dirname": "", "sweep": None, "multirun": False})
     assert "CSVLogger" in {type(lg).__name__ for lg in loggers}
     trainer = instantiate(cfg.trainer, logger=loggers, callbacks=[instantiate(c) for c in cfg.callbacks.values()])
     assert trainer.num_devices == (2 if hardware == "ddp_cpu" else 1)
