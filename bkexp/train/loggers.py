@@ -58,6 +58,19 @@ METRIC_ORDER = ("val/ppl", "test/ppl", "val/acc", "test/acc", "best/val_ppl", "t
 # Per-step rates and peaks: a curve, not a run-level number (the run's own figures are throughput.* and memory.*
 # of summary.json), so neither the HParams table nor W&B's run summary shows their last value.
 PER_STEP_ONLY = ("throughput/tokens_per_sec", "time/step_ms", "mem/peak_mb")
+# The run-level numbers TensorBoard gets as one-point scalars (HParams columns); W&B's summary gets all.
+TENSORBOARD_RUN_LEVEL = ("best/val_ppl", "throughput.train_tokens_per_sec", "throughput.eval_tokens_per_sec",
+                         "memory.peak_mb", "flops.forward_per_token", "flops.train_step_per_token",
+                         "params.non_embedding", "params.total", "state_size")
+# TensorBoard's Custom Scalars tab: training and validation first, train and val loss on one chart.
+CUSTOM_SCALARS = (
+    ("train / val", (("loss: train and val", ("train/loss", "val/loss")), ("perplexity", ("val/ppl", "test/ppl")),
+                     ("accuracy", ("val/acc", "test/acc")), ("auxiliary loss", ("train/aux_loss",)))),
+    ("speed and memory (per logged step)", (("tokens/s", ("throughput/tokens_per_sec",)),
+                                            ("step time (ms)", ("time/step_ms",)),
+                                            ("peak memory so far (MB)", ("mem/peak_mb",)))),
+    ("optimisation", (("learning rate", ("lr",)), ("gradient norm", ("grad_norm",)))),
+)
 # Hyper-parameters every session records besides the swept ones.
 IDENTITY_HPARAMS = ("model", "dataset", "seq_len", "bits", "seed")
 
@@ -285,24 +298,52 @@ def experiment_pb(hparams: Sequence[Mapping[str, Any]], metric_tags: Iterable[st
     return _hparams_summary(metadata.EXPERIMENT_TAG, experiment=experiment)
 
 
+def custom_scalars_pb(tags: Iterable[str]) -> Any:
+    """The Custom Scalars layout (``CUSTOM_SCALARS``) restricted to charts with at least one of ``tags``."""
+    import re
+
+    from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.plugins.custom_scalar import metadata as cs_metadata
+
+    present = set(tags)
+    layout = layout_pb2.Layout()
+    for title, charts in CUSTOM_SCALARS:
+        category = layout_pb2.Category(title=title)
+        for chart_title, chart_tags in charts:
+            if present.intersection(chart_tags):
+                category.chart.add(title=chart_title, multiline=layout_pb2.MultilineChartContent(
+                    tag=[f"^{re.escape(t)}$" for t in chart_tags]))
+        if category.chart:
+            layout.category.append(category)
+    tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+                                    string_val=[layout.SerializeToString()])
+    summary = summary_pb2.Summary()
+    summary.value.add(tag=cs_metadata.CONFIG_SUMMARY_TAG, metadata=cs_metadata.create_summary_metadata(),
+                      tensor=tensor)
+    return summary
+
+
 def _write_session(logger: LightningTensorBoardLogger, summary: Mapping[str, Any], swept: Sequence[str] | None,
                    numbers: Mapping[str, float], single_run: bool) -> dict[str, Any]:
     """Session start/end (hyper-parameters, status) and run-level numbers into the run's event files."""
     hparams = _hparams(summary, swept)
     writer = logger.experiment
     step = int(summary.get("steps") or 0)
+    numbers = {k: v for k, v in numbers.items() if k in TENSORBOARD_RUN_LEVEL}
     for key, value in numbers.items():
         writer.add_scalar(RUN_LEVEL_PREFIX + key, float(value), step)
-    metrics = [k for k, v in (summary.get("metrics") or {}).items()
-               if _number(v) is not None and k not in (*END_OF_RUN_METRICS, *PER_STEP_ONLY, "epoch")]
-    tags = metrics + [RUN_LEVEL_PREFIX + k for k in numbers]
+    curves = [k for k, v in (summary.get("metrics") or {}).items()
+              if _number(v) is not None and k not in (*END_OF_RUN_METRICS, "epoch")]
+    tags = [k for k in curves if k not in PER_STEP_ONLY] + [RUN_LEVEL_PREFIX + k for k in numbers]
     file_writer = writer._get_file_writer()
     if single_run:  # a lone run is its own experiment; a sweep writes one for all its runs
         file_writer.add_summary(experiment_pb([hparams], tags))
+        file_writer.add_summary(custom_scalars_pb(curves))
     for pb in session_pbs(hparams, str(summary.get("status"))):
         file_writer.add_summary(pb)
     writer.flush()
-    return {"dir": logger.log_dir, "hparams": hparams, "metrics": tags}
+    return {"dir": logger.log_dir, "hparams": hparams, "metrics": tags, "curves": curves}
 
 
 def write_sweep_experiment(sweep_dir: str | Path, summaries: Sequence[Mapping[str, Any]]) -> Path | None:
@@ -330,6 +371,8 @@ def write_sweep_experiment(sweep_dir: str | Path, summaries: Sequence[Mapping[st
     from tensorboard.compat.proto.event_pb2 import Event
 
     writer.add_event(Event(wall_time=time.time(), summary=pb))
+    curves = [t for s in sessions for t in s.get("curves", [])]
+    writer.add_event(Event(wall_time=time.time(), summary=custom_scalars_pb(curves)))
     writer.close()
     return next(out.glob("events.out.tfevents.*.experiment"))
 

@@ -136,6 +136,12 @@ def test_tensorboard_run_names_and_scalars(sweep: Path, tensorboard: str) -> Non
     assert "epoch" not in all_tags and not any(t.startswith("hparams/") for t in all_tags)
     # Run-level numbers form one scalar category, not one chart category each.
     assert {t.split("/")[0] for t in all_tags if "." in t.split("/")[-1]} <= {"summary"}
+    # Custom Scalars: training and validation first, train and val loss on one chart.
+    layout = _get(f"{tensorboard}/data/plugin/custom_scalars/layout")
+    first = layout["category"][0]
+    assert first["title"] == "train / val"
+    assert first["chart"][0]["multiline"]["tag"] == ["^train/loss$", "^val/loss$"]
+    assert any(c["multiline"]["tag"] == ["^train/aux_loss$"] for c in first["chart"])
 
 
 def test_wandb_runs_hold_names_group_job_type_and_summary_json_numbers(sweep: Path) -> None:
