@@ -255,7 +255,9 @@ def session_pbs(hparams: Mapping[str, Any], status: str) -> tuple[Any, Any]:
     now = time.time()
     start = _hparams_summary(metadata.SESSION_START_INFO_TAG, session_start_info=plugin_data_pb2.SessionStartInfo(
         hparams=values, start_time_secs=now))
-    code = {"ok": api_pb2.STATUS_SUCCESS, "running": api_pb2.STATUS_RUNNING}.get(status, api_pb2.STATUS_FAILURE)
+    # An interrupted run may be resumed: neither success nor failure.
+    code = {"ok": api_pb2.STATUS_SUCCESS, "running": api_pb2.STATUS_RUNNING,
+            "interrupted": api_pb2.STATUS_UNKNOWN}.get(status, api_pb2.STATUS_FAILURE)
     end = _hparams_summary(metadata.SESSION_END_INFO_TAG, session_end_info=plugin_data_pb2.SessionEndInfo(
         status=code, end_time_secs=now))
     return start, end
@@ -485,6 +487,6 @@ def finish_loggers(loggers: Sequence[Logger], summary: dict[str, Any]) -> None:
             import wandb
 
             try:
-                wandb.finish(exit_code=0 if status == "ok" else 1)
+                wandb.finish(exit_code=int(summary.get("exit_code") or (0 if status == "ok" else 1)))
             except Exception:
                 log.exception("could not close the W&B run")
