@@ -31,10 +31,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from bkexp.bench.common import CONF_DIR, compose_config, environment, write_table
+from bkexp.train.callbacks import peak_memory_mb, reset_peak_memory
+from bkexp.train.module import LMTask, build_optimizer, split_weight_decay
 
 MODELS = ("transformer", "bk", "mamba")
 COLUMNS = ["model", "size", "seq_len", "batch", "steps", "raw_step_ms", "bkexp_step_ms", "overhead_ms",
@@ -78,8 +83,6 @@ class _StepClock:
     """Start-to-start time of every training step, and every step's loss (a Lightning callback)."""
 
     def __init__(self) -> None:
-        import lightning.pytorch as pl
-
         class Callback(pl.Callback):
             def on_train_batch_start(cb, trainer, pl_module, batch, batch_idx):  # noqa: N805
                 self.starts.append(time.perf_counter())
@@ -97,13 +100,6 @@ class _StepClock:
 
 def run_bkexp(cfg: Any, datamodule: Any) -> tuple[list[float], list[float], float]:
     """Per-step seconds, per-step losses and peak MB of ``LMTask`` under the run's Lightning Trainer."""
-    import lightning.pytorch as pl
-    from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from bkexp.train.callbacks import peak_memory_mb, reset_peak_memory
-    from bkexp.train.module import LMTask
-
     reset_peak_memory()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
@@ -122,12 +118,6 @@ def run_bkexp(cfg: Any, datamodule: Any) -> tuple[list[float], list[float], floa
 
 def run_raw(cfg: Any, datamodule: Any) -> tuple[list[float], list[float], float]:
     """The same training as a hand-written PyTorch loop: per-step seconds, losses and peak MB."""
-    import lightning.pytorch as pl
-    from hydra.utils import instantiate
-
-    from bkexp.train.callbacks import peak_memory_mb, reset_peak_memory
-    from bkexp.train.module import build_optimizer, split_weight_decay
-
     reset_peak_memory()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = instantiate(cfg.model, vocab_size=datamodule.vocab_size).train()
@@ -159,8 +149,6 @@ def run_raw(cfg: Any, datamodule: Any) -> tuple[list[float], list[float], float]
 
 
 def compare(model: str, args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    from hydra.utils import instantiate
-
     with tempfile.TemporaryDirectory(prefix="bkexp-overhead-") as tmp:
         cfg = _config(model, args, Path(tmp))
         datamodule = instantiate(cfg.dataset)

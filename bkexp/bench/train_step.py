@@ -28,8 +28,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 
+import bkexp.models.mixers.bk as bk_module
 from bkexp.bench.common import CONF_DIR, compose_config, environment, log_log_plot, write_table
+from bkexp.models.ffn import MLP
+from bkexp.train.module import build_optimizer, split_weight_decay
 
 MODELS = ("transformer", "bk", "mamba")
 DEFAULT_N = "64,128,256,512,1024,2048,4096,8192"
@@ -81,8 +85,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def build(name: str, args: argparse.Namespace, n: int) -> tuple[torch.nn.Module, Callable[..., Any]]:
     """The model and its optimizer factory as ``python train.py model=<name> size=<size> seq_len=<n>`` builds them."""
-    from hydra.utils import instantiate
-
     cfg = compose_config([f"model={name}", f"size={args.size}", f"seq_len={n}", *args.override], args.config_dir,
                          "bkexp bench train-step")
     torch.manual_seed(0)
@@ -134,8 +136,6 @@ def interleaved(fns: dict[Any, Callable[[], Any]], warmup: int, repeat: int,
 
 
 def step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from bkexp.train.module import build_optimizer, split_weight_decay
-
     rows = []
     for n in args.n:
         batch = max(1, args.tokens // n)
@@ -192,9 +192,6 @@ def _fwd_bwd(fn: Callable[..., Any], *inputs: torch.Tensor, **kwargs: Any) -> Ca
 
 def component_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Forward+backward of each sublayer of one block of every model at (components_batch, components_n)."""
-    import bkexp.models.mixers.bk as bk_module
-    from bkexp.models.ffn import MLP
-
     n, batch = args.components_n, args.components_batch
     fns: dict[tuple[str, str], Callable[[], None]] = {}
     shapes: dict[tuple[str, str], int] = {}
