@@ -37,7 +37,7 @@ from bkexp.train.flags import (
 from bkexp.train.lifecycle import DivergenceLimits, Lifecycle, SignalWatch, classify, running_record
 from bkexp.train.loggers import build_loggers, finish_loggers
 from bkexp.train.module import LMTask
-from bkexp.train.summary import RunRecord, environment
+from bkexp.train.summary import RunRecord, environment, headline
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,8 @@ def run(cfg: DictConfig) -> float | None:
         if rank_zero_only.rank == 0:
             path = record.write()
             log.info("run %s: results in %s", record.data["status"], path.parent)
+            if record.data["status"] == "ok":
+                print(headline(record.data), flush=True)
             print(f"[bkexp] run {record.data['status']}; results in {path.parent}", flush=True)
         if loggers:
             finish_loggers(loggers, record.data)  # the same numbers as summary.json; records where they went

@@ -71,6 +71,34 @@ def environment(device: str | None = None) -> dict[str, Any]:
     }
 
 
+def headline(summary: dict[str, Any]) -> str:
+    """The run's result in one console line: what was trained, the test numbers, size, speed and time.
+
+    On MQAR it names the chance level (1 / number of value tokens) so the accuracy can be read at a glance.
+    """
+    metrics = summary.get("metrics") or {}
+    data = summary.get("data") or {}
+    parts = [f"{summary.get('model')} on {summary.get('dataset')} (seq_len {summary.get('seq_len')}, "
+             f"{summary.get('bits')}-bit)"]
+    if isinstance(metrics.get("test/acc"), (int, float)):
+        vocab = data.get("vocab_size")
+        chance = f" (chance {1 / (vocab - vocab // 2):.3f})" if (data.get("source") or {}).get("task") == "mqar" \
+            and vocab else ""
+        parts.append(f"test answer accuracy {metrics['test/acc']:.3f}{chance}")
+    for key, label in (("test/loss", "test loss"), ("test/ppl", "test ppl")):
+        if isinstance(metrics.get(key), (int, float)):
+            parts.append(f"{label} {metrics[key]:.4g}")
+    params = (summary.get("params") or {}).get("total")
+    if params:
+        parts.append(f"{params / 1e6:.2f}M params")
+    tokens_per_s = (summary.get("throughput") or {}).get("train_tokens_per_sec")
+    if isinstance(tokens_per_s, (int, float)):
+        parts.append(f"{tokens_per_s:,.0f} train tokens/s")
+    if isinstance(summary.get("wall_time_s"), (int, float)):
+        parts.append(f"{summary['wall_time_s']:.0f} s")
+    return "[bkexp] " + " | ".join(parts)
+
+
 class RunRecord:
     """Accumulates the fields of summary.json during a run; ``write()`` persists them atomically."""
 

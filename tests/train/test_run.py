@@ -153,3 +153,15 @@ def test_multirun_sweep_reports_survives_a_failing_job_and_exits_non_zero(train,
     assert "failed" in markdown and "transformer" in markdown
     assert (sweep_dir / "comparison.json").is_file()
     assert list((sweep_dir / "plots").glob("*.png"))
+
+
+def test_the_console_headline_states_the_test_numbers_with_chance(train, capsys) -> None:
+    from bkexp.train.summary import headline
+
+    run = train(*TINY, *MQAR_TINY)
+    summary = read_summary(run)
+    printed = capsys.readouterr().out
+    line = headline(summary)
+    assert line in printed and line.startswith("[bkexp] transformer on mqar (seq_len 32, 32-bit)")
+    assert f"test answer accuracy {summary['metrics']['test/acc']:.3f} (chance 0.031)" in line  # 1/32 values
+    assert f"test loss {summary['metrics']['test/loss']:.4g}" in line
