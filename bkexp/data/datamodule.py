@@ -9,12 +9,14 @@ target for the logits at position t and ``IGNORE_INDEX`` (-100) marks positions 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from bkexp.data.sources import SPLITS, HubTextSource, LocalTextSource
 from bkexp.data.synthetic import IGNORE_INDEX, iid_tokens, mqar, split_seed
@@ -69,6 +71,43 @@ class ExampleDataset(Dataset):
         return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffled indices whose order depends only on ``(seed, epoch)``; its state is ``(epoch, position)``.
+
+    A ``StatefulDataLoader`` stores this state in every checkpoint (Lightning saves the loader's state_dict),
+    so a run resumed mid-epoch continues with the next example of the same permutation, and later epochs
+    get the same permutations as in the uninterrupted run. (torchdata's own RandomSampler restores the
+    current epoch but not the generator state the next epochs start from.)
+    """
+
+    def __init__(self, num_examples: int, seed: int) -> None:
+        self.num_examples = num_examples
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0  # examples of this epoch's permutation already handed out
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def permutation(self, epoch: int) -> list[int]:
+        seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, dtype=np.uint64)[0])
+        return torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.permutation(self.epoch)
+        while self.position < self.num_examples:  # read at the first next(): load_state_dict may come first
+            self.position += 1
+            yield order[self.position - 1]
+        self.epoch += 1
+        self.position = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -78,8 +117,9 @@ def _positive_int(name: str, value: Any) -> int:
 class TokenDataModule(L.LightningDataModule):
     """Shared loaders and attributes; subclasses fill ``self.datasets[split]`` in ``setup``.
 
-    The training loader shuffles with a ``torch.Generator`` seeded from ``seed`` (a new order every epoch,
-    the same sequence of orders for the same seed) and keeps the last, smaller batch (``drop_last=False``)
+    The training loader (a torchdata ``StatefulDataLoader``: its position is checkpointed) shuffles with a
+    ``torch.Generator`` seeded from ``seed`` (a new order every epoch, the same sequence of orders for the
+    same seed) and keeps the last, smaller batch (``drop_last=False``)
     so an epoch trains on every token once. Evaluation loaders keep the data order.
     """
 
@@ -108,9 +148,14 @@ class TokenDataModule(L.LightningDataModule):
     def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"{type(self).__name__}: split {split!r} is not set up; call setup() first")
-        return DataLoader(
-            self.datasets[split], batch_size=batch_size, shuffle=train,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
+        # Every loader draws from its own seeded generator, never from the global RNG, so evaluating does
+        # not change what the model's dropout draws next (a resumed run must see the same random numbers).
+        # The training loader is stateful: Lightning stores its position (epoch and place in the epoch's
+        # permutation) in every checkpoint and resumes mid-epoch from there.
+        dataset = self.datasets[split]
+        return (StatefulDataLoader if train else DataLoader)(
+            dataset, batch_size=batch_size, sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
+            generator=torch.Generator().manual_seed(self.seed),
             drop_last=self.drop_last if train else False, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

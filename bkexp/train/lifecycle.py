@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import signal
 import socket
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
@@ -184,18 +186,77 @@ class DivergenceLimits:
                 raise ConfigError(f"divergence.{key}={value!r} must be an integer >= {1 if key == 'patience' else 0}")
 
 
+def rng_states() -> dict[str, Any]:
+    """Every global random state a training step may draw from (dropout, numpy and Python users)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # Tensors and plain Python values only: checkpoints are loaded with weights_only=True.
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class Lifecycle(pl.Callback):
-    """Stops a diverging run, saves ``last.ckpt`` when a signal stops training, counts resumes.
+    """Stops a diverging run, writes ``last.ckpt`` often and when a signal stops training, makes resume exact.
 
     It runs before ModelCheckpoint (Lightning orders checkpoint callbacks last), so a diverged state is never
-    written as ``last.ckpt`` or as a best checkpoint.
+    written as ``last.ckpt`` or as a best checkpoint. Its checkpoint state holds the global RNG states
+    (restored on resume, so dropout draws the same numbers as in the uninterrupted run), the step training
+    resumed from each time, and the training step the divergence test is counting.
+
+    Args:
+        vocab_size: ``ln(vocab_size)`` is the loss of uniform guessing, the base of the divergence limit.
+        limits: the divergence test.
+        every_n_train_steps: also write ``last.ckpt`` every this many optimizer steps (null: only where
+            ModelCheckpoint writes it), so a killed run loses at most this many steps.
     """
 
-    def __init__(self, vocab_size: int, limits: DivergenceLimits | None = None) -> None:
+    def __init__(self, vocab_size: int, limits: DivergenceLimits | None = None,
+                 every_n_train_steps: int | None = None) -> None:
         self.limits = limits or DivergenceLimits()
         self.limit = math.log(vocab_size) + self.limits.margin if self.limits.margin is not None else None
+        self.every_n_train_steps = every_n_train_steps
         self._above = 0
         self.saved_on_interrupt: str | None = None
+        self.resumes: list[dict[str, Any]] = []  # one entry per resume: from which step
+
+    def _last_path(self, trainer: pl.Trainer) -> str | None:
+        ckpt = trainer.checkpoint_callback
+        if isinstance(ckpt, ModelCheckpoint) and ckpt.dirpath and ckpt.save_last:
+            return str(Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}")
+        return None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # The same point in the loop where ModelCheckpoint(every_n_train_steps) saves, which Lightning resumes
+        # mid-epoch from; saving here instead keeps validation-time best checkpoints (ModelCheckpoint skips a
+        # validation save at a step it already saved).
+        every = self.every_n_train_steps
+        path = self._last_path(trainer)
+        if every and path and trainer.global_step % every == 0 and not trainer.fit_loop._should_accumulate():
+            trainer.save_checkpoint(path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_states(), "resumes": list(self.resumes), "above_limit": self._above}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_rng_states(state_dict["rng"])
+        self._above = state_dict.get("above_limit", 0)
+        self.resumes = list(state_dict.get("resumes", []))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path:  # the loops are restored by now: global_step is the checkpoint's
+            self.resumes.append({"from_step": trainer.global_step, "checkpoint": str(trainer.ckpt_path)})
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         value = float(loss.detach())
@@ -221,9 +282,8 @@ class Lifecycle(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         stopped_by_signal = isinstance(exception, (KeyboardInterrupt, SystemExit, Interrupted))
         if stopped_by_signal and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            ckpt = trainer.checkpoint_callback
-            if isinstance(ckpt, ModelCheckpoint) and ckpt.dirpath and ckpt.save_last and trainer.global_step > 0:
-                path = str(Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}")
+            path = self._last_path(trainer)
+            if path and trainer.global_step > 0:
                 trainer.save_checkpoint(path)
                 self.saved_on_interrupt = path
                 log.info("saved %s at step %d", path, trainer.global_step)

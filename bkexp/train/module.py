@@ -223,8 +223,13 @@ class LMTask(pl.LightningModule):
 
         return isinstance(self.trainer.precision_plugin, MixedPrecision) and bool(self.trainer.gradient_clip_val)
 
+    # Counters that are not parameters but that a resumed run must continue from.
+    _RUN_STATE = ("tokens_seen", "best_val_loss", "last_val_step", "active_selected", "active_rows")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint.update({key: getattr(self, key) for key in self._RUN_STATE})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        for key in self._RUN_STATE:
+            if key in checkpoint:
+                setattr(self, key, checkpoint[key])

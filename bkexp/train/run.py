@@ -137,13 +137,14 @@ def run(cfg: DictConfig) -> float | None:
         loggers, dashboards = build_loggers(cfg, identity)
         record.update(dashboards=dashboards)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-        lifecycle = Lifecycle(datamodule.vocab_size, limits)
+        lifecycle = Lifecycle(datamodule.vocab_size, limits, cfg.get("checkpoint_every_n_steps"))
         trainer = watch.trainer = instantiate(cfg.trainer, logger=loggers or False,
                                               callbacks=callbacks + flag_callbacks + [lifecycle])
         record.update(**running_record())
         record.write()  # a run killed from here on is seen as such by `bkexp report`
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         tokens_trained = task.tokens_seen  # before trainer.test loads the best checkpoint's counters
+        record.update(resumes=lifecycle.resumes)
         metrics = _final_metrics(trainer, task, datamodule, quant, test=bool(cfg.get("test_after_fit")),
                                  test_final_weights=flags.pruning)
         record.update(quant=quant.describe(model))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runhelpers import MQAR_TINY, TINY, read_summary
+from runhelpers import MQAR_TINY, TINY, data_overrides, read_summary
 from testpaths import REPO_ROOT
 
 # 24 training examples in batches of 4: an epoch is 6 steps, so step 5 is mid-epoch.
@@ -58,18 +59,54 @@ def test_signal_gives_interrupted_status_and_non_zero_exit(tmp_path, signum):
     assert f"run interrupted; results in {run_dir}" in result.stdout
 
 
-def test_sigkill_leaves_a_run_the_report_shows_as_interrupted_at_its_last_checkpoint(tmp_path):
+# Results that must not change when a run is killed and resumed (everything measured, not timed).
+EXACT_KEYS = ("val/loss", "val/ppl", "test/loss", "test/ppl", "best/val_loss", "best/val_ppl")
+
+
+def loss_rows(run_dir: Path) -> dict[tuple[str, str], str]:
+    """(step, metric) -> value of every loss/accuracy entry of csv/metrics.csv."""
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    return {(row["step"], key): row[key] for row in rows for key in row
+            if row[key] and key.split("/")[-1] in ("loss", "acc", "ppl")}
+
+
+def kill_and_resume(train, tmp_path: Path, overrides: list[str], kill_at: int) -> tuple[Path, Path, Path]:
+    """The uninterrupted run, and the same run SIGKILLed after step ``kill_at`` then resumed from last.ckpt."""
+    full = train(*overrides)
+    killed_root = tmp_path / "killed"
+    result = train_subprocess(killed_root, *overrides, *signal_at(kill_at, signal.SIGKILL))
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    killed = only_run(killed_root)
+    resumed = train(*overrides, f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}")
+    return full, resumed, killed
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(train, tmp_path):
+    """Killed after step 5 of 6 in the first epoch (last.ckpt at step 4), resumed across the epoch boundary.
+
+    Dropout is on, so the RNG states must come back too; the data order comes from the stateful loader.
+    """
+    overrides = [*SHORT, "trainer.max_steps=10", "trainer.val_check_interval=4", "checkpoint_every_n_steps=2",
+                 "model.dropout=0.1"]
+    full_dir, resumed_dir, killed = kill_and_resume(train, tmp_path, overrides, kill_at=5)
+    full, resumed = read_summary(full_dir), read_summary(resumed_dir)
+
+    # Before resuming, the report shows the killed run as interrupted at its last checkpoint.
     from bkexp.report.collect import collect_runs
 
-    result = train_subprocess(tmp_path, *SHORT, "trainer.max_steps=40", "+callbacks.model_checkpoint.every_n_train_steps=2",
-                              *signal_at(5, signal.SIGKILL))
-    assert result.returncode == -signal.SIGKILL
-    run_dir = only_run(tmp_path)
-    assert read_summary(run_dir)["status"] == "running"  # nothing can be written after SIGKILL
-    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 4
-    (row,) = collect_runs([run_dir]).frame.to_dict("records")
-    assert row["status"] == "interrupted"
-    assert "step 4" in row["error"] and "SIGKILL" in row["error"]
+    assert read_summary(killed)["status"] == "running"  # nothing can be written after SIGKILL
+    assert checkpoint_step(killed / "checkpoints" / "last.ckpt") == 4
+    (row,) = collect_runs([killed]).frame.to_dict("records")
+    assert row["status"] == "interrupted" and "step 4" in row["error"] and "SIGKILL" in row["error"]
+
+    assert full["status"] == resumed["status"] == "ok" and full["steps"] == resumed["steps"] == 10
+    for key in EXACT_KEYS:
+        assert resumed["metrics"][key] == full["metrics"][key], key  # bit-identical, not approximately
+    assert resumed["tokens"]["train"] == full["tokens"]["train"] == 10 * 4 * 32
+    # Every training loss after the checkpoint is the same as in the uninterrupted run.
+    after = {k: v for k, v in loss_rows(full_dir).items() if int(k[0]) >= 4}
+    assert after and {k: loss_rows(resumed_dir).get(k) for k in after} == after
+    assert resumed["resumes"] == [{"from_step": 4, "checkpoint": str(killed / "checkpoints" / "last.ckpt")}]
 
 
 def test_lr_10_on_the_default_task_diverges(train, tmp_path):
@@ -111,3 +148,18 @@ def test_sigterm_from_outside_during_training(tmp_path):
     summary = read_summary(run_dir)
     assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM" and summary["step"] > 0
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == summary["step"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical_on_wikitext2(train, tmp_path, wikitext_slice):
+    """The same on real text (word-level WikiText-2 slice from local files), killed mid-epoch after step 7."""
+    overrides = [*TINY, "logger=csv", "trainer.max_steps=12", "trainer.val_check_interval=6",
+                 "checkpoint_every_n_steps=3", "model.dropout=0.1", "dataset.eval_batch_size=64",
+                 "dataset=text", *data_overrides("text", wikitext_slice)]
+    full_dir, resumed_dir, killed = kill_and_resume(train, tmp_path, overrides, kill_at=7)
+    full, resumed = read_summary(full_dir), read_summary(resumed_dir)
+    assert checkpoint_step(killed / "checkpoints" / "last.ckpt") == 6
+    assert full["dataset"] == "text" and full["status"] == resumed["status"] == "ok"
+    for key in EXACT_KEYS:
+        assert resumed["metrics"][key] == full["metrics"][key], key
+    assert resumed["tokens"]["train"] == full["tokens"]["train"]
