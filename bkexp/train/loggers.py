@@ -408,11 +408,12 @@ def _wandb_summary(run: Any, summary: Mapping[str, Any], numbers: Mapping[str, A
 # ------------------------------------------------------------------------------------------- build/finish
 
 
-def build_loggers(cfg: DictConfig, identity: Mapping[str, Any]) -> tuple[list[Logger], dict[str, Any]]:
+def build_loggers(cfg: DictConfig, identity: Mapping[str, Any],
+                  wandb_id: str | None = None) -> tuple[list[Logger], dict[str, Any]]:
     """Instantiate ``cfg.logger`` with short names, the sweep's W&B group and TensorBoard folder.
 
     Returns the loggers and what summary.json records under ``dashboards`` (name, swept keys, group, and per
-    logger where it wrote).
+    logger where it wrote). ``wandb_id``: the W&B run that a run resumed in place continues (``resume="allow"``).
     """
     names = dashboard_identity(cfg, identity)
     loggers: list[Logger] = []
@@ -427,6 +428,8 @@ def build_loggers(cfg: DictConfig, identity: Mapping[str, Any]) -> tuple[list[Lo
             kwargs["run_dir"] = names["tensorboard_dir"]
         if target.endswith("WandbLogger"):
             kwargs.update(_wandb_kwargs(cfg, logger_cfg, names))
+            if wandb_id:
+                kwargs.update(id=wandb_id, resume="allow")
         logger = instantiate(logger_cfg, **kwargs)
         if isinstance(logger, WandbLogger):
             experiment = logger.experiment

@@ -37,6 +37,7 @@ from bkexp.train.flags import (
 from bkexp.train.lifecycle import DivergenceLimits, Lifecycle, SignalWatch, classify, running_record
 from bkexp.train.loggers import build_loggers, finish_loggers
 from bkexp.train.module import LMTask
+from bkexp.train.resume import plan_resume
 from bkexp.train.summary import RunRecord, environment, headline
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,12 @@ def run(cfg: DictConfig) -> float | None:
     reset_peak_memory()
     run_dir = Path(cfg.paths.output_dir)
     identity = job_identity()
+    plan = plan_resume(run_dir) if cfg.get("resume") else None
+    if plan is not None and plan.finished:
+        print(f"[bkexp] run {run_dir} already finished (status ok); skipped", flush=True)
+        return plan.previous.get("metrics", {}).get("best/val_loss")
+    if plan is not None and plan.previous.get("sweep") and not identity["multirun"]:
+        identity.update(sweep=plan.previous["sweep"], overrides=plan.previous.get("overrides", []))
     record = RunRecord(run_dir)
     # What the process holds before this run (interpreter, libraries, caches of earlier jobs): part of peak_mb.
     record.update(memory={"start_rss_mb": resident_memory_mb()})
@@ -134,7 +141,8 @@ def run(cfg: DictConfig) -> float | None:
         task = LMTask(model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler),
                       vocab_size=datamodule.vocab_size, log_accuracy=datamodule.has_answer_mask,
                       active_fraction=flags.active_fraction if flags.active_learning else None)
-        loggers, dashboards = build_loggers(cfg, identity)
+        wandb_id = (plan.previous.get("dashboards") or {}).get("wandb", {}).get("id") if plan else None
+        loggers, dashboards = build_loggers(cfg, identity, wandb_id)
         record.update(dashboards=dashboards)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         lifecycle = Lifecycle(datamodule.vocab_size, limits, cfg.get("checkpoint_every_n_steps"))
@@ -142,7 +150,7 @@ def run(cfg: DictConfig) -> float | None:
                                               callbacks=callbacks + flag_callbacks + [lifecycle])
         record.update(**running_record())
         record.write()  # a run killed from here on is seen as such by `bkexp report`
-        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(task, datamodule=datamodule, ckpt_path=plan.ckpt_path if plan else cfg.get("ckpt_path"))
         tokens_trained = task.tokens_seen  # before trainer.test loads the best checkpoint's counters
         record.update(resumes=lifecycle.resumes)
         metrics = _final_metrics(trainer, task, datamodule, quant, test=bool(cfg.get("test_after_fit")),

@@ -81,15 +81,17 @@ def kill_and_resume(train, tmp_path: Path, overrides: list[str], kill_at: int) -
     return full, resumed, killed
 
 
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(train, tmp_path):
-    """Killed after step 5 of 6 in the first epoch (last.ckpt at step 4), resumed across the epoch boundary.
-
-    Dropout is on, so the RNG states must come back too; the data order comes from the stateful loader.
+def test_sigkill_mid_epoch_then_resume_in_place_is_bit_identical(train, tmp_path):
+    """Killed after step 5 of 6 in the first epoch (last.ckpt at step 4), resumed in place across the epoch
+    boundary with ``resume=<run dir>``. Dropout is on, so the RNG states must come back too.
     """
     overrides = [*SHORT, "trainer.max_steps=10", "trainer.val_check_interval=4", "checkpoint_every_n_steps=2",
                  "model.dropout=0.1"]
-    full_dir, resumed_dir, killed = kill_and_resume(train, tmp_path, overrides, kill_at=5)
-    full, resumed = read_summary(full_dir), read_summary(resumed_dir)
+    full_dir = train(*overrides)
+    result = train_subprocess(tmp_path, *overrides, *signal_at(5, signal.SIGKILL))
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    (killed,) = [d for d in (tmp_path / "outputs").iterdir() if d != full_dir]
+    saved_overrides = (killed / ".hydra" / "overrides.yaml").read_text()
 
     # Before resuming, the report shows the killed run as interrupted at its last checkpoint.
     from bkexp.report.collect import collect_runs
@@ -99,14 +101,23 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(train, tmp_path):
     (row,) = collect_runs([killed]).frame.to_dict("records")
     assert row["status"] == "interrupted" and "step 4" in row["error"] and "SIGKILL" in row["error"]
 
+    # The killed run's own overrides include the signal callback; the resume must not kill it again.
+    assert train(f"resume={killed}", "~callbacks.signal") == killed
+    full, resumed = read_summary(full_dir), read_summary(killed)
     assert full["status"] == resumed["status"] == "ok" and full["steps"] == resumed["steps"] == 10
     for key in EXACT_KEYS:
         assert resumed["metrics"][key] == full["metrics"][key], key  # bit-identical, not approximately
     assert resumed["tokens"]["train"] == full["tokens"]["train"] == 10 * 4 * 32
-    # Every training loss after the checkpoint is the same as in the uninterrupted run.
-    after = {k: v for k, v in loss_rows(full_dir).items() if int(k[0]) >= 4}
-    assert after and {k: loss_rows(resumed_dir).get(k) for k in after} == after
-    assert resumed["resumes"] == [{"from_step": 4, "checkpoint": str(killed / "checkpoints" / "last.ckpt")}]
+    assert [r["from_step"] for r in resumed["resumes"]] == [4]
+    # In place: every metrics row of the uninterrupted run, once; one last.ckpt; save_top_k=1 best; .hydra kept.
+    rows = list(csv.DictReader((killed / "csv" / "metrics.csv").open()))
+    train_steps = [r["step"] for r in rows if r.get("train/loss")]
+    assert train_steps == sorted(set(train_steps), key=int)  # no step twice
+    assert loss_rows(killed) == loss_rows(full_dir)
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == \
+        sorted(p.name for p in (full_dir / "checkpoints").iterdir())
+    assert len(list((killed / "checkpoints").glob("best-*.ckpt"))) == 1
+    assert (killed / ".hydra" / "overrides.yaml").read_text() == saved_overrides
 
 
 def test_lr_10_on_the_default_task_diverges(train, tmp_path):

@@ -1,0 +1,177 @@
+"""Resume in place: ``python train.py resume=<run dir | sweep dir>`` continues where a run was stopped.
+
+A run directory is re-run with its own overrides (``.hydra/overrides.yaml``) into the same directory
+(``hydra.run.dir``, with ``hydra.output_subdir=null`` so its ``.hydra/`` stays as it was) from its
+``checkpoints/last.ckpt``; ``csv/metrics.csv`` keeps the rows logged before that checkpoint and the resumed
+run appends the rest; the TensorBoard run continues in the same folder and the W&B run under the same id.
+A sweep directory (``multirun.yaml``) is re-launched with its own sweep overrides into the same sweep
+directory: jobs whose summary says ``ok`` are skipped, the others resume from their ``last.ckpt`` (or start,
+if they never wrote one). Extra overrides on the command line win over the saved ones (e.g. a longer
+``trainer.max_steps``).
+
+Path values of ``resume=`` and ``ckpt_path=`` are quoted before Hydra parses them, so directories of sweep
+jobs (``0_model=bk,seq_len=256``) can be given as they are.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from bkexp.utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+PATH_KEYS = ("ckpt_path", "resume")
+# Hydra settings of the original launch that must not come back: the resumed launch sets its own.
+HYDRA_SKIP = ("hydra.run.dir", "hydra.sweep.dir", "hydra.mode", "hydra.output_subdir")
+LAST = Path("checkpoints") / "last.ckpt"
+METRICS = Path("csv") / "metrics.csv"
+
+
+def _key(arg: str) -> str:
+    return arg.partition("=")[0].lstrip("+~")
+
+
+def quote(value: str) -> str:
+    """``value`` as a Hydra quoted string (commas, '=' and spaces in paths are then plain characters)."""
+    if value[:1] in ("'", '"'):
+        return value  # quoted by the user already
+    if "'" not in value:
+        return f"'{value}'"
+    return '"' + value.replace('"', '\\"') + '"'
+
+
+def unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in ("'", '"'):
+        return value[1:-1].replace(f"\\{value[0]}", value[0])
+    return value
+
+
+def quote_path_overrides(args: list[str]) -> list[str]:
+    """Quote the values of ``ckpt_path=`` and ``resume=`` (Hydra's grammar would split them at ',' or '=')."""
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        out.append(f"{key}={quote(value)}" if sep and value and key.lstrip("+") in PATH_KEYS else arg)
+    return out
+
+
+def _merge(saved: list[str], given: list[str]) -> list[str]:
+    """The saved overrides, minus those the command line sets again (and minus ckpt_path/resume)."""
+    given_keys = {_key(a) for a in given}
+    return [a for a in saved if _key(a) not in given_keys and _key(a) not in PATH_KEYS] + given
+
+
+def _saved_hydra_overrides(hydra_yaml: Path) -> list[str]:
+    data = yaml.safe_load(hydra_yaml.read_text()) if hydra_yaml.is_file() else None
+    overrides = ((data or {}).get("hydra") or {}).get("overrides") or {}
+    return [str(o) for o in overrides.get("hydra") or [] if not str(o).startswith(HYDRA_SKIP)]
+
+
+def expand_argv(argv: list[str]) -> list[str]:
+    """The command line Hydra should see: path values quoted, ``resume=<dir>`` turned into the run's own."""
+    args = quote_path_overrides(argv[1:])
+    resume = [a for a in args if _key(a) == "resume" and "=" in a]
+    if not resume or unquote(resume[-1].partition("=")[2]) in ("", "null"):
+        return [argv[0], *args]
+    target = Path(unquote(resume[-1].partition("=")[2])).expanduser().resolve()
+    given = [a for a in args if _key(a) != "resume" and a not in ("-m", "--multirun")]
+    if (target / "multirun.yaml").is_file():
+        saved = yaml.safe_load((target / "multirun.yaml").read_text())["hydra"]["overrides"]
+        hydra_saved = [str(o) for o in saved.get("hydra") or [] if not str(o).startswith(HYDRA_SKIP)]
+        return [argv[0], "-m", *_merge([str(o) for o in saved.get("task") or []], given), *hydra_saved,
+                f"hydra.sweep.dir={quote(str(target))}", f"resume={quote(str(target))}"]
+    if (target / ".hydra" / "overrides.yaml").is_file():
+        saved = yaml.safe_load((target / ".hydra" / "overrides.yaml").read_text()) or []
+        hydra_saved = [o for o in _saved_hydra_overrides(target / ".hydra" / "hydra.yaml")
+                       if not o.startswith("hydra/launcher")]  # one job resumes in this process
+        return [argv[0], *_merge([str(o) for o in saved], given), *hydra_saved,
+                f"hydra.run.dir={quote(str(target))}", "hydra.output_subdir=null", f"resume={quote(str(target))}"]
+    raise SystemExit(f"resume={target}: neither a run directory (no .hydra/overrides.yaml) nor a sweep directory "
+                     "(no multirun.yaml) written by `python train.py`")
+
+
+# ------------------------------------------------------------------------------------------ in the run
+
+
+@dataclass
+class ResumePlan:
+    """What ``run()`` does with ``resume=`` for its output directory."""
+
+    finished: bool  # the summary says ok: nothing to do
+    ckpt_path: str | None  # last.ckpt to continue from; None: (re)start from scratch in this directory
+    step: int | None  # the checkpoint's global step
+    previous: dict[str, Any]  # the previous summary.json (empty if none)
+
+
+def checkpoint_step(path: Path) -> int:
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
+def plan_resume(run_dir: Path) -> ResumePlan:
+    """Skip a finished run; otherwise continue from last.ckpt and keep the metrics rows logged before it."""
+    previous: dict[str, Any] = {}
+    if (run_dir / "summary.json").is_file():
+        try:
+            previous = json.loads((run_dir / "summary.json").read_text())
+        except ValueError:
+            previous = {}
+    if previous.get("status") == "ok":
+        return ResumePlan(True, None, previous.get("steps"), previous)
+    last = run_dir / LAST
+    step = checkpoint_step(last) if last.is_file() else None
+    trim_metrics(run_dir / METRICS, step or 0)
+    return ResumePlan(False, str(last) if step is not None else None, step, previous)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the rows of ``metrics.csv`` logged before ``step``; the resumed run logs the later ones again.
+
+    Lightning logs a training step's row with the step count before it (the checkpoint after step s holds
+    the row of step s - 1) and the validation after step s with step s - 1 as well.
+    """
+    if not path.is_file():
+        return
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields = list(reader.fieldnames or [])
+        rows = [row for row in reader if row.get("step") and int(float(row["step"])) < step]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer without deleting an existing metrics.csv: its header becomes the starting keys."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+                self.metrics_keys = list(csv.DictReader(handle).fieldnames or [])
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSVLogger that appends to the ``metrics.csv`` of a run resumed in place (no row lost)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
