@@ -229,6 +229,10 @@ class TextDataModule(TokenDataModule):
             if len(stream) < 2:
                 raise ValueError(f"dataset {self.name!r}: split {split!r} has {len(stream)} token(s); "
                                  "at least 2 are needed for one next-token target")
+            if split == "train" and len(stream) - 1 < self.seq_len:
+                raise ValueError(f"dataset {self.name!r}: the training split has {len(stream) - 1} next-token "
+                                 f"targets, fewer than one sequence (seq_len={self.seq_len}); valid: seq_len <= "
+                                 f"{max(len(stream) - 1, 1)}, or a longer training file")
             self.streams[split] = stream
             self.datasets[split] = ChunkedStream(stream, self.seq_len, self.input_pad_id)
 

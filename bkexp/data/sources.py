@@ -71,7 +71,14 @@ class LocalTextSource:
         return cls(str(folder), files)
 
     def load(self, split: str) -> list[str]:
-        text = (Path(self.data_dir) / self.files[split]).read_text(encoding="utf-8")
+        path = Path(self.data_dir) / self.files[split]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"dataset.files.{split}: {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                f"{err.start}); convert it, e.g. `iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt`"
+            ) from None
         return split_lines(text)
 
     def describe(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 from hydra.utils import get_object
@@ -62,9 +63,53 @@ def validate_keys(node: Any, path: str) -> None:
             validate_keys(item, f"{path}[{i}]")
 
 
+# Model sizes that must be positive integers wherever they appear in the model subtree.
+POSITIVE_INT_KEYS = ("d_model", "n_layers", "n_heads", "d_state", "d_conv", "expand", "d_ff", "n_experts",
+                     "top_k", "head_dim")
+
+
+def _number(path: str, value: Any, low: float, low_open: bool, high: float | None = None,
+            high_open: bool = True, valid: str = "") -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low)
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        raise ConfigError(f"{path}={value!r} is not valid; valid: {valid}")
+
+
+def validate_values(cfg: DictConfig) -> None:
+    """Values that would otherwise fail deep inside torch (or train on nonsense): sizes, optimizer settings."""
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, DictConfig):
+            for key in node.keys():
+                child = node._get_node(key)
+                if key in POSITIVE_INT_KEYS and not isinstance(child, (DictConfig, ListConfig)):
+                    value = node.get(key)
+                    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                        raise ConfigError(f"{path}.{key}={value!r} is not valid; valid: a positive integer")
+                walk(child, f"{path}.{key}")
+
+    if cfg.get("model") is not None:
+        walk(cfg.model, "model")
+    optimizer = cfg.get("optimizer")
+    if optimizer is not None:
+        if "lr" in optimizer:
+            _number("optimizer.lr", optimizer.get("lr"), 0, True, valid="a finite number > 0 (e.g. 3e-4)")
+        if optimizer.get("weight_decay") is not None:
+            _number("optimizer.weight_decay", optimizer.get("weight_decay"), 0, False, valid="a number >= 0")
+        if optimizer.get("eps") is not None:
+            _number("optimizer.eps", optimizer.get("eps"), 0, True, valid="a number > 0")
+        for i, beta in enumerate(optimizer.get("betas") or []):
+            _number(f"optimizer.betas[{i}]", beta, 0, False, 1, valid="a number in [0, 1)")
+    every = cfg.get("checkpoint_every_n_steps")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ConfigError(f"checkpoint_every_n_steps={every!r} is not valid; valid: a positive integer or null")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """All checks that must pass before data or models are built."""
     validate_top_level(cfg)
+    validate_values(cfg)
     for group in ("model", "dataset", "optimizer", "scheduler", "trainer", "quant", "flags"):
         if group in cfg and cfg[group] is not None:
             validate_keys(cfg._get_node(group), group)
