@@ -174,3 +174,56 @@ def test_sigkill_then_resume_is_bit_identical_on_wikitext2(train, tmp_path, wiki
     for key in EXACT_KEYS:
         assert resumed["metrics"][key] == full["metrics"][key], key
     assert resumed["tokens"]["train"] == full["tokens"]["train"]
+
+
+@pytest.mark.slow
+def test_sweep_resumes_in_place_skipping_finished_jobs(train, tmp_path):
+    """A sweep killed in its second job: `resume=<sweep dir>` skips the finished job and resumes the other."""
+    marker = tmp_path / "killed-once"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), "-m", f"paths.root_dir={tmp_path}", *SHORT,
+         "trainer.max_steps=4,10", "checkpoint_every_n_steps=2", *signal_at(5, signal.SIGKILL),
+         f"+callbacks.signal.marker={marker}"], cwd=REPO_ROOT, env=env_with_tests(), capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode == -signal.SIGKILL and marker.exists(), result.stderr[-3000:]
+    (sweep,) = list((tmp_path / "multirun").iterdir())
+    done, killed = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
+    finished_summary = (done / "summary.json").read_text()
+    assert read_summary(killed)["status"] == "running"
+
+    assert train(f"resume={sweep}", multirun=True) == sweep  # exits 0: every job ends ok
+    assert (done / "summary.json").read_text() == finished_summary  # skipped, untouched
+    summary = read_summary(killed)
+    assert summary["status"] == "ok" and summary["steps"] == 10
+    assert [r["from_step"] for r in summary["resumes"]] == [4]
+    assert summary["sweep"]["dir"] == str(sweep.resolve())
+    names = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    assert len(names) == 2 and names[0].startswith("best-") and names[1] == "last.ckpt"  # save_top_k=1, one last
+    assert (sweep / "summary.csv").is_file()
+
+
+@pytest.mark.slow
+def test_slurm_requeue_signal_path(tmp_path):
+    """SLURM preemption on CPU: Lightning's SLURMEnvironment handles SIGUSR1 (HPC checkpoint, `scontrol requeue`),
+    then SLURM's SIGTERM ends the run as interrupted. A fake `scontrol` on PATH records the requeue call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    scontrol.chmod(0o755)
+    env = {**env_with_tests(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_NTASKS": "1",
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "localhost", "SLURM_PROCID": "0",
+           "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), f"paths.root_dir={tmp_path}", *SHORT, "trainer.max_steps=40",
+         *signal_at(3, signal.SIGUSR1),
+         "+callbacks.term._target_=signals.SignalAt", "+callbacks.term.step=4", f"+callbacks.term.signum={int(signal.SIGTERM)}"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert calls.read_text().split() == ["requeue", "4242"]
+    run_dir = only_run(tmp_path)
+    (hpc,) = run_dir.glob("hpc_ckpt_*.ckpt")  # what the requeued job resumes from (Lightning finds it there)
+    assert checkpoint_step(hpc) == 3
+    summary = read_summary(run_dir)
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM" and summary["step"] == 4
