@@ -1,4 +1,4 @@
-"""The ``bkexp`` command: ``bench``, ``report``, ``eval-quant``, ``prepare-data``, ``generate``, ``doctor`` (training
+"""The ``bkexp`` command: ``bench``, ``report``, ``eval``, ``eval-quant``, ``prepare-data``, ``generate``, ``doctor`` (training
 is ``python train.py``).
 
 Each subcommand lives in its own module and is imported only when used, so ``bkexp report`` does not pay
@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bkexp.bench", "micro-benchmarks of ops and blocks (bkexp bench bk-core|mamba|...)"),
     "report": ("bkexp.report.cli", "aggregate run/sweep directories into summary.csv/.md, comparison.json, plots"),
+    "eval": ("bkexp.eval.cli", "evaluate trained runs: other datasets, context lengths, lm-eval tasks, bit widths"),
     "eval-quant": ("bkexp.quant.cli", "evaluate a trained run at several weight bit widths"),
     "prepare-data": ("bkexp.data.prepare", "tokenise a streamed dataset once into a token cache later runs reuse"),
     "generate": ("bkexp.infer.cli", "continue a prompt with a trained run's model (incremental decoding)"),

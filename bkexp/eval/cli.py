@@ -1,0 +1,374 @@
+"""``bkexp eval RUN_DIR [...]``: measure trained runs on other datasets, at other context lengths, on downstream tasks.
+
+Modes (any combination; ``--datasets run`` when none is given):
+
+* ``--datasets run,wikitext2,text:PATH``: loss, perplexity, tokens, bits per byte and (word vocabularies) the
+  ``<unk>`` share on each corpus, then mean ± std across corpora (``eval/perplexity.{json,csv,md}``);
+* ``--lengths 128,256,...``: the same target tokens scored at every context length (``eval/length.*``, plots);
+* ``--tasks NAME,...``: lm-evaluation-harness tasks through the ``bkexp`` model class (``eval/lm_eval.json``);
+* ``--bits 16,8,4``: post-training quantization sweep (what ``bkexp eval-quant`` does).
+
+Each run is rebuilt from its ``.hydra/config.yaml``, its saved tokenizer and a checkpoint (``--checkpoint
+best|last|PATH``), and the causality check runs on it before anything is scored. A sweep directory stands for
+every run in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bkexp.eval.corpora import CorpusError, bits_per_byte, check_pairing, encode, load_corpus, parse_datasets
+from bkexp.utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"
+
+
+class EvalError(ValueError):
+    """Bad arguments or a run that cannot be evaluated as asked; the message says what is expected."""
+
+
+# ----------------------------------------------------------------------------- arguments
+def parse_lengths(text: str) -> list[int]:
+    try:
+        lengths = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise EvalError(f"--lengths {text!r}: expected comma-separated integers, e.g. 128,256,512") from None
+    if not lengths or lengths[0] < 2:
+        raise EvalError(f"--lengths {text!r}: every length must be an integer >= 2")
+    return lengths
+
+
+def parse_stride(text: str | None, lengths: Sequence[int]) -> dict[int, int | None]:
+    """``None`` (non-overlapping), an integer number of tokens, or a fraction of each L such as 0.5."""
+    if text is None:
+        return {n: None for n in lengths}
+    try:
+        value = float(text)
+    except ValueError:
+        raise EvalError(f"--stride {text!r}: an integer (tokens) or a fraction of L in (0, 1)") from None
+    if 0 < value < 1:
+        return {n: max(1, int(n * value)) for n in lengths}
+    if value != int(value) or value < 1:
+        raise EvalError(f"--stride {text!r}: an integer >= 1 or a fraction in (0, 1)")
+    too_short = [n for n in lengths if n < value]
+    if too_short:
+        raise EvalError(f"--stride {int(value)} is longer than L={too_short}; a stride must be <= L")
+    return {n: int(value) for n in lengths}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bkexp eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("run_dirs", nargs="+", type=Path, help="run directories, or sweep directories holding runs")
+    p.add_argument("--checkpoint", default="best",
+                   help="best (checkpoints/best-*.ckpt, else last.ckpt), last, or a path to a .ckpt file")
+    p.add_argument("--datasets", default=None,
+                   help="corpora to score: run, NAME, NAME:DIR, text:PATH (comma-separated; default: run)")
+    p.add_argument("--split", default="test", help="split of run/NAME datasets: train, validation, test")
+    p.add_argument("--lengths", default=None, help="context lengths for the length sweep, e.g. 128,256,512,1024")
+    p.add_argument("--stride", default=None,
+                   help="length sweep with a sliding window: stride in tokens, or a fraction of L (e.g. 0.5)")
+    p.add_argument("--length-dataset", default="run", help="corpus of the length sweep (a --datasets entry)")
+    p.add_argument("--max-targets", type=int, default=None,
+                   help="length sweep: score at most this many targets (rounded down to a multiple of max L)")
+    p.add_argument("--batch-tokens", type=int, default=16384,
+                   help="length sweep: tokens per forward (windows per batch = batch_tokens // L, at least 1)")
+    p.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, comma-separated (needs .[eval])")
+    p.add_argument("--include-path", action="append", default=[], type=Path,
+                   help="folder of extra lm-eval task YAMLs (repeatable); bkexp's own are always included")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples per task")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: at most this many documents per task")
+    p.add_argument("--bits", default=None, help="post-training quantization sweep, e.g. 16,8,4 (bkexp eval-quant)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="change the run's config before rebuilding, e.g. dataset.data_dir=/data/wt2 (repeatable)")
+    p.add_argument("--no-causality-check", action="store_true",
+                   help="skip the causality check (only for models that are not autoregressive by design)")
+    return p
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class LoadedRun:
+    """A run rebuilt for evaluation: config, model with the checkpoint's weights, fitted tokenizer (or None)."""
+
+    run_dir: Path
+    cfg: Any
+    model: torch.nn.Module
+    tokenizer: Any
+    checkpoint: Path
+    summary: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.cfg.model.get("name", type(self.model).__name__))
+
+    @property
+    def train_len(self) -> int | None:
+        return self.cfg.get("seq_len")
+
+
+def load_run(run_dir: Path, checkpoint: str, overrides: Sequence[str], device: torch.device) -> LoadedRun:
+    """Rebuild a run's model and tokenizer exactly as trained and load a checkpoint's weights into the model."""
+    from hydra.utils import instantiate
+
+    from bkexp.quant.cli import find_checkpoint, load_model_weights, load_run_config
+
+    cfg = load_run_config(run_dir, overrides)
+    datamodule = instantiate(cfg.dataset)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
+    ckpt = Path(checkpoint) if checkpoint not in ("best", "last") else find_checkpoint(run_dir, checkpoint)
+    load_model_weights(model, ckpt)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return LoadedRun(run_dir, cfg, model.to(device).eval(), getattr(datamodule, "tokenizer", None), ckpt, summary)
+
+
+def causality_check(run: LoadedRun, stream: torch.Tensor) -> None:
+    from bkexp.train.causality import check_causality
+
+    n = min(int(run.train_len or 64), stream.numel() // 2)
+    sample = stream[: 2 * n].view(2, n)
+    check_causality(run.model, sample, run.model.vocab_size, name=f"model {run.name!r} of {run.run_dir}")
+
+
+def expand_run_dirs(paths: Sequence[Path]) -> list[Path]:
+    runs: list[Path] = []
+    for path in paths:
+        if (path / ".hydra" / "config.yaml").is_file():
+            runs.append(path)
+            continue
+        jobs = sorted(p.parent.parent for p in path.glob("*/.hydra/config.yaml")) if path.is_dir() else []
+        if not jobs:
+            raise EvalError(f"{path} is neither a run directory (no .hydra/config.yaml) nor a sweep directory "
+                            "holding runs")
+        runs.extend(jobs)
+    return runs
+
+
+# ----------------------------------------------------------------------------- results
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.{digits}g}" if abs(value) < 1e5 else f"{value:.0f}"
+    return str(value)
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def _write_table(out: Path, stem: str, record: dict[str, Any], rows: list[dict[str, Any]],
+                 columns: Sequence[str], md_lines: list[str]) -> None:
+    import pandas as pd
+
+    atomic_write_text(out / f"{stem}.json", json.dumps(_jsonable(record), indent=2) + "\n")
+    atomic_write_text(out / f"{stem}.csv", pd.DataFrame(rows, columns=list(columns)).to_csv(index=False))
+    atomic_write_text(out / f"{stem}.md", "\n".join(md_lines) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None with fewer than two values)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return None, None
+    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else None
+
+
+def _header(run: LoadedRun, device: torch.device) -> dict[str, Any]:
+    return {"run_dir": str(run.run_dir.resolve()), "model": run.name, "checkpoint": str(run.checkpoint),
+            "train_seq_len": run.train_len, "device": str(device),
+            "tokenizer": run.tokenizer.describe() if run.tokenizer is not None else None}
+
+
+# ----------------------------------------------------------------------------- perplexity on several corpora
+def eval_datasets(run: LoadedRun, items: Sequence[str], split: str, device: torch.device) -> dict[str, Any]:
+    from bkexp.eval.scoring import score_stream
+
+    check_pairing(run.tokenizer, run.model.vocab_size, run.cfg.dataset.get("name"))
+    corpora = [load_corpus(item, run.cfg, split) for item in items]  # all read before anything is scored
+    encoded = [encode(c, run.tokenizer) for c in corpora]
+    causality_check(run, encoded[0][0])
+    seq_len = int(run.train_len)
+    batch = int(run.cfg.dataset.get("eval_batch_size") or run.cfg.dataset.get("batch_size") or 1)
+    rows = []
+    for corpus, (stream, stats) in zip(corpora, encoded):
+        # The training chunking (seq_len windows, eval batch size): on the run's own test split this is
+        # bit-for-bit the batches of trainer.test, so the perplexity reproduces summary.json's.
+        score = score_stream(run.model, stream, seq_len, batch_size=batch, device=device, measure_memory=False)
+        row = {"dataset": corpus.name, "split": None if corpus.name.startswith("text:") else split,
+               "loss": score.loss, "ppl": score.ppl, "tokens": stats["tokens"], "targets": score.targets,
+               "bytes": stats["bytes"], "bits_per_byte": bits_per_byte(score.loss_sum, stats["bytes"]),
+               "unk_share": stats.get("unk_share"), "oov_share": stats.get("oov_share"),
+               "tokens_per_sec": score.tokens_per_sec, "source": corpus.source}
+        rows.append(row)
+        log.info("%s on %s: ppl %.4f, %d tokens", run.name, corpus.name, row["ppl"], row["tokens"])
+    ppl_mean, ppl_std = mean_std([r["ppl"] for r in rows])
+    bpb_mean, bpb_std = mean_std([r["bits_per_byte"] for r in rows])
+    return {**_header(run, device), "split": split, "window": seq_len, "batch_size": batch, "datasets": rows,
+            "mean": {"ppl": ppl_mean, "bits_per_byte": bpb_mean},
+            "std": {"ppl": ppl_std, "bits_per_byte": bpb_std}}
+
+
+PPL_COLUMNS = ("dataset", "loss", "ppl", "bits_per_byte", "tokens", "bytes", "unk_share", "oov_share")
+
+
+def write_datasets(out: Path, record: dict[str, Any]) -> None:
+    rows = record["datasets"]
+    md = [f"# Perplexity on {len(rows)} corpora: {record['model']}", "",
+          f"Run `{record['run_dir']}`, checkpoint `{Path(record['checkpoint']).name}`, split `{record['split']}` "
+          f"(run/NAME datasets), windows of {record['window']} tokens (the training length, non-overlapping). "
+          "bits_per_byte = summed loss in bits / UTF-8 bytes of the text; unk_share = share of tokens that are "
+          "`<unk>`, oov_share = share of tokens that became `<unk>` because the word is not in the training "
+          "vocabulary (word-level tokenizers only).", ""]
+    md += _md_table(PPL_COLUMNS, [[r[c] for c in PPL_COLUMNS] for r in rows])
+    mean, std = record["mean"], record["std"]
+    md += ["", f"Mean ± std over {len(rows)} corpora: perplexity {_fmt(mean['ppl'])} ± {_fmt(std['ppl'])}, "
+           f"bits per byte {_fmt(mean['bits_per_byte'])} ± {_fmt(std['bits_per_byte'])}."]
+    _write_table(out, "perplexity", record, rows, PPL_COLUMNS, md)
+
+
+# ----------------------------------------------------------------------------- length generalisation
+def eval_lengths(run: LoadedRun, lengths: Sequence[int], stride: str | None, dataset: str, split: str,
+                 max_targets: int | None, batch_tokens: int, device: torch.device) -> dict[str, Any]:
+    from bkexp.eval.scoring import score_stream
+
+    strides = parse_stride(stride, lengths)
+    check_pairing(run.tokenizer, run.model.vocab_size, run.cfg.dataset.get("name"))
+    corpus = load_corpus(dataset, run.cfg, split)
+    stream, stats = encode(corpus, run.tokenizer)
+    longest = max(lengths)
+    available = stream.numel() - 1
+    if available < longest:
+        raise EvalError(f"--lengths up to {longest} needs at least {longest + 1} tokens, but {corpus.name} has "
+                        f"{stream.numel()}; use a longer --length-dataset or smaller lengths")
+    n_targets = available // longest * longest
+    if max_targets is not None:
+        if max_targets < longest:
+            raise EvalError(f"--max-targets {max_targets} is below the longest length {longest}")
+        n_targets = min(n_targets, max_targets // longest * longest)
+    causality_check(run, stream)
+    rows = []
+    for length in lengths:
+        score = score_stream(run.model, stream, length, stride=strides[length], n_targets=n_targets,
+                             batch_tokens=batch_tokens, device=device)
+        row = score.to_dict()
+        row["bits_per_byte"] = None  # a prefix of the corpus: bytes are not tracked per target
+        rows.append(row)
+        log.info("%s L=%d: %s", run.name, length, f"ppl {row['ppl']:.4f}" if score.status == "ok" else score.status)
+    return {**_header(run, device), "dataset": corpus.name, "source": corpus.source, "split": split,
+            "targets": n_targets, "corpus_tokens": stats["tokens"],
+            "mode": "sliding" if stride is not None else "non-overlapping", "stride": stride, "lengths": rows}
+
+
+LENGTH_COLUMNS = ("length", "stride", "status", "loss", "ppl", "tokens_per_sec", "peak_mb", "windows", "targets")
+
+
+def write_lengths(out: Path, record: dict[str, Any]) -> list[Path]:
+    from bkexp.eval.plots import length_plots, position_plot
+
+    rows = record["lengths"]
+    title = f"{record['model']}: {record['dataset']} ({record['targets']} targets)"
+    md = [f"# Perplexity vs context length: {record['model']}", "",
+          f"Run `{record['run_dir']}`, checkpoint `{Path(record['checkpoint']).name}`, trained at "
+          f"L={record['train_seq_len']}. The same {record['targets']} target tokens of {record['dataset']} "
+          f"({record['split']}) are scored at every L ({record['mode']} windows"
+          + (f", stride {record['stride']}" if record["stride"] else "") + "). tokens/s counts scored tokens on "
+          f"{record['device']}; peak_mb is the process peak (CPU: resident set) while scoring that L.", ""]
+    md += _md_table(LENGTH_COLUMNS, [[r.get(c) for c in LENGTH_COLUMNS] for r in rows])
+    oom = [r for r in rows if r["status"] != "ok"]
+    if oom:
+        md += ["", "Out of memory: " + "; ".join(f"L={r['length']}: {r['error']}" for r in oom)]
+    _write_table(out, "length", record, rows, LENGTH_COLUMNS, md)
+    plots = length_plots([(record["model"], rows)], record["train_seq_len"], out, title)
+    plots.append(position_plot(rows, out, title))
+    return plots
+
+
+# ----------------------------------------------------------------------------- driver
+def eval_one(run_dir: Path, args: argparse.Namespace) -> list[Path]:
+    device = resolve_device(args.device)
+    run = load_run(run_dir, args.checkpoint, args.override, device)
+    out = run_dir / EVAL_DIR
+    written: list[Path] = []
+    if args.datasets is not None or not (args.lengths or args.tasks or args.bits):
+        record = eval_datasets(run, parse_datasets(args.datasets or "run"), args.split, device)
+        write_datasets(out, record)
+        written.append(out / "perplexity.md")
+    if args.lengths:
+        record = eval_lengths(run, parse_lengths(args.lengths), args.stride, args.length_dataset, args.split,
+                              args.max_targets, args.batch_tokens, device)
+        written += [out / "length.md", *write_lengths(out, record)]
+    if args.tasks:
+        from bkexp.eval.harness import run_tasks, write_lm_eval
+
+        record = run_tasks(run, args.tasks, args.include_path, args.num_fewshot, args.limit, device)
+        written.append(write_lm_eval(out, record))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.lengths:
+            parse_stride(args.stride, parse_lengths(args.lengths))  # bad arguments fail before any model loads
+        if args.datasets:
+            parse_datasets(args.datasets)
+        runs = expand_run_dirs(args.run_dirs)
+        if args.bits:
+            from bkexp.quant.cli import main as eval_quant
+
+            code = eval_quant([*map(str, runs), "--bits", args.bits, "--checkpoint", args.checkpoint,
+                               "--device", args.device, *[f"--override={o}" for o in args.override]])
+            if code:
+                return code
+        for run_dir in runs:
+            for path in eval_one(run_dir, args):
+                print(f"[bkexp] eval: {path}", flush=True)
+                if path.suffix == ".md":
+                    print(path.read_text())
+    except (EvalError, CorpusError, ValueError, FileNotFoundError) as exc:
+        print(f"bkexp eval: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The text corpora ``bkexp eval --datasets`` scores a run on, read and tokenised with the run's own tokenizer.
+
+``--datasets`` is a comma-separated list of:
+
+* ``run``: the run's own dataset, exactly as configured for training (its ``--split``);
+* ``NAME``: a text dataset config of ``conf/dataset`` (``wikitext2``, ``wikitext103``, ``ptb``, ...): from the
+  hub when its config has one, or, when ``NAME`` is the dataset the run trained on, from the run's own
+  ``data_dir``;
+* ``NAME:DIR``: that config's split file (e.g. ``wiki.test.tokens``) inside the local folder ``DIR``;
+* ``text:PATH``: a plain UTF-8 file, or a folder holding ``test.txt`` (``valid.txt`` / ``train.txt`` for the
+  other splits).
+
+The tokenizer is never refitted: a word-level vocabulary stays the training split's, and words outside it
+become ``<unk>``, whose share is reported (a word-level model scored on another corpus looks better than
+it is when many words collapse into one cheap ``<unk>``). Bits per byte divide the summed loss (in bits) by
+the UTF-8 bytes of the corpus text (its lines joined by newlines), so models with different tokenizers are
+comparable; the first token of a corpus has no context and is not scored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from bkexp.data.sources import SPLITS, HubTextSource, split_lines
+
+TEXT_TARGET = "bkexp.data.TextDataModule"
+TEXT_FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
+
+
+class CorpusError(ValueError):
+    """A ``--datasets`` entry that cannot be honoured; the message names it and the valid choices."""
+
+
+def conf_dir() -> Path:
+    """The repository's ``conf/`` (bkexp is installed from a checkout: ``pip install -e .``)."""
+    import bkexp
+
+    path = Path(bkexp.__file__).resolve().parents[1] / "conf"
+    if not (path / "dataset").is_dir():
+        raise CorpusError(f"cannot find the config tree (expected {path}/dataset); run bkexp from a checkout "
+                          "installed with `pip install -e .`, or use text:PATH")
+    return path
+
+
+def dataset_configs() -> dict[str, Path]:
+    return {p.stem: p for p in sorted((conf_dir() / "dataset").glob("*.yaml"))}
+
+
+@dataclass
+class Corpus:
+    """One text to score: its name, where it came from, and its lines."""
+
+    name: str
+    source: dict[str, Any]
+    lines: list[str]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(len(line.encode("utf-8")) + 1 for line in self.lines)
+
+
+def _read_file(path: Path, name: str) -> list[str]:
+    if not path.is_file():
+        folder = path.parent
+        present = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        where = f"(files there: {present})" if folder.is_dir() else f"(no folder {folder})"
+        raise CorpusError(f"--datasets {name}: no such file {path} {where}")
+    lines = split_lines(path.read_text(encoding="utf-8"))
+    if sum(len(line.split()) for line in lines) == 0 and not any(lines):
+        raise CorpusError(f"--datasets {name}: {path} is empty")
+    return lines
+
+
+def _text_dataset_config(name: str, cfg: DictConfig) -> dict[str, Any]:
+    """The dataset config for NAME: the run's own when it trained on NAME, else conf/dataset/NAME.yaml."""
+    if cfg.get("dataset") is not None and cfg.dataset.get("name") == name:
+        return OmegaConf.to_container(cfg.dataset, resolve=False)
+    configs = dataset_configs()
+    if name not in configs:
+        raise CorpusError(f"--datasets: unknown dataset {name!r}; valid: run, text:PATH, "
+                          f"{', '.join(configs)} (NAME or NAME:DIR)")
+    return OmegaConf.to_container(OmegaConf.load(configs[name]), resolve=False)
+
+
+def _require_text(name: str, config: dict[str, Any]) -> None:
+    if config.get("_target_") != TEXT_TARGET:
+        raise CorpusError(f"--datasets {name}: {config.get('_target_')} is not a text dataset (synthetic tasks "
+                          "generate their own tokens, there is no text to score with a tokenizer); valid: run, "
+                          f"text:PATH, {', '.join(n for n, p in dataset_configs().items() if _is_text(p))}")
+
+
+def _is_text(path: Path) -> bool:
+    return OmegaConf.load(path).get("_target_") == TEXT_TARGET
+
+
+def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
+    """One ``--datasets`` entry (see the module docstring) read as lines; raises CorpusError with the fix."""
+    if split not in SPLITS:
+        raise CorpusError(f"--split {split!r}; valid: {', '.join(SPLITS)}")
+    name, _, path = item.partition(":")
+    name = name.strip()
+    if name == "text":
+        if not path:
+            raise CorpusError("--datasets text needs a path: text:FILE or text:DIR (with test.txt)")
+        target = Path(path).expanduser()
+        file = target / TEXT_FILES[split] if target.is_dir() else target
+        return Corpus(item, {"kind": "local", "path": str(file.resolve())}, _read_file(file, item))
+    if name == "run":
+        name = str(cfg.dataset.get("name"))
+        config = OmegaConf.to_container(cfg.dataset, resolve=True)
+        _require_text(f"run ({name})", config)
+        label = "run"
+    else:
+        config = _text_dataset_config(name, cfg)
+        _require_text(name, config)
+        label = item
+    files = config.get("files") or {}
+    data_dir = path or config.get("data_dir")
+    if isinstance(data_dir, str) and "${" in data_dir:  # the run's own config: resolve its interpolations
+        data_dir = OmegaConf.to_container(cfg.dataset, resolve=True).get("data_dir")
+    if data_dir:
+        file = Path(data_dir).expanduser() / str(files.get(split))
+        return Corpus(label, {"kind": "local", "dataset": name, "path": str(file.resolve())},
+                      _read_file(file, label))
+    hub = config.get("hub")
+    if not hub:
+        raise CorpusError(f"--datasets {label}: dataset {name!r} has no hub source; give its folder: {name}:DIR "
+                          f"(holding {files.get(split)})")
+    try:
+        source = HubTextSource.build(name, hub, files)
+        lines = source.load(split)
+    except RuntimeError as err:
+        raise CorpusError(f"--datasets {label}: {err} (with this command: {name}:DIR)") from err
+    return Corpus(label, source.describe(), lines)
+
+
+def parse_datasets(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise CorpusError("--datasets is empty; e.g. --datasets run,text:/path/to/file.txt")
+    if len(set(items)) != len(items):
+        raise CorpusError(f"--datasets lists an entry twice: {items}")
+    return items
+
+
+def check_pairing(tokenizer: Any, model_vocab: int, run_dataset: str | None) -> None:
+    """Refuse to score text with a run that has no text tokenizer, or whose tokenizer the model cannot read."""
+    if tokenizer is None:
+        raise CorpusError(f"the run trained on {run_dataset!r}, a synthetic task without a text tokenizer: its "
+                          "model cannot read text, so --datasets cannot be scored (only --lengths on its own data)")
+    if tokenizer.vocab_size != model_vocab:
+        raise CorpusError(f"the run's tokenizer has {tokenizer.vocab_size} ids but its model reads {model_vocab}: "
+                          "this tokenizer is not the one the model was trained with")
+
+
+def encode(corpus: Corpus, tokenizer: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The corpus as one token stream, and its token statistics (tokens, bytes, <unk> share for word vocabularies)."""
+    stream = tokenizer.encode_lines(corpus.lines)
+    if stream.numel() < 2:
+        raise CorpusError(f"--datasets {corpus.name}: {stream.numel()} token(s), at least 2 are needed")
+    stats: dict[str, Any] = {"tokens": int(stream.numel()), "bytes": corpus.num_bytes}
+    unk_id = getattr(tokenizer, "unk_id", None)
+    if unk_id is not None:
+        unk = int((stream == unk_id).sum())
+        stats["unk_share"] = unk / stream.numel()
+        stoi = getattr(tokenizer, "stoi", None)
+        if stoi is not None:  # words the vocabulary lacks, as opposed to a literal <unk> already in the text
+            words = [w for line in corpus.lines for w in line.split()]
+            stats["oov_share"] = sum(w not in stoi for w in words) / stream.numel()
+    return stream, stats
+
+
+def bits_per_byte(loss_sum: float, num_bytes: int) -> float:
+    return loss_sum / math.log(2) / num_bytes

@@ -1,0 +1,91 @@
+"""The lm-eval adapter on local task files: multiple choice and rolling log-likelihood against direct scoring."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("lm_eval")
+
+from bkexp.cli import main as bkexp_main  # noqa: E402
+from bkexp.eval.cli import load_run  # noqa: E402
+from bkexp.eval.harness import BkexpLM, encode_text, write_local_task  # noqa: E402
+from bkexp.eval.scoring import score_stream  # noqa: E402
+
+MC = [{"query": "The game was released in", "choices": ["Japan", "the", "of"], "gold": 0},
+      {"query": "He was born in", "choices": ["the", "1990", "and"], "gold": 1},
+      {"query": "The album", "choices": ["was", "of", "<unk>"], "gold": 0},
+      {"query": "In the", "choices": ["season", "film", "game"], "gold": 2}]
+DOCS = [{"text": "The game was released in Japan .\nIt was a commercial success ."},
+        # 96 tokens: three full windows of max_length 32 (lm_eval gives a last, partial window more context)
+        {"text": " = Valkyria Chronicles = \n" + "The album was recorded in 1995 and the band toured . " * 8
+         + "in Japan ."}]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def choice_loglik(model, tokenizer, context: str, choice: str) -> float:
+    ctx, whole = encode_text(tokenizer, context), encode_text(tokenizer, context + " " + choice)
+    x = torch.tensor(whole[:-1])[None]
+    with torch.no_grad():
+        logp = F.log_softmax(model(x).float(), -1)[0]
+    return sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole)))
+
+
+@pytest.mark.slow  # lm_eval's evaluation loop takes ~30 s even on four documents
+def test_local_multiple_choice_and_rolling_tasks_match_direct_scoring(word_run: Path, tmp_path: Path, capsys):
+    tasks = tmp_path / "tasks"
+    write_local_task(tasks, "wt_mc", "multiple_choice", write_jsonl(tmp_path / "mc.jsonl", MC))
+    write_local_task(tasks, "wt_ppl", "rolling", write_jsonl(tmp_path / "docs.jsonl", DOCS))
+    assert bkexp_main(["eval", str(word_run), "--tasks", "wt_mc,wt_ppl", "--include-path", str(tasks)]) == 0
+    record = json.loads((word_run / "eval" / "lm_eval.json").read_text())
+    metrics = {(r["task"], r["metric"]): r for r in record["metrics"]}
+
+    run = load_run(word_run, "best", (), torch.device("cpu"))
+    predicted = [max(range(3), key=lambda k: choice_loglik(run.model, run.tokenizer, d["query"], d["choices"][k]))
+                 for d in MC]
+    expected_acc = sum(p == d["gold"] for p, d in zip(predicted, MC)) / len(MC)
+    assert metrics[("wt_mc", "acc")]["value"] == pytest.approx(expected_acc)
+    assert metrics[("wt_mc", "acc")]["stderr"] is not None and metrics[("wt_mc", "acc")]["n"] == 4
+
+    # Rolling log-likelihood = the stream scorer on [end-of-line] + document in disjoint windows of max_length.
+    eol = run.tokenizer.encode_lines([""]).tolist()
+    total_nll = 0.0
+    for doc in DOCS:
+        stream = torch.tensor(eol + encode_text(run.tokenizer, doc["text"]))
+        assert stream.numel() - 1 in (14, 96)
+        total_nll += score_stream(run.model, stream, run.train_len, measure_memory=False).loss_sum
+    words = sum(len(re.split(r"\s+", d["text"])) for d in DOCS)  # lm_eval's word count (edge spaces count)
+    assert metrics[("wt_ppl", "word_perplexity")]["value"] == pytest.approx(math.exp(total_nll / words), rel=1e-4)
+    n_bytes = sum(len(d["text"].encode()) for d in DOCS)
+    assert metrics[("wt_ppl", "bits_per_byte")]["value"] == pytest.approx(total_nll / n_bytes / math.log(2), rel=1e-4)
+    assert "| wt_mc | acc |" in (word_run / "eval" / "lm_eval.md").read_text()
+
+
+def test_generate_until_names_the_missing_decoding_interface(word_run: Path):
+    run = load_run(word_run, "best", (), torch.device("cpu"))
+    lm = BkexpLM(model=run.model, tokenizer=run.tokenizer, max_length=32, device="cpu")
+    with pytest.raises(NotImplementedError, match="bkexp.infer"):
+        lm.generate_until([])
+
+
+def test_bad_task_files_are_refused(tmp_path: Path):
+    with pytest.raises(ValueError, match="task kind 'essay'; valid: multiple_choice, rolling"):
+        write_local_task(tmp_path, "t", "essay", tmp_path / "x.jsonl")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        write_local_task(tmp_path, "t", "rolling", tmp_path / "x.jsonl")
+
+
+@pytest.mark.slow  # indexes every built-in lm_eval task
+def test_unknown_tasks_are_refused_before_evaluation(word_run: Path, capsys):
+    assert bkexp_main(["eval", str(word_run), "--tasks", "no_such_task_xyz"]) == 2
+    assert "unknown task(s) ['no_such_task_xyz']" in capsys.readouterr().err
