@@ -8,6 +8,9 @@ Modes (any combination; ``--datasets run`` when none is given):
 * ``--tasks NAME,...``: lm-evaluation-harness tasks through the ``bkexp`` model class (``eval/lm_eval.json``);
 * ``--bits 16,8,4``: post-training quantization sweep (what ``bkexp eval-quant`` does).
 
+``bkexp eval make-task NAME --kind multiple_choice|rolling --data FILE.jsonl --out DIR`` writes a local lm-eval
+task; ``bkexp eval install-lm-eval`` lets ``lm_eval --model bkexp --model_args run=RUN_DIR`` find the model.
+
 Each run is rebuilt from its ``.hydra/config.yaml``, its saved tokenizer and a checkpoint (``--checkpoint
 best|last|PATH``), and the causality check runs on it before anything is scored. A sweep directory stands for
 every run in it.
@@ -343,8 +346,48 @@ def eval_one(run_dir: Path, args: argparse.Namespace) -> list[Path]:
     return written
 
 
+def make_task(argv: list[str]) -> int:
+    """``bkexp eval make-task NAME --kind multiple_choice|rolling --data FILE.jsonl --out DIR``."""
+    from bkexp.eval.harness import TASK_KINDS, write_local_task
+
+    p = argparse.ArgumentParser(prog="bkexp eval make-task",
+                                description="write an lm-eval task YAML that reads a local JSON-lines file")
+    p.add_argument("name", help="task name (what --tasks takes)")
+    p.add_argument("--kind", required=True, choices=list(TASK_KINDS),
+                   help='multiple_choice: {"query", "choices", "gold"} per line; rolling: {"text"} per line')
+    p.add_argument("--data", required=True, type=Path, help="the JSON-lines file")
+    p.add_argument("--out", required=True, type=Path, help="folder of task YAMLs (pass it as --include-path)")
+    args = p.parse_args(argv)
+    try:
+        print(f"[bkexp] eval: wrote {write_local_task(args.out, args.name, args.kind, args.data)}")
+    except FileNotFoundError as exc:
+        print(f"bkexp eval make-task: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def install_lm_eval(argv: list[str]) -> int:
+    """``bkexp eval install-lm-eval [--user] [--remove]``: let ``lm_eval --model bkexp`` find the model class."""
+    from bkexp.eval.lm_eval_hook import write_pth
+
+    p = argparse.ArgumentParser(prog="bkexp eval install-lm-eval",
+                                description="register the bkexp model class with lm_eval's own command line "
+                                            "(a start-up .pth file in site-packages)")
+    p.add_argument("--user", action="store_true", help="into the user site-packages instead")
+    p.add_argument("--remove", action="store_true", help="remove the start-up file")
+    args = p.parse_args(argv)
+    path = write_pth(user=args.user, remove=args.remove)
+    print(f"[bkexp] eval: {'removed' if args.remove else 'wrote'} {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "make-task":
+        return make_task(argv[1:])
+    if argv and argv[0] == "install-lm-eval":
+        return install_lm_eval(argv[1:])
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.lengths:

@@ -8,7 +8,7 @@ Text is tokenised with the run's own tokenizer (:func:`encode_text`: a newline i
 token, as in training). A request longer than ``max_length`` (default: the training ``seq_len``) keeps its
 last ``max_length`` tokens, as lm_eval's Hugging Face model does. ``loglikelihood_rolling`` scores documents in
 disjoint windows of ``max_length`` tokens with the end-of-line token as the first context. ``generate_until``
-needs incremental decoding (``bkexp.infer``, the inference issue) and raises until it exists.
+decodes with :func:`bkexp.infer.generate` (prefill/step: constant cost per token for BK and Mamba).
 
 Local tasks: ``bkexp/eval/tasks`` holds base configs for multiple-choice and rolling-perplexity tasks that read
 JSON lines from local files (``dataset_path: json``, ``dataset_kwargs.data_files``); :func:`write_local_task`
@@ -19,6 +19,7 @@ tasks download from the Hugging Face hub and run unchanged where it is reachable
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,9 +34,10 @@ try:
 except ImportError as err:  # the optional extra
     raise ImportError("lm-evaluation-harness is not installed: pip install -e '.[eval]' (lm_eval 0.4.x)") from err
 
+log = logging.getLogger(__name__)
+
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 TASK_KINDS = {"multiple_choice": "_bkexp_multiple_choice.yaml", "rolling": "_bkexp_rolling.yaml"}
-INFER_API = "bkexp.infer (prefill/step incremental decoding, the inference issue)"
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
@@ -66,6 +68,10 @@ class BkexpLM(TemplateLM):
         super().__init__()
         from bkexp.eval.cli import resolve_device
 
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            # lm_eval's command line passes --device cuda by default, also on machines without a GPU
+            log.warning("bkexp lm_eval model: device %s is not available, using the CPU", device)
+            device = "cpu"
         self._device = resolve_device(device or "auto")
         self.run_dir = run
         if run is not None:
@@ -143,9 +149,32 @@ class BkexpLM(TemplateLM):
         return out
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        raise NotImplementedError(
-            f"generate_until (generative tasks such as SQuAD, GSM8K) needs incremental decoding from {INFER_API}, "
-            "which bkexp does not have yet; log-likelihood tasks (multiple choice, perplexity) work")
+        """Greedy (or sampled, with ``do_sample``) continuations through bkexp.infer's prefill/step decoding, cut
+        at the first ``until`` string; the context keeps its last ``max_length`` tokens."""
+        from bkexp.infer import Sampling, generate
+
+        out = []
+        for request in requests:
+            context, gen_kwargs = request.args
+            kwargs = dict(gen_kwargs or {})
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else [u for u in until if u]
+            max_new = int(kwargs.pop("max_gen_toks", 256))
+            sample = bool(kwargs.pop("do_sample", False))
+            sampling = Sampling(temperature=float(kwargs.pop("temperature", 1.0)) if sample else 0.0,
+                                top_k=kwargs.pop("top_k", None), top_p=float(kwargs.pop("top_p", 1.0)))
+            prompt = (self.tok_encode(context) if context else [self.prefix_token_id])[-self.max_length:]
+
+            def stop(tokens: list[int]) -> bool:
+                text = self.tok_decode(tokens)
+                return any(u in text for u in until)
+
+            tokens = generate(self.model, [prompt], max_new, sampling, stop=stop if until else None)[0]
+            text = self.tok_decode(tokens)
+            for u in until:
+                text = text.split(u, 1)[0]
+            out.append(text)
+        return out
 
     def get_model_info(self) -> dict[str, Any]:
         return {"bkexp_run": self.run_dir, "max_length": self.max_length,

@@ -71,11 +71,25 @@ def test_local_multiple_choice_and_rolling_tasks_match_direct_scoring(word_run: 
     assert "| wt_mc | acc |" in (word_run / "eval" / "lm_eval.md").read_text()
 
 
-def test_generate_until_names_the_missing_decoding_interface(word_run: Path):
+class Request:
+    def __init__(self, *args) -> None:
+        self.args = args
+
+
+def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(word_run: Path):
     run = load_run(word_run, "best", (), torch.device("cpu"))
     lm = BkexpLM(model=run.model, tokenizer=run.tokenizer, max_length=32, device="cpu")
-    with pytest.raises(NotImplementedError, match="bkexp.infer"):
-        lm.generate_until([])
+    context = "The game was released in"
+    ids = encode_text(run.tokenizer, context)
+    with torch.no_grad():  # reference: the full forward, arg-max, one token at a time
+        for _ in range(6):
+            ids.append(int(run.model(torch.tensor(ids)[None])[0, -1].argmax()))
+    expected = run.tokenizer.decode(ids[len(encode_text(run.tokenizer, context)):])
+    free, = lm.generate_until([Request(context, {"max_gen_toks": 6})])
+    assert free == expected
+    stop = expected.split()[2]
+    cut, = lm.generate_until([Request(context, {"max_gen_toks": 6, "until": [stop]})])
+    assert cut == expected.split(stop, 1)[0]
 
 
 def test_bad_task_files_are_refused(tmp_path: Path):
@@ -89,3 +103,27 @@ def test_bad_task_files_are_refused(tmp_path: Path):
 def test_unknown_tasks_are_refused_before_evaluation(word_run: Path, capsys):
     assert bkexp_main(["eval", str(word_run), "--tasks", "no_such_task_xyz"]) == 2
     assert "unknown task(s) ['no_such_task_xyz']" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two fresh interpreters, lm_eval's own command line
+def test_lm_eval_command_line_finds_the_bkexp_model_after_install(word_run: Path, tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    from testpaths import REPO_ROOT
+
+    env = {**os.environ, "PYTHONUSERBASE": str(tmp_path / "userbase"), "PYTHONPATH": str(REPO_ROOT),
+           "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    data = write_jsonl(tmp_path / "mc.jsonl", MC)
+    for args in (["make-task", "cli_mc", "--kind", "multiple_choice", "--data", str(data), "--out", str(tmp_path / "t")],
+                 ["install-lm-eval", "--user"]):
+        done = subprocess.run([sys.executable, "-m", "bkexp.cli", "eval", *args], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    assert (tmp_path / "userbase").rglob("bkexp-lm-eval.pth")
+    done = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "bkexp", "--model_args", f"run={word_run}",
+                           "--tasks", "cli_mc", "--include_path", str(tmp_path / "t"), "--device", "cpu"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cli_mc" in done.stdout and "acc" in done.stdout
