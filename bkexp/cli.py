@@ -1,5 +1,5 @@
-"""The ``bkexp`` command: ``bench``, ``report``, ``eval``, ``eval-quant``, ``prepare-data``, ``generate``, ``doctor`` (training
-is ``python train.py``).
+"""The ``bkexp`` command: ``bench``, ``report``, ``eval``, ``eval-quant``, ``prepare-data``, ``generate``,
+``doctor`` (training is ``python train.py``).
 
 Each subcommand lives in its own module and is imported only when used, so ``bkexp report`` does not pay
 for importing the kernels and ``bkexp bench`` does not import the reporting stack.

@@ -4,7 +4,7 @@
 run=RUN_DIR[,checkpoint=best,max_length=256,batch_size=16] --tasks ...`` does the same from lm_eval's own CLI
 once the registration hook is installed (``bkexp eval install-lm-eval``, see :mod:`bkexp.eval.lm_eval_hook`).
 
-Text is tokenised with the run's own tokenizer (:func:`encode_text`: a newline is the tokenizer's end-of-line
+Text is tokenised with the run's own tokenizer (``Tokenizer.encode``: a newline is the tokenizer's end-of-line
 token, as in training). A request longer than ``max_length`` (default: the training ``seq_len``) keeps its
 last ``max_length`` tokens, as lm_eval's Hugging Face model does. ``loglikelihood_rolling`` scores documents in
 disjoint windows of ``max_length`` tokens with the end-of-line token as the first context. ``generate_until``
@@ -38,16 +38,6 @@ log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 TASK_KINDS = {"multiple_choice": "_bkexp_multiple_choice.yaml", "rolling": "_bkexp_rolling.yaml"}
-
-
-def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` with the run's tokenizer: its lines encoded as in training, without the end-of-line
-    token training adds after the last line (``text`` decides whether it ends with a newline)."""
-    ids = tokenizer.encode_lines(text.split("\n")).tolist()
-    tail = tokenizer.encode_lines([""]).tolist()  # what an empty last line adds: the end-of-line token(s)
-    if tail and ids[-len(tail):] == tail:
-        return ids[: -len(tail)]
-    raise ValueError(f"tokenizer {tokenizer.describe()} does not end a line with {tail}; cannot encode free text")
 
 
 @register_model("bkexp")
@@ -86,7 +76,7 @@ class BkexpLM(TemplateLM):
         self.tokenizer = tokenizer
         self._max_length = int(max_length or 1024)
         self._batch_size = int(batch_size) if str(batch_size) != "auto" else 16
-        self._eot = encode_text_eol(tokenizer)
+        self._eot = end_of_line_id(tokenizer)
 
     @property
     def eot_token_id(self) -> int:
@@ -101,7 +91,7 @@ class BkexpLM(TemplateLM):
         return self._device
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        return encode_text(self.tokenizer, string)
+        return self.tokenizer.encode(string)
 
     def tok_decode(self, tokens: Sequence[int], **kwargs: Any) -> str:
         return self.tokenizer.decode(list(tokens))
@@ -181,7 +171,7 @@ class BkexpLM(TemplateLM):
                 "tokenizer": self.tokenizer.describe()}
 
 
-def encode_text_eol(tokenizer: Any) -> int:
+def end_of_line_id(tokenizer: Any) -> int:
     """The end-of-line token: lm_eval's end-of-text / empty-context token for bkexp tokenizers."""
     tail = tokenizer.encode_lines([""]).tolist()
     if len(tail) != 1:

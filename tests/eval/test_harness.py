@@ -15,7 +15,7 @@ pytest.importorskip("lm_eval")
 
 from bkexp.cli import main as bkexp_main  # noqa: E402
 from bkexp.eval.cli import load_run  # noqa: E402
-from bkexp.eval.harness import BkexpLM, encode_text, write_local_task  # noqa: E402
+from bkexp.eval.harness import BkexpLM, write_local_task  # noqa: E402
 from bkexp.eval.scoring import score_stream  # noqa: E402
 
 MC = [{"query": "The game was released in", "choices": ["Japan", "the", "of"], "gold": 0},
@@ -34,7 +34,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def choice_loglik(model, tokenizer, context: str, choice: str) -> float:
-    ctx, whole = encode_text(tokenizer, context), encode_text(tokenizer, context + " " + choice)
+    ctx, whole = tokenizer.encode(context), tokenizer.encode(context + " " + choice)
     x = torch.tensor(whole[:-1])[None]
     with torch.no_grad():
         logp = F.log_softmax(model(x).float(), -1)[0]
@@ -61,7 +61,7 @@ def test_local_multiple_choice_and_rolling_tasks_match_direct_scoring(word_run: 
     eol = run.tokenizer.encode_lines([""]).tolist()
     total_nll = 0.0
     for doc in DOCS:
-        stream = torch.tensor(eol + encode_text(run.tokenizer, doc["text"]))
+        stream = torch.tensor(eol + run.tokenizer.encode(doc["text"]))
         assert stream.numel() - 1 in (14, 96)
         total_nll += score_stream(run.model, stream, run.train_len, measure_memory=False).loss_sum
     words = sum(len(re.split(r"\s+", d["text"])) for d in DOCS)  # lm_eval's word count (edge spaces count)
@@ -80,11 +80,11 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(word_run: Path
     run = load_run(word_run, "best", (), torch.device("cpu"))
     lm = BkexpLM(model=run.model, tokenizer=run.tokenizer, max_length=32, device="cpu")
     context = "The game was released in"
-    ids = encode_text(run.tokenizer, context)
+    ids = run.tokenizer.encode(context)
     with torch.no_grad():  # reference: the full forward, arg-max, one token at a time
         for _ in range(6):
             ids.append(int(run.model(torch.tensor(ids)[None])[0, -1].argmax()))
-    expected = run.tokenizer.decode(ids[len(encode_text(run.tokenizer, context)):])
+    expected = run.tokenizer.decode(ids[len(run.tokenizer.encode(context)):])
     free, = lm.generate_until([Request(context, {"max_gen_toks": 6})])
     assert free == expected
     stop = expected.split()[2]
