@@ -29,7 +29,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from bkexp.data.sources import SPLITS, HubTextSource, split_lines
 
-TEXT_TARGET = "bkexp.data.TextDataModule"
 TEXT_FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
 
 
@@ -89,14 +88,14 @@ def _text_dataset_config(name: str, cfg: DictConfig) -> dict[str, Any]:
 
 
 def _require_text(name: str, config: dict[str, Any]) -> None:
-    if config.get("_target_") != TEXT_TARGET:
+    if "tokenizer" not in config:  # text datamodules read the top-level tokenizer; synthetic tasks have none
         raise CorpusError(f"--datasets {name}: {config.get('_target_')} is not a text dataset (synthetic tasks "
                           "generate their own tokens, there is no text to score with a tokenizer); valid: run, "
                           f"text:PATH, {', '.join(n for n, p in dataset_configs().items() if _is_text(p))}")
 
 
 def _is_text(path: Path) -> bool:
-    return OmegaConf.load(path).get("_target_") == TEXT_TARGET
+    return "tokenizer" in OmegaConf.load(path)
 
 
 def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
