@@ -17,7 +17,7 @@ from bkexp.ops.testing import as_real, rel_err
 DEFAULT_N = "256,512,1024,2048,4096,8192,16384"
 HEAD_DIM = 64
 # Least memory traffic of forward + backward per element: read v, write y (re, im); read v and dL/dy (re, im),
-# write dL/dv -- 4 + 8 + 4 + 8 + 4 bytes in float32 (shared/docs/bk_core.md; the roofline).
+# write dL/dv -- 4 + 8 + 4 + 8 + 4 bytes in float32 (docs/bk_core.md; the roofline of docs/kernels.md).
 MIN_BYTES_PER_ELEMENT = 28
 # Peak DRAM bandwidth (GB/s) by device-name fragment, first match wins; --peak-gbs overrides.
 KNOWN_PEAK_GBS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("A100-SXM4-80GB", 2039.0),

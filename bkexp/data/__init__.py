@@ -10,7 +10,14 @@ from bkexp.data.datamodule import (
 )
 from bkexp.data.streaming import StreamingTextDataModule, StreamSource, TokenChunks, text_datamodule
 from bkexp.data.synthetic import IGNORE_INDEX, iid_tokens, mqar, split_seed
-from bkexp.data.tokenizers import ByteTokenizer, PretrainedTokenizer, Tokenizer, WordTokenizer
+from bkexp.data.tokenizers import (
+    ByteTokenizer,
+    IdTokenizer,
+    PretrainedTokenizer,
+    Tokenizer,
+    WordTokenizer,
+    load_tokenizer,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -18,6 +25,7 @@ __all__ = [
     "ChunkedStream",
     "ExampleDataset",
     "IIDDataModule",
+    "IdTokenizer",
     "MQARDataModule",
     "PretrainedTokenizer",
     "StreamSource",
@@ -28,6 +36,7 @@ __all__ = [
     "Tokenizer",
     "WordTokenizer",
     "iid_tokens",
+    "load_tokenizer",
     "mqar",
     "split_seed",
     "text_datamodule",

@@ -3,7 +3,8 @@
 All of them yield batches ``{"input_ids": (B, N), "labels": (B, N)}`` (int64) where ``labels[:, t]`` is the
 target for the logits at position t and ``IGNORE_INDEX`` (-100) marks positions without loss. After
 ``prepare_data(); setup(stage)`` they expose ``vocab_size``, ``autoregressive``, ``has_answer_mask``,
-``ignore_index`` and ``describe()`` (the dataset record in summary.json).
+``ignore_index``, ``tokenizer`` (saved into the run directory) and ``describe()`` (the dataset record in
+summary.json).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from bkexp.data.sources import SPLITS, HubTextSource, LocalTextSource
 from bkexp.data.synthetic import IGNORE_INDEX, iid_tokens, mqar, split_seed
-from bkexp.data.tokenizers import Tokenizer
+from bkexp.data.tokenizers import IdTokenizer, Tokenizer
 
 
 class ChunkedStream(Dataset):
@@ -266,6 +267,11 @@ class _SyntheticDataModule(TokenDataModule):
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """Synthetic examples are token ids; this writes and reads them as numbers (saved with the run)."""
+        return IdTokenizer(self._vocab_size)
 
     def _generate(self, num_examples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

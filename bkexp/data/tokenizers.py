@@ -7,10 +7,16 @@ Every tokenizer has the same small interface, used by :class:`bkexp.data.TextDat
   end-of-line token (``<eos>`` for ``word``, the newline byte for ``byte``, ``"\\n"`` for pretrained BPE).
 - ``encode(text) -> list[int]``: free text (a prompt) as training would see it, without a final end-of-line.
 - ``decode(ids) -> str``, ``vocab_size``, ``name`` and ``describe() -> dict`` (recorded in summary.json).
+- ``save(directory)`` / :func:`load_tokenizer` ``(directory)``: what rebuilds the tokenizer exactly (the word
+  vocabulary, the pretrained ``tokenizer.json`` with its hub name and revision) in ``<run>/tokenizer/``, so
+  evaluation, generation and export decode with the run's own tokenizer without refitting it.
+
+Synthetic tasks have no text: :class:`IdTokenizer` stands for their token ids (decimal numbers).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections import Counter
@@ -21,9 +27,12 @@ from urllib.parse import urlparse
 
 import torch
 
+from bkexp.utils import atomic_write_json, atomic_write_text
+
 UNK = "<unk>"
 EOS = "<eos>"
 _TRUTHY = {"1", "on", "yes", "true"}
+CONFIG_FILE = "tokenizer_config.json"  # in a saved tokenizer directory: {"type": ..., settings}
 
 
 def hub_offline() -> bool:
@@ -83,6 +92,16 @@ class Tokenizer:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "vocab_size": self.vocab_size}
 
+    def state(self) -> dict[str, Any]:
+        """The settings :func:`load_tokenizer` rebuilds this tokenizer from (``type`` names the class)."""
+        raise NotImplementedError
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``tokenizer_config.json`` (and any files it names) into ``directory``; returns the directory."""
+        directory = Path(directory)
+        atomic_write_json(directory / CONFIG_FILE, self.state())
+        return directory
+
 
 def _as_int_list(ids: Iterable[int] | torch.Tensor) -> list[int]:
     return ids.tolist() if isinstance(ids, torch.Tensor) else [int(i) for i in ids]
@@ -113,8 +132,11 @@ class WordTokenizer(Tokenizer):
         self.max_size = max_size
         self.itos: list[str] | None = None
         self.stoi: dict[str, int] | None = None
+        self.loaded = False  # a vocabulary read by load_tokenizer is kept: fit() does not rebuild it
 
     def fit(self, train_lines: Sequence[str]) -> None:
+        if self.loaded:
+            return
         counts: Counter[str] = Counter()
         for line in train_lines:
             counts.update(line.split())
@@ -171,6 +193,28 @@ class WordTokenizer(Tokenizer):
         return {"name": self.name, "vocab_size": self.vocab_size if self.stoi is not None else None,
                 "min_freq": self.min_freq, "max_size": self.max_size}
 
+    def state(self) -> dict[str, Any]:
+        self._require_fitted()
+        return {"type": "word", "min_freq": self.min_freq, "max_size": self.max_size, "vocab_file": "vocab.txt"}
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        # One word per line, in id order: words never contain whitespace (they come from str.split()).
+        state = self.state()
+        atomic_write_text(Path(directory) / state["vocab_file"], "".join(w + "\n" for w in self.itos or ()))
+        return super().save(directory)
+
+    @classmethod
+    def from_vocab(cls, itos: Sequence[str], min_freq: int = 1, max_size: int | None = None) -> WordTokenizer:
+        """A fitted tokenizer with this vocabulary (id order); ``fit`` keeps it."""
+        if list(itos[:2]) != [UNK, EOS] or len(set(itos)) != len(itos):
+            raise ValueError(f"a word vocabulary starts with {UNK!r}, {EOS!r} and has no repeated entry; got "
+                             f"{list(itos[:3])}... ({len(itos)} entries, {len(set(itos))} distinct)")
+        tok = cls(min_freq=min_freq, max_size=max_size)
+        tok.itos = list(itos)
+        tok.stoi = {w: i for i, w in enumerate(tok.itos)}
+        tok.loaded = True
+        return tok
+
 
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes (ids 0-255); lines are joined by the newline byte, so decode(encode(text)) == text."""
@@ -187,6 +231,44 @@ class ByteTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         return bytes(_as_int_list(ids)).decode("utf-8", errors="replace")
+
+    def state(self) -> dict[str, Any]:
+        return {"type": "byte"}
+
+
+class IdTokenizer(Tokenizer):
+    """The token ids of a synthetic task (MQAR, i.i.d.) written as decimal numbers, one line per sequence.
+
+    ``encode_lines(["3 17 5"])`` is ``[3, 17, 5]`` (no end-of-line token: synthetic examples have none);
+    ``decode`` is the inverse. It lets generation and evaluation treat synthetic runs like text runs.
+    """
+
+    name = "ids"
+
+    def __init__(self, vocab_size: int) -> None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+        self._vocab_size = vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def encode_lines(self, lines: Sequence[str]) -> torch.Tensor:
+        ids: list[int] = []
+        for line in lines:
+            for word in line.split():
+                if not word.isdigit() or int(word) >= self._vocab_size:
+                    raise ValueError(f"token {word!r} is not an id in [0, {self._vocab_size}) (synthetic tasks "
+                                     "are written as space-separated token ids)")
+                ids.append(int(word))
+        return torch.tensor(ids, dtype=torch.long)
+
+    def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
+        return " ".join(str(i) for i in _as_int_list(ids))
+
+    def state(self) -> dict[str, Any]:
+        return {"type": "ids", "vocab_size": self._vocab_size}
 
 
 class PretrainedTokenizer(Tokenizer):
@@ -244,6 +326,37 @@ class PretrainedTokenizer(Tokenizer):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "vocab_size": self.vocab_size, "path": self.path, "revision": self.revision}
+
+    def state(self) -> dict[str, Any]:
+        return {"type": "pretrained", "name": self.name, "revision": self.revision, "source_path": self.path,
+                "file": "tokenizer.json"}
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        # The file itself, not only the hub name: a revision can move and the hub may be unreachable later.
+        atomic_write_text(Path(directory) / "tokenizer.json", self._tok.to_str())
+        return super().save(directory)
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+    """The tokenizer saved by ``Tokenizer.save(directory)``, rebuilt exactly (never refitted, never downloaded)."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    try:
+        state = json.loads(config_path.read_text(encoding="utf-8"))
+        kind = state["type"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{config_path}: not a saved bkexp tokenizer ({type(err).__name__}: {err})") from err
+    if kind == "word":
+        itos = (directory / state["vocab_file"]).read_text(encoding="utf-8").splitlines()
+        return WordTokenizer.from_vocab(itos, min_freq=state["min_freq"], max_size=state["max_size"])
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "ids":
+        return IdTokenizer(int(state["vocab_size"]))
+    if kind == "pretrained":
+        return PretrainedTokenizer(name=state["name"], path=str((directory / state["file"]).resolve()),
+                                   revision=state.get("revision"))
+    raise ValueError(f"{config_path}: unknown tokenizer type {kind!r}; valid: word, byte, ids, pretrained")
 
 
 def _absolute(path: str) -> str:

@@ -132,20 +132,15 @@ class LoadedRun:
 
 def load_run(run_dir: Path, checkpoint: str, overrides: Sequence[str], device: torch.device) -> LoadedRun:
     """Rebuild a run's model and tokenizer exactly as trained and load a checkpoint's weights into the model."""
-    from hydra.utils import instantiate
+    from bkexp.rundir import RunDir
 
-    from bkexp.quant.cli import find_checkpoint, load_model_weights, load_run_config
-
-    cfg = load_run_config(run_dir, overrides)
-    datamodule = instantiate(cfg.dataset)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
-    ckpt = Path(checkpoint) if checkpoint not in ("best", "last") else find_checkpoint(run_dir, checkpoint)
-    load_model_weights(model, ckpt)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return LoadedRun(run_dir, cfg, model.to(device).eval(), getattr(datamodule, "tokenizer", None), ckpt, summary)
+    run = RunDir(run_dir)
+    cfg = run.config(overrides)
+    datamodule = run.build_datamodule(cfg=cfg)
+    ckpt = run.checkpoint_path(checkpoint)
+    model = run.build_model(ckpt, device=device, cfg=cfg)
+    summary = run.summary() if run.summary_path.is_file() else {}
+    return LoadedRun(run_dir, cfg, model, getattr(datamodule, "tokenizer", None), ckpt, summary)
 
 
 def causality_check(run: LoadedRun, stream: torch.Tensor) -> None:
@@ -157,17 +152,12 @@ def causality_check(run: LoadedRun, stream: torch.Tensor) -> None:
 
 
 def expand_run_dirs(paths: Sequence[Path]) -> list[Path]:
-    runs: list[Path] = []
-    for path in paths:
-        if (path / ".hydra" / "config.yaml").is_file():
-            runs.append(path)
-            continue
-        jobs = sorted(p.parent.parent for p in path.glob("*/.hydra/config.yaml")) if path.is_dir() else []
-        if not jobs:
-            raise EvalError(f"{path} is neither a run directory (no .hydra/config.yaml) nor a sweep directory "
-                            "holding runs")
-        runs.extend(jobs)
-    return runs
+    from bkexp.rundir import RunDirError, find_run_dirs
+
+    try:
+        return find_run_dirs(paths)
+    except RunDirError as err:
+        raise EvalError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------- results
@@ -396,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             parse_datasets(args.datasets)
         runs = expand_run_dirs(args.run_dirs)
         if args.bits:
-            from bkexp.quant.cli import main as eval_quant
+            from bkexp.eval.quant import main as eval_quant
 
             code = eval_quant([*map(str, runs), "--bits", args.bits, "--checkpoint", args.checkpoint,
                                "--device", args.device, *[f"--override={o}" for o in args.override]])

@@ -1,4 +1,4 @@
-"""Weight (and optional activation) quantization driven by the top-level ``bits``: QAT, PTQ, eval-quant.
+"""Weight (and optional activation) quantization driven by the top-level ``bits``: QAT and PTQ (``bkexp eval-quant`` is bkexp.eval.quant).
 
 See docs/quantization.md. ``QuantSpec`` is what ``conf/quant/*.yaml`` instantiates.
 """

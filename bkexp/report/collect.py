@@ -15,9 +15,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from bkexp.utils import atomic_write_text, flatten  # noqa: F401  (re-exported)
-
-SUMMARY_FILE = "summary.json"
+from bkexp.rundir import SUMMARY_FILE, RunDirError, atomic_write_text, find_run_dirs  # noqa: F401  (re-exported)
+from bkexp.utils import flatten
 
 # Top-level summary fields that identify a run; always in summary.csv, and swept when they vary.
 IDENTITY_KEYS = ("model", "dataset", "seq_len", "bits", "seed")
@@ -31,7 +30,7 @@ METRIC_SCALARS = ("steps", "state_size", "wall_time_s")
 CONFIG_NOISE_PREFIXES = ("hydra.", "paths.")
 
 
-class NoRunsError(ValueError):
+class NoRunsError(RunDirError):
     """A directory given to the report holds no run (no summary.json and no Hydra job directory)."""
 
 
@@ -92,17 +91,6 @@ def display(value: Any) -> str:
     return str(value)
 
 
-def find_run_dirs(root: Path) -> tuple[list[Path], list[Path]]:
-    """(summary.json files under root, Hydra job dirs under root that have no summary.json)."""
-    summaries = sorted(p for p in root.rglob(SUMMARY_FILE) if p.is_file())
-    with_summary = {p.parent for p in summaries}
-    # A job killed hard (SIGKILL, node lost) leaves .hydra/ but no summary.json: it must show as failed.
-    orphans = sorted(
-        p.parent.parent for p in root.rglob(".hydra/overrides.yaml") if p.parent.parent not in with_summary
-    )
-    return summaries, orphans
-
-
 def _parse_override(item: str) -> tuple[str, Any] | None:
     key, sep, raw = str(item).partition("=")
     if not sep:
@@ -144,6 +132,13 @@ def load_summary(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         summary = {"status": "failed", "error": f"UnreadableSummary: {path}: {exc}"}
     return _with_location(summary, run_dir)
+
+
+def run_record(run_dir: Path) -> dict[str, Any]:
+    """The run's summary.json, or for a job killed hard (SIGKILL, node lost: .hydra/ but no summary.json) a
+    record that shows it as not finished."""
+    path = run_dir / SUMMARY_FILE
+    return load_summary(path) if path.is_file() else orphan_record(run_dir)
 
 
 def orphan_record(run_dir: Path) -> dict[str, Any]:
@@ -253,13 +248,14 @@ def collect_runs(dirs: Sequence[str | os.PathLike]) -> RunSet:
     for source in sources:
         if not source.is_dir():
             raise NoRunsError(f"{source} is not a directory")
-        files, orphans = find_run_dirs(source)
-        if not files and not orphans:
+        try:
+            runs = find_run_dirs([source])
+        except RunDirError:
             raise NoRunsError(
                 f"no {SUMMARY_FILE} found under {source}: give a run directory (outputs/<stamp>) or a sweep "
                 f"directory (multirun/<stamp>) written by `python train.py`"
-            )
-        records = [load_summary(p) for p in files] + [orphan_record(d) for d in orphans]
+            ) from None
+        records = [run_record(d) for d in runs]
         for record in records:
             if record["_run_dir"] not in seen:  # the same run reached through overlapping dirs counts once
                 seen.add(record["_run_dir"])

@@ -143,11 +143,15 @@ class SweepExitStatus(Callback):
     """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from bkexp.report.collect import find_run_dirs, load_summary, orphan_record
+        from bkexp.report.collect import run_record
+        from bkexp.rundir import RunDirError, find_run_dirs
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        files, orphans = find_run_dirs(sweep_dir) if sweep_dir.is_dir() else ([], [])
-        statuses = [load_summary(p)["status"] for p in files] + [orphan_record(d)["status"] for d in orphans]
+        try:
+            runs = find_run_dirs([sweep_dir])
+        except RunDirError:  # no directory, or no job in it: nothing to judge
+            runs = []
+        statuses = [run_record(d)["status"] for d in runs]
         bad = {s: statuses.count(s) for s in sorted(set(statuses)) if s != "ok"}
         if bad:
             counts = ", ".join(f"{n} {s}" for s, n in bad.items())

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.axis import Axis
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
 
 from bkexp.report.collect import ROW_KEY, RunSet, display, point_label, sort_key
 from bkexp.report.tables import Metric, cells
+from bkexp.rundir import atomic_save_figure
 
 # Report-owned PNG names; a re-run deletes its own stale ones and nothing else in plots/.
 PLOT_PREFIXES = ("metric_", "speedup_", "curves_")
@@ -39,18 +37,8 @@ def is_length_key(key: str) -> bool:
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
-    """Render with Agg into a temporary file beside `path`, then os.replace: no half-written PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """The report's PNG settings on the shared atomic writer (no half-written PNG, mode 0644)."""
+    return atomic_save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def tick_label(value: float, _pos: Any = None) -> str:

@@ -108,6 +108,8 @@ def run(cfg: DictConfig) -> float | None:
         datamodule.prepare_data()
         datamodule.setup("fit")
         record.update(data=datamodule.describe())
+        if rank_zero_only.rank == 0 and getattr(datamodule, "tokenizer", None) is not None:
+            datamodule.tokenizer.save(run_dir / "tokenizer")  # eval, generate and export rebuild it from here
         skipped.update(check_data_flags(flags, datamodule, cfg.dataset.get("name")))
         record.data["flags"].update(enabled=flags.enabled())
         model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)

@@ -1,7 +1,7 @@
 """BK-Core: diagonal of the inverse of a complex-shifted tridiagonal matrix in O(N), behind one function.
 
 ``bk_core(v, k, z, causal=True, backend="auto")`` returns the real and imaginary parts of ``y`` as defined
-in ``shared/docs/bk_core.md``:
+in ``docs/bk_core.md`` (the BK-Core contract):
 
 - causal (language models): ``y_i = [(A[:i+1,:i+1])^-1]_{ii}``, depends on positions 0..i only;
 - bidirectional (``causal=False``, encoders only): ``y_i = [A^-1]_{ii}``, depends on every position;

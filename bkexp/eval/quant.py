@@ -18,9 +18,7 @@ import argparse
 import copy
 import logging
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -31,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bkexp.quant.fake_quant import GRANULARITIES
 from bkexp.quant.spec import CLIPS, EVAL_BITS, QuantConfigError, QuantSpec
-from bkexp.utils import atomic_write_text
+from bkexp.rundir import RunDir, RunDirError, atomic_save_figure, atomic_write_text, find_run_dirs, is_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +38,7 @@ SPLITS = ("val", "test")
 POLICY_KEYS = ("granularity", "group_size", "act_bits", "embeddings", "conv", "clip", "percentile")
 
 
-class EvalQuantError(ValueError):
+class EvalQuantError(RunDirError):
     """Bad arguments or a run directory eval-quant cannot use; the message says what is expected."""
 
 
@@ -75,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="directory for the combined table and plot (required with several runs)")
     p.add_argument("--splits", default="val,test", help="splits to evaluate: val, test or val,test")
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"],
-                   help="best: checkpoints/best-*.ckpt (falls back to last.ckpt); last: last.ckpt")
+    p.add_argument("--checkpoint", default="best",
+                   help="best: checkpoints/best-*.ckpt (falls back to last.ckpt); last: last.ckpt; or a .ckpt path")
     p.add_argument("--granularity", choices=GRANULARITIES, default=None, help="override the run's granularity")
     p.add_argument("--group-size", type=int, default=None, help="override the run's group size (per_group)")
     p.add_argument("--embeddings", choices=["true", "false"], default=None,
@@ -87,72 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-batches", type=int, default=None,
                    help="evaluate only this many batches per split (quick look; recorded in the table)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="change the run's config before rebuilding, e.g. dataset.data_dir=/data/wt2 (repeatable)")
+                   help="change the run's config before rebuilding, e.g. dataset.data_dir=/data/wt2 (repeatable; "
+                   "+KEY=VALUE adds a key)")
     return p
-
-
-# ----------------------------------------------------------------------------- run discovery and loading
-def is_run_dir(path: Path) -> bool:
-    return (path / ".hydra" / "config.yaml").is_file()
-
-
-def expand_run_dirs(paths: Sequence[Path]) -> tuple[list[Path], bool]:
-    """Run directories from the arguments (a sweep directory expands to its jobs); True if any was a sweep."""
-    runs: list[Path] = []
-    swept = False
-    for path in paths:
-        if not path.is_dir():
-            raise EvalQuantError(f"{path} is not a directory")
-        if is_run_dir(path):
-            runs.append(path)
-            continue
-        jobs = sorted((p for p in path.iterdir() if p.is_dir() and is_run_dir(p)), key=lambda p: p.name)
-        if not jobs:
-            raise EvalQuantError(f"{path} is neither a run directory (no .hydra/config.yaml) nor a sweep "
-                                 "directory holding runs")
-        runs.extend(jobs)
-        swept = True
-    return runs, swept
-
-
-def load_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """The run's composed config with ``paths.output_dir`` pointing at the run (it was Hydra's runtime dir)."""
-    import bkexp.train.resolvers  # noqa: F401  (resolvers the config tree may use)
-
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    if "paths" in cfg:
-        cfg.paths.output_dir = str(run_dir)
-    if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise EvalQuantError(f"--override needs KEY=VALUE, got {bad}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    return cfg
-
-
-def find_checkpoint(run_dir: Path, which: str = "best") -> Path:
-    ckpt_dir = run_dir / "checkpoints"
-    best = sorted(ckpt_dir.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if which == "best" and best:
-        return best[-1]
-    last = ckpt_dir / "last.ckpt"
-    if last.is_file():
-        return last
-    raise EvalQuantError(f"{run_dir}: no checkpoint (expected checkpoints/best-*.ckpt or checkpoints/last.ckpt)")
-
-
-def load_model_weights(model: torch.nn.Module, ckpt_path: Path) -> None:
-    """Load a Lightning checkpoint's ``model.``-prefixed state_dict into the bare model (strict)."""
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001  (older checkpoints may pickle objects; the run is the user's own)
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    state = ckpt.get("state_dict", ckpt)
-    prefix = "model."
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if not weights:
-        raise EvalQuantError(f"{ckpt_path}: no 'model.*' weights in its state_dict (keys: {list(state)[:5]}...)")
-    model.load_state_dict(weights, strict=True)
 
 
 def run_policy(cfg: DictConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -220,11 +155,10 @@ def evaluate_split(task: Any, loader: Any, device: torch.device, has_answer_mask
 
 def eval_run(run_dir: Path, bits_list: Sequence[int], args: argparse.Namespace) -> tuple[list[dict], dict]:
     """Rows (one per width, 32 first) for one run, and the run's metadata for the markdown header."""
-    from hydra.utils import instantiate
-
     from bkexp.train.module import LMTask
 
-    cfg = load_run_config(run_dir, args.override)
+    run = RunDir(run_dir)
+    cfg = run.config(args.override)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     bad = [s for s in splits if s not in SPLITS]
     if bad or not splits:
@@ -234,14 +168,11 @@ def eval_run(run_dir: Path, bits_list: Sequence[int], args: argparse.Namespace) 
     device = resolve_device(args.device)
     torch.manual_seed(int(cfg.get("seed", 0)))
 
-    datamodule = instantiate(cfg.dataset)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    ckpt = run.checkpoint_path(args.checkpoint)  # a missing checkpoint fails before the data is built
+    datamodule = run.build_datamodule(cfg=cfg)
     datamodule.setup("test")
     loaders = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader}
-    base = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
-    ckpt = find_checkpoint(run_dir, args.checkpoint)
-    load_model_weights(base, ckpt)
+    base = run.build_model(ckpt, cfg=cfg).train()  # eval_split switches the task (and model) to eval mode
     model_name = str(cfg.model.get("name", type(base).__name__))
     trained = trained_as(cfg)
     has_answer_mask = bool(getattr(datamodule, "has_answer_mask", False))
@@ -319,15 +250,8 @@ def write_png(path: Path, series: Sequence[tuple[str, list[dict]]], column: str,
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_save_figure(fig, path, dpi=120)
     finally:
         plt.close(fig)
 
@@ -371,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         bits_list = parse_bits(args.bits)
-        runs, swept = expand_run_dirs(args.run_dirs)
+        runs = find_run_dirs(args.run_dirs)
+        swept = any(not is_run_dir(p) for p in args.run_dirs)
         out = args.out
         if len(runs) > 1 and out is None:
             if swept and len(args.run_dirs) == 1:
@@ -395,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bkexp] eval-quant: combined {out / (STEM + '.md')}", flush=True)
         target = out if combined else runs[0]
         print((target / f"{STEM}.md").read_text())
-    except (EvalQuantError, QuantConfigError) as exc:
+    except (RunDirError, QuantConfigError) as exc:
         print(f"bkexp eval-quant: {exc}", file=sys.stderr)
         return 2
     return 0

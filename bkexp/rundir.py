@@ -1,0 +1,327 @@
+"""What "a run directory" is, for every command that reads runs: eval, eval-quant, generate, export, report.
+
+A run directory is what ``python train.py`` writes (``outputs/<stamp>/`` or one job of a sweep,
+``multirun/<stamp>/<job>_<overrides>/``)::
+
+    .hydra/config.yaml     the composed config           summary.json   the run's record
+    checkpoints/           best-<step>.ckpt, last.ckpt   tokenizer/     what rebuilds the run's tokenizer
+
+This module finds runs (a sweep directory expands to its jobs), loads a run's config, summary, tokenizer
+and checkpoint, rebuilds its model and datamodule, and re-exports the atomic file writers every command
+uses for its results. Checkpoints are only ever loaded with ``torch.load(weights_only=True)``: a file
+that needs arbitrary unpickling is refused, never executed.
+
+Importing this module does not import torch or Lightning (``bkexp report`` uses it to find runs); the
+methods that need them import them when called.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from bkexp.utils import atomic_save_figure, atomic_write_bytes, atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    import torch
+
+    from bkexp.data.tokenizers import Tokenizer
+
+__all__ = [
+    "CHECKPOINT_DIR", "CONFIG_FILE", "SUMMARY_FILE", "TOKENIZER_DIR", "RunDir", "RunDirError",
+    "atomic_save_figure", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "find_run_dirs",
+    "is_run_dir", "parse_overrides",
+]
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = Path(".hydra") / "config.yaml"
+OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINT_CHOICES = ("best", "last")
+
+
+class RunDirError(ValueError):
+    """A path that is not a usable run (or sweep) directory, or a run file that cannot be used; says why."""
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """True for a directory written by one training run (Hydra's ``.hydra/`` or a ``summary.json``)."""
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() or (path / OVERRIDES_FILE).is_file() or (path / SUMMARY_FILE).is_file()
+
+
+def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Every run directory given or below the given directories (a sweep expands to its jobs), in order.
+
+    A run directory is not searched further (its checkpoints and logs hold no runs). Each path must be a
+    directory holding at least one run, else :class:`RunDirError` names it. A run reached through two
+    arguments is listed once.
+    """
+    found: list[Path] = []
+    seen: set[Path] = set()
+    for raw in paths:
+        root = Path(raw)
+        if not root.is_dir():
+            raise RunDirError(f"{root} is not a directory")
+        runs = _runs_under(root)
+        if not runs:
+            raise RunDirError(f"{root} is neither a run directory (no {CONFIG_FILE} or {SUMMARY_FILE}) nor a "
+                              "sweep directory holding runs: give outputs/<stamp> or multirun/<stamp> written by "
+                              "`python train.py`")
+        for run in runs:
+            key = run.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append(run)
+    return found
+
+
+def _runs_under(root: Path) -> list[Path]:
+    if is_run_dir(root):
+        return [root]
+    runs: list[Path] = []
+    for dirpath, dirnames, _ in os.walk(root):
+        dirnames.sort()
+        keep = []
+        for name in dirnames:
+            child = Path(dirpath) / name
+            if is_run_dir(child):
+                runs.append(child)
+            elif not name.startswith("."):
+                keep.append(name)
+        dirnames[:] = keep
+    return sorted(runs, key=lambda p: _natural_key(p.relative_to(root)))
+
+
+def _natural_key(path: Path) -> tuple:
+    """Sweep jobs in job order (2_... before 10_...), then by name."""
+    return tuple((0, int(part.split("_", 1)[0]), part) if part.split("_", 1)[0].isdigit() else (1, 0, part)
+                 for part in path.parts)
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any, bool]]:
+    """``KEY=VALUE`` (an existing key) or ``+KEY=VALUE`` (a new one) -> (key, YAML-parsed value, add)."""
+    import yaml
+
+    parsed = []
+    for item in overrides:
+        key, sep, raw = str(item).partition("=")
+        add = key.startswith("+")
+        key = key.lstrip("+").strip()
+        if not sep or not key:
+            raise RunDirError(f"override {item!r}: expected KEY=VALUE (or +KEY=VALUE to add a key)")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as err:
+            raise RunDirError(f"override {item!r}: the value is not valid YAML ({err})") from None
+        parsed.append((key, value, add))
+    return parsed
+
+
+_MISSING = object()
+
+
+class RunDir:
+    """One training run's directory: its config, summary, tokenizer, checkpoints, model and data.
+
+    >>> run = RunDir("outputs/2026-11-29_12-00-00-000000")
+    >>> model = run.build_model("best")          # weights loaded, eval mode
+    >>> dm = run.build_datamodule(["dataset.data_dir=/data/wt2"])
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise RunDirError(f"{self.path} is not a directory")
+        if not is_run_dir(self.path):
+            raise RunDirError(f"{self.path} is not a run directory (no {CONFIG_FILE} or {SUMMARY_FILE})")
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # ------------------------------------------------------------------------------------------ config
+    def config(self, overrides: Sequence[str] = ()) -> DictConfig:
+        """The config the run was built from, with ``paths.output_dir`` pointing at this directory.
+
+        That is ``.hydra/config.yaml`` as composed, plus the model/trainer/quant keys the run's techniques
+        set before building (recomputed, as ``run()`` does), plus ``overrides`` (``KEY=VALUE`` for an
+        existing key, ``+KEY=VALUE`` for a new one; a mistyped key is an error naming it).
+        """
+        import bkexp.train.resolvers  # noqa: F401  (resolvers the config tree uses)
+
+        path = self.path / CONFIG_FILE
+        if not path.is_file():
+            raise RunDirError(f"{self.path}: no {CONFIG_FILE} (was this directory written by `python train.py`?)")
+        try:
+            cfg = OmegaConf.load(path)
+        except Exception as err:  # noqa: BLE001 - any parse failure gets the same one-line message
+            raise RunDirError(f"{path}: cannot be read as YAML ({type(err).__name__}: {err})") from None
+        if "paths" in cfg:
+            cfg.paths.output_dir = str(self.path)
+        _apply_techniques(cfg)
+        for key, value, add in parse_overrides(overrides):
+            if not add and OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+                raise RunDirError(f"override {key}={value!r}: the run's config has no key {key!r} "
+                                  f"(use +{key}=... to add one)")
+            OmegaConf.update(cfg, key, value, merge=True, force_add=add)
+        return cfg
+
+    # ----------------------------------------------------------------------------------------- summary
+    @property
+    def summary_path(self) -> Path:
+        return self.path / SUMMARY_FILE
+
+    def summary(self) -> dict[str, Any]:
+        """summary.json as a dict; a missing or unreadable file is a :class:`RunDirError` naming it."""
+        try:
+            data = json.loads(self.summary_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunDirError(f"{self.path}: no {SUMMARY_FILE} (the run was killed, or is still running)") from None
+        except (OSError, ValueError) as err:
+            raise RunDirError(f"{self.summary_path}: unreadable ({type(err).__name__}: {err})") from None
+        if not isinstance(data, dict):
+            raise RunDirError(f"{self.summary_path}: top level is {type(data).__name__}, expected an object")
+        return data
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def checkpoint_path(self, which: str | os.PathLike = "best") -> Path:
+        """``best`` (checkpoints/best-*.ckpt, else last.ckpt), ``last`` (checkpoints/last.ckpt), or a file path.
+
+        A path is taken as given, else relative to the run directory.
+        """
+        ckpt_dir = self.path / CHECKPOINT_DIR
+        if str(which) in CHECKPOINT_CHOICES:
+            best = sorted(ckpt_dir.glob("best-*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name))
+            if which == "best" and best:
+                return best[-1]
+            last = ckpt_dir / "last.ckpt"
+            if last.is_file():
+                if which == "best":
+                    log.info("%s: no best-*.ckpt; using last.ckpt", self.path)
+                return last
+            present = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+            raise RunDirError(f"{self.path}: no {which} checkpoint (expected {CHECKPOINT_DIR}/best-*.ckpt or "
+                              f"{CHECKPOINT_DIR}/last.ckpt; found: {', '.join(present) or 'none'})")
+        path = Path(which)
+        for candidate in (path, self.path / path):
+            if candidate.is_file():
+                return candidate
+        raise RunDirError(f"checkpoint {str(which)!r}: no such file (valid: best, last, or a path to a .ckpt)")
+
+    def load_checkpoint(self, which: str | os.PathLike = "best") -> dict[str, Any]:
+        """The checkpoint as a dict, loaded on CPU with ``torch.load(weights_only=True)`` only."""
+        return load_checkpoint_file(self.checkpoint_path(which))
+
+    # ------------------------------------------------------------------------------------------- build
+    def tokenizer(self) -> Tokenizer:
+        """The run's tokenizer, rebuilt exactly from ``tokenizer/`` (word vocabulary, bytes, ids, pretrained)."""
+        from bkexp.data.tokenizers import load_tokenizer
+
+        directory = self.path / TOKENIZER_DIR
+        if not directory.is_dir():
+            raise RunDirError(f"{self.path}: no {TOKENIZER_DIR}/ (runs save their tokenizer since bkexp writes "
+                              "it at the start of training; this run predates that or failed before its data "
+                              "was built)")
+        try:
+            return load_tokenizer(directory)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise RunDirError(f"{directory}: {err}") from None
+
+    def build_datamodule(self, overrides: Sequence[str] = (), stage: str | None = "fit",
+                         cfg: DictConfig | None = None) -> Any:
+        """The run's datamodule (prepared and set up for ``stage``; None: neither), with the saved tokenizer."""
+        from hydra.utils import instantiate
+
+        cfg = self.config(overrides) if cfg is None else cfg
+        kwargs: dict[str, Any] = {}
+        if "tokenizer" in cfg.dataset and (self.path / TOKENIZER_DIR).is_dir():
+            kwargs["tokenizer"] = self.tokenizer()  # never refit: the vocabulary is the run's own
+        datamodule = instantiate(cfg.dataset, **kwargs)
+        if stage is not None:
+            datamodule.prepare_data()
+            datamodule.setup(stage)
+        return datamodule
+
+    def vocab_size(self, cfg: DictConfig | None = None) -> int:
+        """The model's vocabulary size: from the saved tokenizer, else the summary, else the datamodule."""
+        if (self.path / TOKENIZER_DIR).is_dir():
+            return int(self.tokenizer().vocab_size)
+        if self.summary_path.is_file():
+            size = (self.summary().get("data") or {}).get("vocab_size")
+            if isinstance(size, int):
+                return size
+        return int(self.build_datamodule(cfg=cfg).vocab_size)
+
+    def build_model(self, which: str | os.PathLike = "best", device: str | torch.device = "cpu",
+                    overrides: Sequence[str] = (), cfg: DictConfig | None = None) -> torch.nn.Module:
+        """The run's model with the checkpoint's weights (strict), in eval mode, on ``device``."""
+        from hydra.utils import instantiate
+
+        cfg = self.config(overrides) if cfg is None else cfg
+        model = instantiate(cfg.model, vocab_size=self.vocab_size(cfg))
+        path = self.checkpoint_path(which)
+        load_model_weights(model, load_checkpoint_file(path), path)
+        return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` on CPU; a file that needs more is refused, never retried unsafely."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunDirError(f"{path}: refused: it cannot be loaded with torch.load(weights_only=True) (it pickles "
+                          f"objects other than tensors and plain containers, which could run code): {first}") \
+            from None
+    except (EOFError, zipfile.BadZipFile, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunDirError(f"{path}: truncated or corrupt checkpoint ({type(err).__name__}: {first})") from None
+    except OSError as err:
+        raise RunDirError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if not isinstance(ckpt, dict):
+        raise RunDirError(f"{path}: expected a checkpoint dict, got {type(ckpt).__name__}")
+    return ckpt
+
+
+def load_model_weights(model: torch.nn.Module, ckpt: dict[str, Any], path: str | os.PathLike = "checkpoint") -> None:
+    """Load a Lightning checkpoint's ``model.``-prefixed state_dict into the bare model (strict)."""
+    state = ckpt.get("state_dict", ckpt)
+    prefix = "model."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not weights:
+        raise RunDirError(f"{path}: no 'model.*' weights in its state_dict (keys: {list(state)[:5]}...)")
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise RunDirError(f"{path}: weights do not fit the model rebuilt from the run's config: "
+                          f"{str(err).splitlines()[0]} ...") from None
+
+
+def _apply_techniques(cfg: DictConfig) -> None:
+    """The config keys a run's optimization flags set before building (as ``bkexp.train.run`` does)."""
+    if cfg.get("flags") is None or "model" not in cfg:
+        return
+    from bkexp.train.flags import apply_flags, resolve_flags
+
+    flags, _ = resolve_flags(cfg)
+    apply_flags(cfg, flags)

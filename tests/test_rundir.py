@@ -1,0 +1,162 @@
+"""bkexp.rundir: finding runs, loading config / tokenizer / checkpoint safely, rebuilding the model, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from runhelpers import MQAR_TINY, TINY, read_summary
+from testpaths import WIKITEXT2_DIR
+
+from bkexp.data import ByteTokenizer, IdTokenizer, PretrainedTokenizer, WordTokenizer, load_tokenizer
+from bkexp.rundir import (
+    RunDir,
+    RunDirError,
+    atomic_save_figure,
+    atomic_write_json,
+    atomic_write_text,
+    find_run_dirs,
+    load_checkpoint_file,
+)
+
+
+def _fake_run(path: Path, summary: bool = True) -> Path:
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    if summary:
+        (path / "summary.json").write_text('{"status": "ok"}\n')
+    return path
+
+
+def test_find_run_dirs_expands_sweeps_in_job_order_and_names_bad_paths(tmp_path: Path) -> None:
+    sweep = tmp_path / "multirun" / "stamp"
+    jobs = [_fake_run(sweep / name) for name in ("10_model=bk", "2_model=mamba", "0_model=transformer")]
+    (sweep / "10_model=bk" / "checkpoints" / "nested").mkdir(parents=True)  # not searched: inside a run
+    single = _fake_run(tmp_path / "outputs" / "one", summary=False)  # killed: .hydra only, still a run
+    assert find_run_dirs([sweep]) == [jobs[2], jobs[1], jobs[0]]
+    assert find_run_dirs([single, sweep, jobs[0]]) == [single, jobs[2], jobs[1], jobs[0]]  # each run once
+    assert find_run_dirs([tmp_path]) == [jobs[2], jobs[1], jobs[0], single]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RunDirError, match=f"{empty} is neither a run directory"):
+        find_run_dirs([empty])
+    with pytest.raises(RunDirError, match="is not a directory"):
+        find_run_dirs([tmp_path / "missing"])
+    with pytest.raises(RunDirError, match="not a run directory"):
+        RunDir(empty)
+
+
+class _Payload:
+    """Unpickling this calls os.system: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_the_code_does_not_run(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path / "run")
+    marker = tmp_path / "payload_ran"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    torch.save({"state_dict": {"model.w": torch.zeros(2)}, "evil": _Payload(marker)}, ckpt)
+    with pytest.raises(RunDirError) as info:
+        RunDir(run).load_checkpoint("last")
+    message = str(info.value)
+    assert str(ckpt) in message and "weights_only=True" in message and "refused" in message
+    assert not marker.exists()  # the payload never ran (no unsafe retry)
+    # The same pickle loaded unsafely does run it: the test would notice a fallback to weights_only=False.
+    torch.load(ckpt, weights_only=False)
+    assert marker.exists()
+
+
+def test_a_truncated_checkpoint_gives_one_line_with_its_path(tmp_path: Path) -> None:
+    path = tmp_path / "best-4.ckpt"
+    torch.save({"state_dict": {"model.w": torch.arange(1000.0)}}, path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(RunDirError) as info:
+        load_checkpoint_file(path)
+    assert str(info.value).startswith(f"{path}: truncated or corrupt checkpoint")
+    assert "\n" not in str(info.value)
+
+
+def test_a_trained_run_is_rebuilt_exactly(train, tmp_path: Path) -> None:
+    run_dir = train(*TINY, *MQAR_TINY)
+    summary = read_summary(run_dir)
+    run = RunDir(run_dir)
+    cfg = run.config()
+    assert cfg.paths.output_dir == str(run_dir) and cfg.seq_len == 32
+    assert run.summary()["status"] == "ok"
+    best = run.checkpoint_path("best")
+    assert best.name == summary["metrics"]["test/checkpoint"]
+    assert run.checkpoint_path("last") == run_dir / "checkpoints" / "last.ckpt"
+    assert run.checkpoint_path(best) == best
+    with pytest.raises(RunDirError, match="valid: best, last, or a path"):
+        run.checkpoint_path("newest")
+    # Synthetic data: the tokenizer is the ids, saved with the run.
+    tok = run.tokenizer()
+    assert isinstance(tok, IdTokenizer) and tok.vocab_size == summary["data"]["vocab_size"]
+    # The rebuilt model and data reproduce the test loss training recorded (an independent evaluation).
+    model = run.build_model("best")
+    assert not model.training
+    dm = run.build_datamodule(stage="test")
+    losses, count = 0.0, 0
+    with torch.no_grad():
+        for batch in dm.test_dataloader():
+            logits = model(batch["input_ids"])
+            mask = batch["labels"] != -100
+            losses += float(torch.nn.functional.cross_entropy(logits[mask], batch["labels"][mask], reduction="sum"))
+            count += int(mask.sum())
+    assert losses / count == pytest.approx(summary["metrics"]["test/loss"], rel=1e-5)
+    # Overrides: an existing key changes, a mistyped one is an error naming it, +key adds one.
+    assert run.config(["dataset.batch_size=7"]).dataset.batch_size == 7
+    with pytest.raises(RunDirError, match="no key 'dataset.batchsize'"):
+        run.config(["dataset.batchsize=7"])
+    assert run.config(["+extra.note=hi"]).extra.note == "hi"
+
+
+def test_tokenizers_save_and_load_exactly(tmp_path: Path) -> None:
+    lines = (WIKITEXT2_DIR / "valid.txt").read_text(encoding="utf-8").splitlines()[:200]
+    word = WordTokenizer(min_freq=2)
+    word.fit(lines)
+    loaded = load_tokenizer(word.save(tmp_path / "word"))
+    assert isinstance(loaded, WordTokenizer) and loaded.itos == word.itos and loaded.min_freq == 2
+    loaded.fit(["entirely different words"])  # a saved vocabulary is never refitted
+    assert torch.equal(loaded.encode_lines(lines), word.encode_lines(lines))
+    assert isinstance(load_tokenizer(ByteTokenizer().save(tmp_path / "byte")), ByteTokenizer)
+    assert load_tokenizer(IdTokenizer(64).save(tmp_path / "ids")).decode([3, 63]) == "3 63"
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    built = Tokenizer(models.BPE(unk_token="[UNK]"))
+    built.pre_tokenizer = pre_tokenizers.Whitespace()
+    built.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=200, special_tokens=["[UNK]"]))
+    built.save(str(tmp_path / "source.json"))
+    bpe = PretrainedTokenizer(name="local-bpe", path=str(tmp_path / "source.json"), revision="abc123")
+    saved = bpe.save(tmp_path / "bpe")
+    (tmp_path / "source.json").unlink()  # the saved copy does not depend on the original file
+    again = load_tokenizer(saved)
+    assert (again.name, again.revision) == ("local-bpe", "abc123")
+    assert torch.equal(again.encode_lines(lines[:20]), bpe.encode_lines(lines[:20]))
+    with pytest.raises(ValueError, match="not a saved bkexp tokenizer"):
+        load_tokenizer(tmp_path / "nothing")
+
+
+def test_atomic_writers_share_mode_0644_and_leave_no_temporary_files(tmp_path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    fig.subplots().plot([1, 2], [3, 4])
+    paths = [atomic_write_text(tmp_path / "a.md", "x\n"), atomic_write_json(tmp_path / "b.json", {"k": 1}),
+             atomic_save_figure(fig, tmp_path / "c.png", dpi=50)]
+    assert [stat.S_IMODE(p.stat().st_mode) for p in paths] == [0o644] * 3
+    assert (tmp_path / "b.json").read_text() == '{\n  "k": 1\n}\n'
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(TypeError):
+        atomic_write_json(tmp_path / "d.json", {"k": object()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.md", "b.json", "c.png"]
