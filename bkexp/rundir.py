@@ -321,7 +321,6 @@ def _apply_techniques(cfg: DictConfig) -> None:
     """The config keys a run's optimization flags set before building (as ``bkexp.train.run`` does)."""
     if cfg.get("flags") is None or "model" not in cfg:
         return
-    from bkexp.train.flags import apply_flags, resolve_flags
+    from bkexp.techniques import Techniques
 
-    flags, _ = resolve_flags(cfg)
-    apply_flags(cfg, flags)
+    Techniques.from_config(cfg).configure(cfg)

@@ -31,7 +31,6 @@ from bkexp.models.adaptive import (
 from bkexp.models.koopman import KoopmanOperator
 from bkexp.models.decoding import DecodeState
 from bkexp.models.mixers.base import DecodeLayerState, Mixer
-from bkexp.models.mixers.bk import BKMixer
 from bkexp.models.multiscale import CausalResampler, middle_layers
 from bkexp.models.physics import EnergyConservation
 
@@ -181,7 +180,7 @@ class LanguageModel(nn.Module):
                                                                         "layers into one)" if multi_scale else ""))
         if physics_weight < 0:
             raise ValueError(f"physics_weight must be >= 0, got {physics_weight}")
-        self.bk_mixers = [block.mixer for block in self.blocks if isinstance(block.mixer, BKMixer)]
+        self.bk_mixers = [block.mixer for block in self.blocks if block.mixer.has_energy]
         if physics_weight > 0 and len(self.bk_mixers) < 2:
             raise ValueError(
                 f"flag physics_informed (physics_weight={physics_weight}) conserves the Hamiltonian's energy "

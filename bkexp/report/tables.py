@@ -245,7 +245,7 @@ def comparison(runs: RunSet, baseline: str) -> dict[str, Any]:
 
 FLAG_KEY = "flags"  # the config group an ablation sweeps (conf/sweep/flags_ablation.yaml)
 FLAG_BASELINE = "none"
-NOT_APPLICABLE_ERROR = "FlagNotApplicableError"  # bkexp.train.flags: the flag does not apply to the model
+NOT_APPLICABLE_ERROR = "FlagNotApplicableError"  # bkexp.techniques: the flag does not apply to the model
 FLAG_DELTA_METRICS = (("ppl", "perplexity"), ("train_tokens_per_sec", "train tokens/s"), ("peak_mb", "peak memory"))
 
 

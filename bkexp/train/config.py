@@ -9,11 +9,8 @@ from typing import Any
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig
 
+from bkexp.errors import ConfigError  # noqa: F401  (re-exported: raised by the checks below)
 from bkexp.quant.spec import TRAIN_BITS as VALID_BITS  # one list of training bit widths
-
-
-class ConfigError(ValueError):
-    """A config value or key that bkexp refuses, with the valid choices in the message."""
 
 
 def validate_top_level(cfg: DictConfig) -> None:

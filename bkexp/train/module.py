@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from bkexp.train.callbacks import logs_this_step
-from bkexp.train.flags import highest_loss_rows
+from bkexp.techniques.active_learning import highest_loss_rows
 
 IGNORE_INDEX = -100
 

@@ -19,21 +19,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from bkexp.quant import QuantSpec
+from bkexp.techniques import RunContext, Techniques
 from bkexp.train.callbacks import ThroughputMonitor, peak_memory_mb, reset_peak_memory, resident_memory_mb
 from bkexp.train.causality import check_causality
 from bkexp.train.config import validate_config
-from bkexp.train.flags import (
-    Flags,
-    GradualMagnitudePruning,
-    SequenceLengthCurriculum,
-    apply_flags,
-    check_data_flags,
-    compile_blocks,
-    gradient_effect,
-    prunable_linears,
-    resolve_flags,
-    weight_sparsity,
-)
 from bkexp.train.lifecycle import DivergenceLimits, Lifecycle, SignalWatch, classify, running_record
 from bkexp.train.loggers import build_loggers, finish_loggers
 from bkexp.train.module import LMTask
@@ -94,10 +83,9 @@ def run(cfg: DictConfig) -> float | None:
             record.update(flags=OmegaConf.to_container(cfg.flags, resolve=True))
         validate_config(cfg)
         limits = DivergenceLimits.from_config(cfg.get("divergence"))
-        flags, skipped = resolve_flags(cfg)
-        flag_changes = apply_flags(cfg, flags)
-        record.update(flags={**flags.settings(), "enabled": flags.enabled(), "skipped": skipped,
-                             "config_changes": flag_changes})
+        techniques = Techniques.from_config(cfg)
+        flag_changes = techniques.configure(cfg)
+        record.update(flags={**techniques.record(), "config_changes": flag_changes})
         if flag_changes:  # the config that was actually built
             record.update(config=OmegaConf.to_container(cfg, resolve=True))
         quant: QuantSpec = instantiate(cfg.quant)
@@ -110,8 +98,8 @@ def run(cfg: DictConfig) -> float | None:
         record.update(data=datamodule.describe())
         if rank_zero_only.rank == 0 and getattr(datamodule, "tokenizer", None) is not None:
             datamodule.tokenizer.save(run_dir / "tokenizer")  # eval, generate and export rebuild it from here
-        skipped.update(check_data_flags(flags, datamodule, cfg.dataset.get("name")))
-        record.data["flags"].update(enabled=flags.enabled())
+        techniques.check_data(datamodule, cfg.dataset.get("name"))
+        record.data["flags"].update(enabled=techniques.enabled(), skipped=dict(techniques.skipped))
         model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
         record.update(params=model.param_counts(), state_size=model.state_size(cfg.seq_len))
         if cfg.get("size") is not None:  # which preset, and whether it matches parameters or FLOPs across models
@@ -134,35 +122,36 @@ def run(cfg: DictConfig) -> float | None:
                 log.warning("FLOP counting failed: %s", exc)
                 record.update(flops={"error": f"{type(exc).__name__}: {exc}"})
 
-        flag_callbacks, flag_effects = _flag_callbacks(flags, cfg, model, sample)
-        if flags.compile:  # after the deep copies of the causality check and the FLOP count
-            device_type = "cpu" if str(cfg.trainer.get("accelerator")) == "cpu" or not torch.cuda.is_available() \
-                else "cuda"
-            flag_effects["compile"] = compile_blocks(model, flags.compile_backend, flags.compile_mode, device_type)
+        device_type = "cpu" if str(cfg.trainer.get("accelerator")) == "cpu" or not torch.cuda.is_available() \
+            else "cuda"
+        ctx = RunContext(cfg=cfg, model=model, sample=sample, datamodule=datamodule, device_type=device_type,
+                         quant=quant)
+        technique_callbacks = techniques.setup(ctx)
+        techniques.before_fit(ctx)  # after the deep copies of the causality check and the FLOP count
 
         task = LMTask(model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler),
                       vocab_size=datamodule.vocab_size, log_accuracy=datamodule.has_answer_mask,
-                      active_fraction=flags.active_fraction if flags.active_learning else None)
+                      **techniques.task_kwargs())
         wandb_id = (plan.previous.get("dashboards") or {}).get("wandb", {}).get("id") if plan else None
         loggers, dashboards = build_loggers(cfg, identity, wandb_id)
         record.update(dashboards=dashboards)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         lifecycle = Lifecycle(datamodule.vocab_size, limits, cfg.get("checkpoint_every_n_steps"))
         trainer = watch.trainer = instantiate(cfg.trainer, logger=loggers or False,
-                                              callbacks=callbacks + flag_callbacks + [lifecycle])
+                                              callbacks=callbacks + technique_callbacks + [lifecycle])
         record.update(**running_record())
         record.write()  # a run killed from here on is seen as such by `bkexp report`
         trainer.fit(task, datamodule=datamodule, ckpt_path=plan.ckpt_path if plan else cfg.get("ckpt_path"))
         tokens_trained = task.tokens_seen  # before trainer.test loads the best checkpoint's counters
         record.update(resumes=lifecycle.resumes)
         metrics = _final_metrics(trainer, task, datamodule, quant, test=bool(cfg.get("test_after_fit")),
-                                 test_final_weights=flags.pruning)
+                                 test_final_weights=techniques.tests_final_weights)
         record.update(quant=quant.describe(model))
         record.update(metrics=metrics, steps=trainer.global_step, tokens={"train": tokens_trained},
                       backends=model.backends(), device=str(task.device))
         _record_callbacks(record, trainer)
-        record.data["flags"]["effects"] = _flag_effects(flags, flag_effects, trainer, task, model, sample,
-                                                        quant, record.data.get("backends", {}))
+        ctx.trainer, ctx.task = trainer, task
+        record.data["flags"]["effects"] = techniques.describe(ctx)
         record.update(status="ok", exit_code=0)
         return metrics.get("best/val_loss", metrics.get("val/loss"))
     except BaseException as exc:
@@ -202,8 +191,8 @@ def _final_metrics(trainer: pl.Trainer, task: LMTask, datamodule: Any, quant: Qu
     """train/val metrics at the end of training, best val, and test on the best checkpoint.
 
     With PTQ, validation ran at full precision and the test runs on the quantized weights (``finalize``).
-    With ``test_final_weights`` (pruning) the test runs on the final weights: the best checkpoint by
-    validation loss may predate the final sparsity.
+    With ``test_final_weights`` (a technique that asks for it, e.g. pruning) the test runs on the final
+    weights: the best checkpoint by validation loss may predate what the technique did last.
     """
     metrics: dict[str, Any] = {}
     if trainer.callback_metrics.get("val/loss") is None or task.last_val_step != trainer.global_step:
@@ -229,47 +218,3 @@ def _record_callbacks(record: RunRecord, trainer: pl.Trainer) -> None:
         if isinstance(callback, ThroughputMonitor):
             record.update(throughput=callback.results())
     record.update(memory={**record.data.get("memory", {}), "peak_mb": peak_memory_mb(trainer.strategy.root_device)})
-
-
-def _flag_callbacks(flags: Flags, cfg: DictConfig, model: torch.nn.Module,
-                    sample: torch.Tensor) -> tuple[list[pl.Callback], dict[str, Any]]:
-    """The Lightning callbacks of the training-side flags (pruning, curriculum) and what they were set up with."""
-    callbacks: list[pl.Callback] = []
-    effects: dict[str, Any] = {}
-    if flags.pruning:
-        layers, dense = prunable_linears(model, sample)
-        if not layers:
-            raise ValueError(f"flags.pruning found no nn.Linear layer called inside the blocks of model "
-                             f"{cfg.model.get('name')!r}")
-        callbacks.append(GradualMagnitudePruning([(m, "weight") for _, m in layers], flags.pruning_amount,
-                                                 flags.pruning_end, flags.pruning_events))
-        effects["pruning"] = {"layers": [n for n, _ in layers], "left_dense": dense,
-                              "_modules": layers}
-    if flags.curriculum:
-        callbacks.append(SequenceLengthCurriculum(int(cfg.seq_len), flags.curriculum_start,
-                                                  flags.curriculum_fraction, flags.curriculum_multiple))
-    return callbacks, effects
-
-
-def _flag_effects(flags: Flags, setup: dict[str, Any], trainer: pl.Trainer, task: LMTask, model: torch.nn.Module,
-                  sample: torch.Tensor, quant: QuantSpec, backends: dict[str, str]) -> dict[str, Any]:
-    """What the flags measurably did in this run (summary.json flags.effects)."""
-    effects: dict[str, Any] = {"precision": str(trainer.precision), "gradient": gradient_effect(backends),
-                               "compile": setup.get("compile", False)}
-    if flags.quantization:
-        effects["quantization"] = {"method": quant.resolved_method, "bits": quant.bits}
-    if "pruning" in setup:
-        layers = setup["pruning"].pop("_modules")
-        pruner = next(c for c in trainer.callbacks if isinstance(c, GradualMagnitudePruning))
-        effects["pruning"] = {**setup["pruning"], "target": flags.pruning_amount, **weight_sparsity(layers),
-                              "schedule": [[step, round(s, 6)] for step, s in pruner.applied]}
-    for callback in trainer.callbacks:
-        if isinstance(callback, SequenceLengthCurriculum):
-            effects["curriculum"] = callback.describe()
-    if flags.active_learning:
-        effects["active_learning"] = task.active_learning_stats()
-    if flags.multi_scale and hasattr(model, "measure_multi_scale_speedup"):
-        model.measure_multi_scale_speedup(sample.to(task.device))
-    if hasattr(model, "flag_stats"):
-        effects["model"] = model.flag_stats()
-    return effects

@@ -10,13 +10,8 @@ import pytest
 import torch
 from runhelpers import MQAR_TINY, TINY, compose_train, options, read_summary
 
-from bkexp.train.flags import (
-    FLAG_NAMES,
-    FlagError,
-    FlagNotApplicableError,
-    Flags,
-    cubic_sparsity_schedule,
-)
+from bkexp.techniques import FLAG_NAMES, FlagError, FlagNotApplicableError, Flags
+from bkexp.techniques.pruning import cubic_sparsity_schedule
 
 IID_TINY = ["dataset=iid", "dataset.num_train=64", "dataset.num_val=16", "dataset.num_test=16"]
 NO_TEST = ["test_after_fit=false"]
@@ -222,7 +217,7 @@ def test_compiled_transformer_matches_eager():
     from bkexp.models.ffn import MLP
     from bkexp.models.mixers import AttentionMixer
     from bkexp.ops.testing import assert_rel_close
-    from bkexp.train.flags import compile_blocks
+    from bkexp.techniques.compile import compile_blocks
 
     torch.manual_seed(0)
     model = LanguageModel(31, 32, 1, mixer=partial(AttentionMixer, n_heads=2), ffn=partial(MLP))

@@ -24,6 +24,19 @@ class Mixer(AuxLossModule):
     """
 
     causal: bool = True
+    # Capabilities, declared by each mixer class so that no layer above asks ``isinstance`` about a mixer.
+    # Backends of its recurrent op that differentiate with the exact adjoint ("auto" included), and the one
+    # that differentiates with autograd through the recurrence (None: the mixer has no such op).
+    adjoint_backends: tuple[str, ...] = ()
+    autograd_backend: str | None = None
+    # Op -> the backends of that op that are autograd through the recurrence (what the run records).
+    autograd_op_backends: dict[str, tuple[str, ...]] = {}
+    # Ops whose kernels (numba, Triton, CUDA extensions) torch.compile must not trace: the mixer stays eager.
+    custom_kernel_ops: tuple[str, ...] = ()
+    # The mixer can record the energy <psi|H|psi> of its Hamiltonian (``record_energy``; the physics term).
+    has_energy: bool = False
+    # The mixer can keep only a learned fraction of its heads active (``sparse_heads``; the sparse_bk flag).
+    has_sparse_heads: bool = False
 
     def __init__(self, d_model: int) -> None:
         super().__init__()

@@ -68,6 +68,13 @@ class BKMixer(Mixer):
     symmetric split ``H[t,t+1] = H[t+1,t] = sqrt(k_t)`` of the couplings (a differentiable scalar).
     """
 
+    adjoint_backends = ("auto", "cpu", "torch", "triton")
+    autograd_backend = "torch_autograd"
+    autograd_op_backends = {"bk_core": ("torch_autograd", "reference")}
+    custom_kernel_ops = ("bk_core",)
+    has_energy = True
+    has_sparse_heads = True
+
     def __init__(self, d_model: int, n_heads: int = 4, causal: bool = True, coupling: str = "head",
                  base_diag: float = 0.0, base_coupling: float = 1.0, learn_coupling: bool = True,
                  eps_init: float = 1.0, eps_min: float = 1e-2, shift_init: float = 0.0, learn_z: bool = True,

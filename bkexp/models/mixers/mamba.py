@@ -29,6 +29,11 @@ class MambaMixer(Mixer):
     # The scan function the forward calls (``selective_scan``'s signature); benchmarks swap in baselines.
     scan = staticmethod(selective_scan)
 
+    adjoint_backends = ("auto", "cpu", "cuda")
+    autograd_backend = "ref"
+    autograd_op_backends = {"selective_scan": ("ref",)}
+    custom_kernel_ops = ("selective_scan",)
+
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2,
                  dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
                  dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
