@@ -62,9 +62,14 @@ class ReportCallback(Callback):
 
     @staticmethod
     def _summaries(sweep_dir: Path) -> list[dict[str, Any]]:
-        from bkexp.report.collect import find_run_dirs, load_summary
+        from bkexp.report.collect import load_summary
+        from bkexp.rundir import SUMMARY_FILE, RunDirError, find_run_dirs
 
-        return [load_summary(p) for p in find_run_dirs(sweep_dir)[0]]
+        try:
+            runs = find_run_dirs([sweep_dir])
+        except RunDirError:  # no directory, or no job in it
+            return []
+        return [load_summary(d / SUMMARY_FILE) for d in runs if (d / SUMMARY_FILE).is_file()]
 
     def _write_tensorboard_experiment(self, sweep_dir: Path) -> None:
         """The sweep's one HParams experiment summary (TensorBoard shows a single one per log directory)."""
