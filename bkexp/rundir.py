@@ -47,6 +47,7 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_CHOICES = ("best", "last")
+LEGACY_FLAGS_TARGETS = ("bkexp.train.flags.Flags",)  # where the flags dataclass lived in earlier runs' configs
 
 
 class RunDirError(ValueError):
@@ -323,4 +324,6 @@ def _apply_techniques(cfg: DictConfig) -> None:
         return
     from bkexp.techniques import Techniques
 
+    if cfg.flags.get("_target_") in LEGACY_FLAGS_TARGETS:  # runs recorded before bkexp.techniques existed
+        cfg.flags._target_ = "bkexp.techniques.Flags"
     Techniques.from_config(cfg).configure(cfg)

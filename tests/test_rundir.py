@@ -118,6 +118,11 @@ def test_a_trained_run_is_rebuilt_exactly(train, tmp_path: Path) -> None:
     with pytest.raises(RunDirError, match="no key 'dataset.batchsize'"):
         run.config(["dataset.batchsize=7"])
     assert run.config(["+extra.note=hi"]).extra.note == "hi"
+    # A run recorded before the techniques package (flags target bkexp.train.flags.Flags) still loads.
+    config_file = run_dir / ".hydra" / "config.yaml"
+    config_file.write_text(config_file.read_text().replace("bkexp.techniques.Flags", "bkexp.train.flags.Flags"))
+    assert "bkexp.train.flags.Flags" in config_file.read_text()
+    assert run.config().flags._target_ == "bkexp.techniques.Flags"
 
 
 def test_tokenizers_save_and_load_exactly(tmp_path: Path) -> None:
