@@ -140,7 +140,10 @@ def load_run(run_dir: Path, checkpoint: str, overrides: Sequence[str], device: t
     ckpt = run.checkpoint_path(checkpoint)
     model = run.build_model(ckpt, device=device, cfg=cfg)
     summary = run.summary() if run.summary_path.is_file() else {}
-    return LoadedRun(run_dir, cfg, model, getattr(datamodule, "tokenizer", None), ckpt, summary)
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    if tokenizer is not None and tokenizer.name == "ids":  # a synthetic task's token ids: no text tokenizer
+        tokenizer = None
+    return LoadedRun(run_dir, cfg, model, tokenizer, ckpt, summary)
 
 
 def causality_check(run: LoadedRun, stream: torch.Tensor) -> None:
