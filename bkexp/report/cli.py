@@ -48,14 +48,17 @@ def _json_safe(value: Any) -> Any:
 
 def write_report(dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None, *,
                  baseline: str = DEFAULT_BASELINE, metrics: Sequence[str] | None = None,
-                 plots: bool = True) -> Report:
+                 plots: bool = True, best_over: str | None = None) -> Report:
     """Read every summary.json under `dirs` and write summary.csv, summary.md, comparison.json and plots/.
 
-    `out_dir` defaults to the single directory given. Raises collect.NoRunsError when a directory holds no run
-    and ValueError for a bad metric name or a missing out_dir with several directories.
+    `out_dir` defaults to the single directory given. With `best_over` (a swept key such as ``optimizer.lr``) the
+    tables, comparison and plots keep, per model and cell, only the runs at the value with the best validation
+    loss (summary.csv keeps every run), and summary.md says which value won. Raises collect.NoRunsError when a
+    directory holds no run and ValueError for a bad metric name, a `best_over` key that was not swept, or a
+    missing out_dir with several directories.
     """
     from bkexp.report.collect import atomic_write_text, collect_runs
-    from bkexp.report.tables import comparison, select_metrics, summary_csv, summary_markdown
+    from bkexp.report.tables import comparison, select_best, select_metrics, summary_csv, summary_markdown
 
     dirs = [Path(d) for d in dirs]
     if out_dir is None:
@@ -64,15 +67,18 @@ def write_report(dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike |
                              "goes with --out OUTDIR")
         out_dir = dirs[0]
     out = Path(out_dir)
-    runs = collect_runs(dirs)
+    all_runs = collect_runs(dirs)
+    runs, choices = select_best(all_runs, best_over) if best_over else (all_runs, [])
     chosen = select_metrics(runs, metrics)
     comparison_result = comparison(runs, baseline)
     out.mkdir(parents=True, exist_ok=True)
 
     csv_path, md_path, json_path = out / "summary.csv", out / "summary.md", out / "comparison.json"
-    atomic_write_text(csv_path, summary_csv(runs))
+    atomic_write_text(csv_path, summary_csv(all_runs))
     title = f"bkexp report: {out.resolve().name}"
-    atomic_write_text(md_path, summary_markdown(runs, chosen, comparison_result, title))
+    atomic_write_text(md_path, summary_markdown(runs, chosen, comparison_result, title, choices))
+    if choices:
+        comparison_result["best_over"] = choices
     atomic_write_text(json_path, json.dumps(_json_safe(comparison_result), indent=2, default=str) + "\n")
     written_plots: list[Path] = []
     if plots:
@@ -99,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="report only these metrics (repeatable): an alias such as val_ppl, test_ppl, "
                              "train_tokens_per_sec, peak_mb, or a summary column such as metrics.val/acc")
     parser.add_argument("--no-plots", action="store_true", help="write the tables only")
+    parser.add_argument("--best-over", default=None, metavar="KEY",
+                        help="a swept key (e.g. optimizer.lr): per model and cell keep only the value with the "
+                             "best validation loss, and say which won")
     parser.add_argument("--wandb-workspace", action="store_true",
                         help="also save a W&B workspace view of the sweep (needs wandb-workspaces and a W&B server: "
                              "wandb login, runs uploaded with wandb sync)")
@@ -140,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         report = write_report(args.dirs, args.out, baseline=args.baseline, metrics=args.metric,
-                              plots=not args.no_plots)
+                              plots=not args.no_plots, best_over=args.best_over)
     except (NoRunsError, ValueError) as exc:
         print(f"bkexp report: error: {exc}", file=sys.stderr)
         return 2

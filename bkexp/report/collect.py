@@ -303,6 +303,7 @@ def collect_runs(dirs: Sequence[str | os.PathLike]) -> RunSet:
         for key in METRIC_SCALARS:
             if key in summary:
                 row[key] = _hashable(summary[key])
+        row.update(eval_columns(Path(summary["_run_dir"])))
         rows.append(row)
 
     frame = pd.DataFrame(rows)
@@ -319,6 +320,57 @@ def collect_runs(dirs: Sequence[str | os.PathLike]) -> RunSet:
             curves[str(summary["_run_dir"])] = csv
     return RunSet(frame=frame, swept_keys=swept, point_keys=point_keys,
                   config_keys=[f"config.{k}" for k in config_keys], sources=sources, curves=curves)
+
+
+EVAL_DIR = "eval"
+EVAL_PREFIX = "eval."  # columns from a run's eval/ results (written by `bkexp eval`)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def eval_columns(run_dir: Path) -> dict[str, Any]:
+    """Flat columns from ``eval/perplexity.json``, ``eval/length.json`` and ``eval/lm_eval.json`` of a run.
+
+    ``eval.ppl.<dataset>``, ``eval.bits_per_byte.<dataset>``, ``eval.unk_share.<dataset>``, ``eval.ppl.mean`` /
+    ``.std``; ``eval.length_ppl.<L>``, ``eval.length_tokens_per_sec.<L>``, ``eval.length_peak_mb.<L>`` (an
+    out-of-memory length has no value); ``eval.lm_eval.<task>.<metric>`` and ``...<metric>_stderr``.
+    """
+    out: dict[str, Any] = {}
+    folder = run_dir / EVAL_DIR
+    ppl = _read_json(folder / "perplexity.json")
+    if isinstance(ppl, dict):
+        for row in ppl.get("datasets") or []:
+            for key in ("ppl", "bits_per_byte", "unk_share"):
+                if isinstance(row.get(key), (int, float)):
+                    out[f"{EVAL_PREFIX}{key}.{row['dataset']}"] = row[key]
+        for stat in ("mean", "std"):
+            value = (ppl.get(stat) or {}).get("ppl")
+            if isinstance(value, (int, float)):
+                out[f"{EVAL_PREFIX}ppl.{stat}"] = value
+    length = _read_json(folder / "length.json")
+    if isinstance(length, dict):
+        for row in length.get("lengths") or []:
+            if row.get("status") != "ok":
+                continue
+            for key, name in (("ppl", "length_ppl"), ("tokens_per_sec", "length_tokens_per_sec"),
+                              ("peak_mb", "length_peak_mb")):
+                if isinstance(row.get(key), (int, float)):
+                    out[f"{EVAL_PREFIX}{name}.{row['length']}"] = row[key]
+    harness = _read_json(folder / "lm_eval.json")
+    if isinstance(harness, dict):
+        for row in harness.get("metrics") or []:
+            if isinstance(row.get("value"), (int, float)):
+                base = f"{EVAL_PREFIX}lm_eval.{row['task']}.{row['metric']}"
+                out[base] = row["value"]
+                if isinstance(row.get("stderr"), (int, float)):
+                    out[f"{base}_stderr"] = row["stderr"]
+    return out
 
 
 def _metrics_csv(run_dir: Path) -> Path | None:

@@ -11,7 +11,16 @@ from typing import Any
 
 import pandas as pd
 
-from bkexp.report.collect import IDENTITY_KEYS, ROW_KEY, RunSet, display, point_label, sort_key
+from bkexp.report.collect import (
+    EVAL_PREFIX,
+    IDENTITY_KEYS,
+    REPLICATE_KEY,
+    ROW_KEY,
+    RunSet,
+    display,
+    point_label,
+    sort_key,
+)
 
 
 @dataclass(frozen=True)
@@ -364,6 +373,123 @@ def _flag_delta_md(runs: RunSet) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------------------------------ best over a key
+
+BEST_OVER_METRICS = ("metrics.best/val_loss", "metrics.val/loss")  # what "best" means: lowest validation loss
+
+
+def select_best(runs: RunSet, key: str) -> tuple[RunSet, list[dict[str, Any]]]:
+    """Per cell (model and every other swept key), keep only the runs at the value of ``key`` with the lowest mean
+    validation loss over seeds (``metrics.best/val_loss``, else ``metrics.val/loss``; successful runs only).
+
+    Returns the selected runs, with ``key`` no longer a swept key, and one record per cell saying which value
+    won and what every value scored. Raises ValueError when ``key`` was not swept.
+    """
+    if key not in runs.swept_keys or key in (ROW_KEY, REPLICATE_KEY):
+        swept = [k for k in runs.swept_keys if k not in (ROW_KEY, REPLICATE_KEY)]
+        raise ValueError(f"--best-over {key!r} is not a swept key of these runs; swept: {', '.join(swept) or 'none'}")
+    metric = next((c for c in BEST_OVER_METRICS if c in runs.frame.columns), None)
+    if metric is None:
+        raise ValueError(f"--best-over needs a validation loss ({' or '.join(BEST_OVER_METRICS)}); no run has one")
+    others = [k for k in runs.point_keys if k != key]
+    groups: dict[tuple, dict[Any, list[dict[str, Any]]]] = {}
+    for row in runs.frame.to_dict("records"):
+        cell = (str(row[ROW_KEY]), tuple(row[k] for k in others))
+        groups.setdefault(cell, {}).setdefault(row[key], []).append(row)
+    keep: set[str] = set()
+    choices: list[dict[str, Any]] = []
+    for (model, point), by_value in sorted(groups.items(), key=lambda kv: (sort_key(kv[0][0]),
+                                                                          tuple(map(sort_key, kv[0][1])))):
+        scores = {value: _mean_of([r for r in rows if r["status"] == "ok"], metric) for value, rows in by_value.items()}
+        ranked = sorted((v for v in scores if scores[v] is not None), key=lambda v: (scores[v], sort_key(v)))
+        entry: dict[str, Any] = {"model": model, **dict(zip(others, point)), "key": key, "metric": metric,
+                                 "scores": {display(v): scores[v] for v in sorted(scores, key=sort_key)}}
+        if ranked:
+            best = ranked[0]
+            entry.update(best=best, best_score=scores[best], n_seeds=sum(r["status"] == "ok" for r in by_value[best]))
+            keep.update(str(r["run_dir"]) for r in by_value[best])
+        else:
+            entry.update(best=None, best_score=None, n_seeds=0)
+            keep.update(str(r["run_dir"]) for rows in by_value.values() for r in rows)  # show the failures
+        choices.append(entry)
+    frame = runs.frame[runs.frame["run_dir"].astype(str).isin(keep)].reset_index(drop=True)
+    selected = RunSet(frame=frame, swept_keys=[k for k in runs.swept_keys if k != key],
+                      point_keys=others, config_keys=[c for c in runs.config_keys if c != f"config.{key}"],
+                      sources=runs.sources, curves={k: v for k, v in runs.curves.items() if k in keep})
+    return selected, choices
+
+
+def _best_over_md(choices: Sequence[dict[str, Any]], others: Sequence[str]) -> list[str]:
+    if not choices:
+        return []
+    key, metric = choices[0]["key"], choices[0]["metric"]
+    lines = [f"## Best {key} per cell", "",
+             f"Every table above shows, per model and cell, only the runs at the {key} with the lowest mean `{metric}` "
+             "over seeds. Scores of every value tried:", ""]
+    header = [ROW_KEY, *others, f"best {key}", metric, "all values"]
+    lines += [_md_row(header), _md_row(["---"] * len(header))]
+    for c in choices:
+        tried = ", ".join(f"{v}: {fmt_number(s) if s is not None else 'failed'}" for v, s in c["scores"].items())
+        lines.append(_md_row([c["model"], *(display(c.get(k)) for k in others),
+                              display(c["best"]) if c["best"] is not None else "all failed",
+                              fmt_number(c["best_score"]) if c["best_score"] is not None else "-", tried]))
+    return lines + [""]
+
+
+# ------------------------------------------------------------------------------------- eval/ (bkexp eval)
+
+EVAL_FAMILIES = (  # (column prefix, section title, what a column suffix is)
+    (f"{EVAL_PREFIX}ppl.", "Perplexity on other corpora (bkexp eval --datasets)", "dataset"),
+    (f"{EVAL_PREFIX}bits_per_byte.", "Bits per byte on other corpora", "dataset"),
+    (f"{EVAL_PREFIX}length_ppl.", "Perplexity vs context length (bkexp eval --lengths)", "L"),
+    (f"{EVAL_PREFIX}length_tokens_per_sec.", "Eval tokens/s vs context length", "L"),
+    (f"{EVAL_PREFIX}length_peak_mb.", "Peak memory (MB) vs context length", "L"),
+    (f"{EVAL_PREFIX}lm_eval.", "lm-evaluation-harness tasks (value ± stderr)", "task.metric"),
+)
+
+
+def _eval_md(runs: RunSet) -> list[str]:
+    """One table per eval/ family: rows = model (and swept point), columns = dataset / L / task metric."""
+    columns = [c for c in runs.frame.columns if c.startswith(EVAL_PREFIX)]
+    if not columns:
+        return []
+    lines = ["## Evaluation (eval/ of each run)", "",
+             "Cells: mean ± sample std over seeds, or the single value. Written by `bkexp eval`.", ""]
+    points = runs.points()
+    for prefix, title, what in EVAL_FAMILIES:
+        family = [c for c in columns if c.startswith(prefix) and not c.endswith("_stderr")]
+        if not family:
+            continue
+        family.sort(key=lambda c: (c[len(prefix):] in ("mean", "std"), sort_key(_numeric(c[len(prefix):]))))
+        header = [ROW_KEY if not runs.point_keys else f"{ROW_KEY} ({', '.join(runs.point_keys)})",
+                  *(c[len(prefix):] for c in family)]
+        lines += [f"### {title}", "", f"Columns: {what}.", "", _md_row(header), _md_row(["---"] * len(header))]
+        tables = {c: cells(runs, c) for c in family}
+        stderr = {c: cells(runs, f"{c}_stderr") for c in family if f"{c}_stderr" in runs.frame.columns}
+        for model in runs.models():
+            for point in points:
+                if not any((model, point) in t for t in tables.values()):
+                    continue
+                label = model if not runs.point_keys else f"{model} ({point_label(runs.point_keys, point)})"
+                row = [label]
+                for c in family:
+                    text = format_cell(tables[c].get((model, point)))
+                    err = stderr.get(c, {}).get((model, point))
+                    if err is not None and err.n == 1 and text not in ("", "n/a", "failed"):
+                        text += f" ± {fmt_number(err.mean)}"
+                    row.append(text)
+                lines.append(_md_row(row))
+        lines.append("")
+    return lines
+
+
+def _numeric(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 # --------------------------------------------------------------------------------------------- summary.md
 
 
@@ -415,7 +541,7 @@ def _comparison_md(result: dict[str, Any], runs: RunSet) -> list[str]:
 
 
 def summary_markdown(runs: RunSet, metrics: Sequence[Metric], comparison_result: dict[str, Any] | None,
-                     title: str) -> str:
+                     title: str, best_over: Sequence[dict[str, Any]] = ()) -> str:
     seeds = sorted({display(s) for s in runs.frame["seed"]}) if "seed" in runs.frame else []
     lines = [
         f"# {title}",
@@ -432,6 +558,8 @@ def summary_markdown(runs: RunSet, metrics: Sequence[Metric], comparison_result:
         lines += [f"## {metric.label}", "", f"`{metric.column}`{direction}", ""]
         header, rows = pivot_rows(runs, metric.column)
         lines += [_md_row(header), _md_row(["---"] * len(header)), *(_md_row(r) for r in rows), ""]
+    lines += _best_over_md(best_over, runs.point_keys)
+    lines += _eval_md(runs)
     lines += _flag_delta_md(runs)
     if comparison_result is not None:
         lines += _comparison_md(comparison_result, runs)
