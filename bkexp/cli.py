@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval-quant": ("bkexp.eval.quant", "evaluate a trained run at several weight bit widths"),
     "prepare-data": ("bkexp.data.prepare", "tokenise a streamed dataset once into a token cache later runs reuse"),
     "generate": ("bkexp.infer.cli", "continue a prompt with a trained run's model (incremental decoding)"),
+    "export": ("bkexp.export.cli", "write a run as a Hugging Face model folder (safetensors, config, tokenizer, card)"),
     "doctor": ("bkexp.doctor", "print versions, devices and which kernel backends are available"),
 }
 

@@ -1,0 +1,167 @@
+"""A run as a Hugging Face model folder: safetensors weights, config.json, tokenizer files and a model card.
+
+``export_run(RUN_DIR, OUT)`` writes::
+
+    OUT/model.safetensors     the weights of the run's best checkpoint (tied tensors stored once)
+    OUT/config.json           what rebuilds the model: the run's model (and quant) config, vocab size, seq_len, bits
+    OUT/tokenizer_config.json ... the run's tokenizer/ folder (vocab.txt / tokenizer.json where it has one)
+    OUT/README.md             model card (huggingface_hub ModelCard) generated from summary.json
+
+``from_pretrained(OUT)`` rebuilds the model from config.json alone and loads the weights strictly (no missing or
+unexpected key), so its logits equal those of the run's checkpoint; ``load_tokenizer(OUT)`` rebuilds the tokenizer.
+``push(OUT, REPO_ID)`` uploads exactly the files of ``upload_operations(OUT)`` in one commit; the token comes from
+the environment (``HF_TOKEN``) or the local login and is never written into the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bkexp.utils import atomic_write_text
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
+MODEL_TYPE = "bkexp"
+
+
+class ExportError(ValueError):
+    """A run that cannot be exported, or a folder that is not a bkexp export; the message says why."""
+
+
+def _build(model_cfg: dict[str, Any], quant_cfg: dict[str, Any] | None, vocab_size: int) -> Any:
+    """The model as the run built it: the model config, then the run's quantization wrappers."""
+    from hydra.utils import instantiate
+
+    model = instantiate(model_cfg, vocab_size=vocab_size)
+    if quant_cfg is not None:
+        model = instantiate(quant_cfg).prepare(model)
+    return model
+
+
+def export_run(run_dir: str | Path, out: str | Path, which: str = "best", overwrite: bool = False) -> Path:
+    """Write the Hugging Face folder of one finished run (see the module docstring); returns ``out``."""
+    import torch
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_model
+
+    from bkexp.rundir import TOKENIZER_DIR, RunDir
+
+    run = RunDir(run_dir)
+    summary = run.summary()
+    if summary.get("status") != "ok":
+        raise ExportError(f"{run.path}: status {summary.get('status')!r} (error: {summary.get('error')}); only "
+                          "finished runs (status 'ok') are exported")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
+    cfg = run.config()
+    checkpoint = run.checkpoint_path(which)
+    model = run.build_model(which=which, cfg=cfg)
+    config = {
+        "model_type": MODEL_TYPE,
+        "architectures": [type(model).__name__],
+        "bkexp_version": _version(),
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "quant": OmegaConf.to_container(cfg.quant, resolve=True) if cfg.get("quant") is not None else None,
+        "vocab_size": run.vocab_size(cfg),
+        "seq_len": cfg.get("seq_len"),
+        "bits": cfg.get("bits"),
+        "torch_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "source": {"run": run.name, "checkpoint": checkpoint.name},
+    }
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        with torch.no_grad():
+            save_model(model, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "bkexp_run": run.name})
+        atomic_write_text(staging / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        tokenizer_dir = run.path / TOKENIZER_DIR
+        if not tokenizer_dir.is_dir():
+            raise ExportError(f"{run.path}: no {TOKENIZER_DIR}/ folder (runs save their tokenizer there since "
+                              "bkexp records it); re-run the training to export it")
+        for file in sorted(tokenizer_dir.iterdir()):
+            if file.is_file():
+                shutil.copy2(file, staging / file.name)
+        from bkexp.export.card import model_card
+
+        model_card(summary, config).save(staging / CARD_FILE)
+        for file in staging.iterdir():
+            os.chmod(file, 0o644)
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, out)  # the folder appears complete or not at all
+        os.chmod(out, 0o755)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise ExportError(f"{folder}: no {CONFIG_FILE}; not a model folder written by `bkexp export`")
+    config = json.loads(path.read_text())
+    if config.get("model_type") != MODEL_TYPE:
+        raise ExportError(f"{path}: model_type {config.get('model_type')!r}, expected {MODEL_TYPE!r}")
+    return config
+
+
+def from_pretrained(folder: str | Path, device: str = "cpu") -> Any:
+    """The exported model rebuilt from config.json, weights loaded strictly, in eval mode."""
+    from safetensors.torch import load_model
+
+    config = read_config(folder)
+    model = _build(config["model"], config.get("quant"), int(config["vocab_size"]))
+    missing, unexpected = load_model(model, str(Path(folder) / WEIGHTS_FILE), strict=True, device=device)
+    if missing or unexpected:  # strict=True raises first; kept so the contract is visible here
+        raise ExportError(f"{folder}: missing keys {missing}, unexpected keys {unexpected}")
+    return model.to(device).eval()
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """The run's tokenizer, from the tokenizer files in the folder."""
+    from bkexp.data.tokenizers import load_tokenizer as load
+
+    read_config(folder)
+    return load(folder)
+
+
+def upload_operations(folder: str | Path) -> list[Any]:
+    """Exactly what ``push`` uploads: one ``CommitOperationAdd`` per file of the folder (no hidden files)."""
+    from huggingface_hub import CommitOperationAdd
+
+    folder = Path(folder)
+    read_config(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".")
+                                                                            for part in p.relative_to(folder).parts))
+    return [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files]
+
+
+def push(folder: str | Path, repo_id: str, private: bool = False, revision: str | None = None) -> str:
+    """Upload the folder to the hub repository ``repo_id`` in one commit; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    from bkexp.data.tokenizers import hub_unavailable
+
+    operations = upload_operations(folder)  # validates the folder before any network access
+    why = hub_unavailable()
+    if why is not None:
+        raise ExportError(f"cannot push to {repo_id}: {why}. The folder {folder} is complete; upload it later with "
+                          f"`huggingface-cli upload {repo_id} {folder}` or `bkexp export RUN --out {folder} --push {repo_id}`")
+    api = HfApi()  # token: HF_TOKEN or the `huggingface-cli login` cache; never written to the folder
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    info = api.create_commit(repo_id, operations=operations, revision=revision, repo_type="model",
+                             commit_message=f"bkexp export of run {read_config(folder)['source']['run']}")
+    return str(info.commit_url)
+
+
+def _version() -> str:
+    import bkexp
+
+    return bkexp.__version__
