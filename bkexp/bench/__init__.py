@@ -15,6 +15,7 @@ BENCHMARKS = {
     "quant": "bkexp.bench.quant",
     "train-step": "bkexp.bench.train_step",
     "overhead": "bkexp.bench.overhead",
+    "run": "bkexp.bench.run",
     "decode": "bkexp.bench.decode",
 }
 
