@@ -26,6 +26,7 @@ import argparse
 import copy
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -180,41 +181,35 @@ def _summary_row(result: dict[str, Any], eager: dict[str, Any] | None) -> dict[s
 
 
 def _plots(rows: list[dict[str, Any]], out: Path, title: str) -> None:
+    ok = [r for r in rows if r["status"] == "ok"]
+    _grouped_bars(ok, "tokens_per_s", "tokens / s", f"{title}: throughput by execution mode",
+                  [r["mode"] for r in ok], out / "comparison_bar_plot.png")
+    _grouped_bars(ok, "speedup", "speedup over eager float32", f"{title}: speedup (and evaluation-slice perplexity)",
+                  [f"{r['mode']}\nppl {r['eval_ppl']:.4g}" for r in ok], out / "speedup_comparison.png", line=1.0)
+
+
+def _grouped_bars(rows: list[dict[str, Any]], field: str, ylabel: str, title: str, labels: list[str], path: Path,
+                  line: float | None = None) -> None:
+    """Inference and training-step bars side by side per mode (``infer_<field>``, ``train_<field>``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r["status"] == "ok"]
-    modes = [r["mode"] for r in ok]
-    xs = range(len(ok))
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(ok)), 4.5))
+    xs = range(len(rows))
     width = 0.4
-    ax.bar([x - width / 2 for x in xs], [r["infer_tokens_per_s"] or 0 for r in ok], width, label="inference")
-    ax.bar([x + width / 2 for x in xs], [r["train_tokens_per_s"] or 0 for r in ok], width, label="training step")
-    for x, r in zip(xs, ok):
-        ax.annotate(f"ppl {r['eval_ppl']:.3g}", (x, 0), textcoords="offset points", xytext=(0, 3), ha="center",
-                    fontsize=8, rotation=90, va="bottom", color="white")
-    ax.set_xticks(list(xs), modes, rotation=20)
-    ax.set_ylabel("tokens / s")
-    ax.set_title(f"{title}: throughput by execution mode")
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4.5))
+    ax.bar([x - width / 2 for x in xs], [r[f"infer_{field}"] or 0 for r in rows], width, label="inference")
+    ax.bar([x + width / 2 for x in xs], [r[f"train_{field}"] or 0 for r in rows], width, label="training step")
+    if line is not None:
+        ax.axhline(line, color="black", linewidth=0.8)
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    atomic_save_figure(fig, out / "comparison_bar_plot.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(ok)), 4.5))
-    ax.bar([x - width / 2 for x in xs], [r["infer_speedup"] or 0 for r in ok], width, label="inference")
-    ax.bar([x + width / 2 for x in xs], [r["train_speedup"] or 0 for r in ok], width, label="training step")
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(list(xs), [f"{r['mode']}\nppl {r['eval_ppl']:.4g}" for r in ok], fontsize=8)
-    ax.set_ylabel("speedup over eager float32")
-    ax.set_title(f"{title}: speedup (and perplexity on the evaluation slice)")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    atomic_save_figure(fig, out / "speedup_comparison.png", dpi=110)
+    atomic_save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -230,7 +225,7 @@ def main(argv: list[str]) -> int:
     try:
         modes = resolve_modes(args.modes, used, backends)
     except ValueError as exc:
-        print(f"bkexp bench run: {exc}", file=__import__("sys").stderr)
+        print(f"bkexp bench run: {exc}", file=sys.stderr)
         return 2
     datamodule = run.build_datamodule(stage="fit")
     eval_batches = []
