@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import bkexp  # noqa: F401  (first: sets OpenMP's wait policy before torch loads
 import pytest
 import torch
 
+from runhelpers import load_train_entry
 from testpaths import REPO_ROOT, SHARED_DATA, WIKITEXT2_DIR  # noqa: F401  (re-exported for tests)
 
 
@@ -38,17 +38,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
-def _load_entry():
-    spec = importlib.util.spec_from_file_location("bkexp_train_entry", REPO_ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def train(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """Run ``python train.py [overrides]`` in-process; returns the run (or sweep) directory."""
-    entry = _load_entry()
+    entry = load_train_entry()
 
     def _train(*overrides: str, multirun: bool = False) -> Path:
         argv = ["train.py", *(["-m"] if multirun else []), f"paths.root_dir={tmp_path}", *overrides]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from types import ModuleType
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -45,3 +47,11 @@ def data_overrides(dataset: str, data_dir: Path) -> list[str]:
         return []
     return [f"dataset.data_dir={data_dir}", "dataset.files.train=train.txt",
             "dataset.files.validation=valid.txt", "dataset.files.test=test.txt"]
+
+
+def load_train_entry() -> ModuleType:
+    """The real entry point (train.py) as a module, so tests call its Hydra ``main()`` in-process."""
+    spec = importlib.util.spec_from_file_location("bkexp_train_entry", REPO_ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

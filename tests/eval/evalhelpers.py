@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-from testpaths import REPO_ROOT
+from runhelpers import load_train_entry
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "HYDRA_FULL_ERROR": "1"}
 
 
 def train_run(root: Path, *overrides: str) -> Path:
-    spec = importlib.util.spec_from_file_location("bkexp_train_entry_eval", REPO_ROOT / "train.py")
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)
+    entry = load_train_entry()
     with pytest.MonkeyPatch.context() as mp:
         for key, value in OFFLINE.items():
             mp.setenv(key, value)

@@ -25,15 +25,12 @@ def greedy_by_recomputing(model: torch.nn.Module, prompt: list[int], n: int) -> 
 @pytest.fixture(scope="module")
 def quantized_bk_run(tmp_path_factory: pytest.TempPathFactory, wikitext_slice: Path) -> Path:
     """A tiny BK run on WikiText-2 text with the word tokenizer, trained with 8-bit QAT."""
-    import importlib.util
     import sys
 
-    from testpaths import REPO_ROOT
+    from runhelpers import load_train_entry
 
     root = tmp_path_factory.mktemp("generate_run")
-    spec = importlib.util.spec_from_file_location("bkexp_train_entry_generate", REPO_ROOT / "train.py")
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)
+    entry = load_train_entry()
     argv = sys.argv
     sys.argv = ["train.py", f"paths.root_dir={root}", *TINY, "model=bk", "dataset=text", "tokenizer=word",
                 "bits=8", *data_overrides("text", wikitext_slice)]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import wandb_files
-from runhelpers import MQAR_TINY, TINY, read_summary
+from runhelpers import MQAR_TINY, TINY, load_train_entry, read_summary
 from bkexp.train.loggers import SEPARATOR, run_name, run_numbers, sweep_group, swept_keys
 
 SWEEP = ["model=transformer,bk", "seq_len=32,64"]
@@ -32,8 +32,6 @@ ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from conftest import _load_entry
-
     root = tmp_path_factory.mktemp("dash")
     overrides = [o for o in TINY if not o.startswith(("seq_len=", "compute_flops="))]
     argv = ["train.py", "-m", f"paths.root_dir={root}", *overrides, *MQAR_TINY, *SWEEP, "logger=many"]
@@ -42,7 +40,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            "WANDB_CACHE_DIR": str(root / "wandb_cache")}.items():
             mp.setenv(key, value)
         mp.setattr(sys, "argv", argv)
-        _load_entry().main()
+        load_train_entry().main()
     (sweep_dir,) = [p for p in (root / "multirun").iterdir() if p.is_dir()]
     return sweep_dir
 
