@@ -184,19 +184,11 @@ def _write_table(out: Path, stem: str, record: dict[str, Any], rows: list[dict[s
                  columns: Sequence[str], md_lines: list[str]) -> None:
     import pandas as pd
 
+    from bkexp.train.summary import _jsonable
+
     atomic_write_text(out / f"{stem}.json", json.dumps(_jsonable(record), indent=2) + "\n")
     atomic_write_text(out / f"{stem}.csv", pd.DataFrame(rows, columns=list(columns)).to_csv(index=False))
     atomic_write_text(out / f"{stem}.md", "\n".join(md_lines) + "\n")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:

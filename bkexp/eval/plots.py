@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from bkexp.utils import atomic_save_figure
 
 
 def _pyplot():
@@ -17,20 +17,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    """Write a figure via a temporary file and os.replace, so a reader never sees half a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _length_axis(ax: Any, lengths: Sequence[int], train_len: int | None) -> None:
@@ -66,7 +52,7 @@ def length_plots(series: Sequence[tuple[str, list[dict[str, Any]]]], train_len: 
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / f"{stem}.png"
-        save_figure(fig, path)
+        atomic_save_figure(fig, path)
         plt.close(fig)
         written.append(path)
     return written
@@ -89,6 +75,6 @@ def position_plot(rows: list[dict[str, Any]], out_dir: Path, title: str) -> Path
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out_dir / "length_position.png"
-    save_figure(fig, path)
+    atomic_save_figure(fig, path)
     plt.close(fig)
     return path

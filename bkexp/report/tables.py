@@ -114,15 +114,19 @@ class Cell:
         return math.sqrt(sum((v - mean) ** 2 for v in self.values) / (self.n - 1))
 
 
-def cells(runs: RunSet, column: str) -> dict[tuple[str, tuple], Cell]:
-    """(model, point) -> Cell for every combination that has at least one run."""
+def cells(runs: RunSet, column: str, any_status: bool = False) -> dict[tuple[str, tuple], Cell]:
+    """(model, point) -> Cell for every combination that has at least one run.
+
+    Values come from successful runs only, unless ``any_status``: results measured after training (eval/)
+    are valid for an interrupted run's checkpoint too.
+    """
     out: dict[tuple[str, tuple], Cell] = {}
     has_column = column in runs.frame.columns
     groups: dict[tuple[str, tuple], list[dict[str, Any]]] = {}
     for row in runs.frame.to_dict("records"):
         groups.setdefault((str(row[ROW_KEY]), runs.point_of(row)), []).append(row)
     for key, rows in groups.items():
-        ok = [r for r in rows if r["status"] == "ok"]
+        ok = [r for r in rows if r["status"] == "ok" or (any_status and has_column and _is_number(r[column]))]
         values = tuple(float(r[column]) for r in ok if has_column and _is_number(r[column]))
         out[key] = Cell(values=values, n_failed=len(rows) - len(ok))
     return out
@@ -315,7 +319,7 @@ def flag_deltas(runs: RunSet) -> list[dict[str, Any]]:
                 rows = groups.get((model, other, flag))
                 if rows is None:
                     continue
-                ok = [r for r in rows if r["status"] == "ok"]
+                ok = [r for r in rows if r["status"] == "ok" or (any_status and has_column and _is_number(r[column]))]
                 entry: dict[str, Any] = {"model": model, "flags": flag, **dict(zip(others, other)),
                                          "n_ok": len(ok), "n_failed": len(rows) - len(ok)}
                 if not ok:
@@ -464,8 +468,9 @@ def _eval_md(runs: RunSet) -> list[str]:
         header = [ROW_KEY if not runs.point_keys else f"{ROW_KEY} ({', '.join(runs.point_keys)})",
                   *(c[len(prefix):] for c in family)]
         lines += [f"### {title}", "", f"Columns: {what}.", "", _md_row(header), _md_row(["---"] * len(header))]
-        tables = {c: cells(runs, c) for c in family}
-        stderr = {c: cells(runs, f"{c}_stderr") for c in family if f"{c}_stderr" in runs.frame.columns}
+        tables = {c: cells(runs, c, any_status=True) for c in family}
+        stderr = {c: cells(runs, f"{c}_stderr", any_status=True) for c in family
+                  if f"{c}_stderr" in runs.frame.columns}
         for model in runs.models():
             for point in points:
                 if not any((model, point) in t for t in tables.values()):
