@@ -319,7 +319,7 @@ def flag_deltas(runs: RunSet) -> list[dict[str, Any]]:
                 rows = groups.get((model, other, flag))
                 if rows is None:
                     continue
-                ok = [r for r in rows if r["status"] == "ok" or (any_status and has_column and _is_number(r[column]))]
+                ok = [r for r in rows if r["status"] == "ok"]
                 entry: dict[str, Any] = {"model": model, "flags": flag, **dict(zip(others, other)),
                                          "n_ok": len(ok), "n_failed": len(rows) - len(ok)}
                 if not ok:
