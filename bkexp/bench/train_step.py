@@ -7,8 +7,8 @@ configured optimizer (``conf/optimizer``, built like the LightningModule builds 
 A, B, C, A, B, C, ...) and the median step is reported, so on a shared machine a load change hits every
 model alike; ``vs_<baseline>`` is the ratio of per-token costs to the baseline model at the same N.
 
-``--components`` adds the per-layer table (``components.*``): forward+backward of each sublayer of one
-block on ``(batch, N, d_model)`` activations -- every mixer and feed-forward, the custom ops alone
+``--components`` adds the per-layer table (``components.*``; ``--components-only``: that table alone): forward+backward
+of each sublayer of one block on ``(batch, N, d_model)`` activations -- every mixer and feed-forward, the custom ops alone
 (BK-Core, selective scan) on the inputs their mixer passes them, and the references the issue compares
 against (a dense MLP with the MoE's active FLOPs) -- timed interleaved in one process.
 
@@ -54,6 +54,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--baseline", default="transformer", help="model the vs_ column divides by (default transformer)")
     p.add_argument("--components", action="store_true", help="also time each sublayer of one block (components.*)")
+    p.add_argument("--components-only", action="store_true",
+                   help="only the per-layer table (implies --components; no training steps, no train_step.*)")
     p.add_argument("--components-n", type=int, default=256, help="N of the components table (default 256)")
     p.add_argument("--components-batch", type=int, default=32, help="batch of the components table (default 32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -65,6 +67,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config-dir", type=Path, default=CONF_DIR, help="bkexp's conf/ tree")
     p.add_argument("--out", type=Path, default=Path("bench_results/train-step"))
     args = p.parse_args(argv)
+    args.components = args.components or args.components_only
     args.models = [m for m in args.models.split(",") if m]
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
@@ -266,6 +269,9 @@ def main(argv: list[str]) -> int:
                                           "activations, gradient of ones; interleaved, median"})
         print(f"\nper-layer components, N={args.components_n}, batch {args.components_batch}\n{md}\n")
         written.append("components.{json,csv,md}")
+        if args.components_only:
+            print(f"threads={meta['threads']}; wrote {args.out}/components.{{json,csv,md}}")
+            return 0 if all(math.isfinite(r["fwd_bwd_ms"]) for r in comp) else 1
     rows = step_rows(args)
     columns = COLUMNS + ([f"vs_{args.baseline}"] if args.baseline else [])
     md = write_table(rows, columns, args.out, "train_step", meta)

@@ -28,11 +28,12 @@ class MoEFeedForward(AuxLossModule):
     forward; the backbone adds it to the training loss. ``self.router_stats`` keeps the detached
     ``fraction`` (f), ``prob_mean`` (P) and unweighted ``balance_loss`` of the last forward for logging.
 
-    Dispatch: the ``T * top_k`` assignments are laid out grouped by expert in one buffer, each expert's group
-    zero-padded to a whole number of ``block_rows``-row blocks; each expert MLP runs once on its part of the
-    buffer, and the gated results are gathered back per token. Both moves are row gathers whose backward is the
-    other gather (``_Dispatch``/``_Combine``), so no scatter-add runs forward or backward, and the cost is
-    ``top_k`` expert passes per token plus at most ``block_rows - 1`` padding rows per expert.
+    Dispatch: each expert's (token, choice) assignments are gathered into an input buffer of its own, zero-padded
+    to a whole number of ``block_rows``-row blocks; each expert MLP runs once on its buffer, and the results are
+    copied back into assignment order and gated per token. Forward and backward are row gathers and row copies
+    (``_Dispatch``/``_Combine``; the experts' groups partition the assignments, so no scatter-add), with no
+    concatenated buffer in between; the cost is ``top_k`` expert passes per token plus at most
+    ``block_rows - 1`` padding rows per expert.
 
     Bit-exactness: a BLAS matmul's result for one row can depend on how many rows the call has (MKL picks
     another kernel or edge tile for some shapes; one row alone takes the GEMV path), so with calls of
@@ -80,30 +81,23 @@ class MoEFeedForward(AuxLossModule):
             gate = gate / gate.sum(dim=-1, keepdim=True)
         return probs, gate, expert_idx
 
-    def layout(self, expert_idx: Tensor, block_rows: int | None
-               ) -> tuple[Tensor, Tensor, list[tuple[int, int]], list[int], Tensor]:
-        """Where each (token, choice) assignment goes in the expert-grouped, block-padded buffer.
+    def layout(self, expert_idx: Tensor, block_rows: int | None) -> tuple[list[Tensor], list[int], Tensor]:
+        """Which assignments each expert runs, and on how many buffer rows.
 
-        Returns ``slot_of`` (T*k,) the buffer row of assignment ``t*k + j``; ``assign_of_slot`` (P,) the
-        assignment of each buffer row (0 for padding); ``pad``, the ``(start, stop)`` row ranges of padding;
-        the buffer rows of each expert (a list, summing to P); and the per-expert assignment ``counts``.
+        Returns ``groups``, for every expert with work, the indices ``t*k + j`` of its (token, choice)
+        assignments in ascending order; ``rows``, the rows of each of those experts' calls (its count rounded up
+        to whole ``block_rows`` blocks; the count itself when ``block_rows`` is None); and the per-expert
+        assignment ``counts`` (all experts).
         """
         assign_expert = expert_idx.reshape(-1)
-        n_assign = assign_expert.numel()
         order = torch.argsort(assign_expert, stable=True)
         counts = torch.bincount(assign_expert, minlength=self.n_experts)
-        rows = counts if block_rows is None else (counts + block_rows - 1) // block_rows * block_rows
-        count_start = torch.cumsum(counts, 0) - counts
-        row_start = torch.cumsum(rows, 0) - rows
-        sorted_expert = assign_expert[order]
-        slot_sorted = torch.arange(n_assign, device=order.device) - count_start[sorted_expert] + row_start[sorted_expert]
-        slot_of = torch.empty_like(slot_sorted).index_copy_(0, order, slot_sorted)
-        rows_list = rows.tolist()
-        ends = torch.cumsum(rows, 0).tolist()
-        pad = [(end - r + c, end) for end, r, c in zip(ends, rows_list, counts.tolist()) if r > c]
-        assign_of_slot = torch.zeros(ends[-1] if ends else 0, dtype=torch.long, device=order.device)
-        assign_of_slot[slot_sorted] = order
-        return slot_of, assign_of_slot, pad, rows_list, counts
+        groups, rows = [], []
+        for group, count in zip(order.split(counts.tolist()), counts.tolist()):
+            if count:
+                groups.append(group)
+                rows.append(count if block_rows is None else -(-count // block_rows) * block_rows)
+        return groups, rows, counts
 
     def padding_flops(self) -> float:
         """Forward FLOPs the last call spent on zero padding rows (2 x multiply-adds of an expert per row)."""
@@ -128,15 +122,14 @@ class MoEFeedForward(AuxLossModule):
         flat = x.reshape(-1, self.d_model)
         n_tokens = flat.shape[0]
         probs, gate, expert_idx = self.route(flat)
-        slot_of, assign_of_slot, pad, rows, counts = self.layout(expert_idx, block_rows)
-        self.padding_rows = sum(stop - start for start, stop in pad)
-        token_of_slot = assign_of_slot if self.top_k == 1 else assign_of_slot // self.top_k
+        groups, rows, counts = self.layout(expert_idx, block_rows)
+        self.padding_rows = sum(rows) - n_tokens * self.top_k
 
-        buffer = _Dispatch.apply(flat, token_of_slot, pad, slot_of, self.top_k)
-        outputs = [self.experts[e](part) for e, part in enumerate(buffer.split(rows)) if rows[e] > 0]
-        expert_out = torch.cat(outputs) if len(outputs) > 1 else outputs[0] if outputs else buffer
+        buffers = _Dispatch.apply(flat, groups, rows, self.top_k)
+        expert_ids = [e for e, c in enumerate(counts.tolist()) if c]
         # Under autocast the experts return bf16/fp16 while x may be float32: gate and combine in x's dtype.
-        out = _Combine.apply(expert_out.to(flat.dtype), gate.to(flat.dtype), slot_of, assign_of_slot, pad)
+        outputs = [self.experts[e](part).to(flat.dtype) for e, part in zip(expert_ids, buffers)]
+        out = _Combine.apply(gate.to(flat.dtype), groups, *outputs) if outputs else flat * 0
 
         # Switch-Transformer load balancing; f is not differentiable, P carries the gradient to the router.
         fraction = counts.to(probs.dtype) / max(n_tokens * self.top_k, 1)
@@ -152,74 +145,90 @@ class MoEFeedForward(AuxLossModule):
                 f"aux_loss_weight={self.aux_loss_weight}, block_rows={self.block_rows}")
 
 
-def _expand_rows(src: Tensor, index: Tensor, pad: list[tuple[int, int]]) -> Tensor:
-    """``out[i] = src[index[i]]``, zero on the padding row ranges: token (or assignment) rows -> buffer rows."""
-    out = src.index_select(0, index)
-    for start, stop in pad:
-        out[start:stop] = 0
-    return out
-
-
-def _sum_rows(src: Tensor, slot_of: Tensor, top_k: int, gate: Tensor | None = None) -> Tensor:
-    """``out[t] = sum_j gate[t, j] * src[slot_of[t*k + j]]`` (gate 1 if None), in the order j = 0..k-1."""
-    picked = src.index_select(0, slot_of)
+def _sum_choices(src: Tensor, top_k: int) -> Tensor:
+    """``out[t] = sum_j src[t*k + j]`` in the order j = 0..k-1: each token's sum is independent of the others."""
     if top_k == 1:
-        return picked if gate is None else picked.mul_(gate)
-    picked = picked.view(-1, top_k, src.shape[-1])
-    if gate is not None:
-        picked.mul_(gate.unsqueeze(-1))
+        return src
+    picked = src.view(-1, top_k, src.shape[-1])
     out = picked[:, 0]
-    for j in range(1, top_k):  # a fixed elementwise order: each token's sum is independent of the others
+    for j in range(1, top_k):
         out = out + picked[:, j]
     return out
 
 
+def _gather_blocks(src: Tensor, index: Tensor, rows: int) -> Tensor:
+    """``out[i] = src[index[i]]`` for i < len(index), zero on the rows after it, up to ``rows`` rows."""
+    out = src.new_empty(rows, src.shape[-1])
+    torch.index_select(src, 0, index, out=out[: index.numel()])
+    out[index.numel():] = 0
+    return out
+
+
+def _scatter_groups(parts: tuple[Tensor | None, ...], groups: list[Tensor], n_rows: int, like: Tensor) -> Tensor:
+    """``out[groups[e][i]] = parts[e][i]`` (padding rows of ``parts`` dropped); the groups partition the rows."""
+    out = like.new_empty(n_rows, like.shape[-1])
+    for group, part in zip(groups, parts):
+        if part is None:
+            out[group] = 0
+        else:
+            out.index_copy_(0, group, part[: group.numel()])
+    return out
+
+
 class _Dispatch(torch.autograd.Function):
-    """Token rows -> expert-grouped buffer rows; the backward sums each token's k buffer rows (a gather)."""
+    """Token rows -> one zero-padded input buffer per expert (a gather each); the backward copies each buffer's
+    gradient back to its assignment rows (the groups partition them: a copy, no scatter-add) and sums each
+    token's k rows in a fixed order."""
 
     @staticmethod
-    def forward(ctx, src: Tensor, token_of_slot: Tensor, pad: list[tuple[int, int]], slot_of: Tensor,
-                top_k: int) -> Tensor:
-        ctx.save_for_backward(slot_of)
+    def forward(ctx, src: Tensor, groups: list[Tensor], rows: list[int], top_k: int) -> tuple[Tensor, ...]:
+        ctx.groups = groups
         ctx.top_k = top_k
-        return _expand_rows(src, token_of_slot, pad)
+        ctx.n_tokens = src.shape[0]
+        return tuple(_gather_blocks(src, group if top_k == 1 else group // top_k, r) for group, r in zip(groups, rows))
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        (slot_of,) = ctx.saved_tensors
-        return _sum_rows(grad.contiguous(), slot_of, ctx.top_k), None, None, None, None
+    def backward(ctx, *grads: Tensor):
+        like = next(g for g in grads if g is not None)
+        per_assign = _scatter_groups(grads, ctx.groups, ctx.n_tokens * ctx.top_k, like)
+        return _sum_choices(per_assign, ctx.top_k), None, None, None
 
 
 class _Combine(torch.autograd.Function):
-    """Gated buffer rows -> token rows, ``out[t] = sum_j gate[t, j] * src[slot_of[t*k + j]]``.
+    """Expert outputs -> token rows, ``out[t] = sum_j gate[t, j] * y[t*k + j]``, where ``y`` holds every
+    assignment's expert output in assignment order (copied out of the experts' buffers, padding dropped).
 
-    One gather and an in-place scale forward; backward recomputes the gather for the gate gradient and copies
-    each token's scaled gradient back to its buffer rows (gathers only, no scatter-add).
+    Backward, per expert: the token gradients of its assignments gathered onto its buffer rows (zero on
+    padding); their row dot products with its saved outputs give the gate gradient, and scaling them in place
+    by the gates gives the output gradient. Gathers and copies only, and no (T, d) temporary.
     """
 
     @staticmethod
-    def forward(ctx, src: Tensor, gate: Tensor, slot_of: Tensor, assign_of_slot: Tensor,
-                pad: list[tuple[int, int]]) -> Tensor:
-        ctx.save_for_backward(src, gate, slot_of, assign_of_slot)
-        ctx.pad = pad
-        return _sum_rows(src, slot_of, gate.shape[1], gate)
+    def forward(ctx, gate: Tensor, groups: list[Tensor], *outputs: Tensor) -> Tensor:
+        top_k = gate.shape[1]
+        y = _scatter_groups(outputs, groups, gate.numel(), outputs[0])
+        ctx.save_for_backward(gate, *outputs)
+        ctx.groups = groups
+        if top_k == 1:
+            return y.mul_(gate)
+        return _sum_choices(y.view(-1, top_k, y.shape[-1]).mul_(gate.unsqueeze(-1)).view_as(y), top_k)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        src, gate, slot_of, assign_of_slot = ctx.saved_tensors
-        pad = ctx.pad
-        grad = grad.contiguous()
+        gate, *outputs = ctx.saved_tensors
         top_k = gate.shape[1]
-        grad_gate = None
-        if ctx.needs_input_grad[1]:
-            picked = src.index_select(0, slot_of).view(-1, top_k, src.shape[-1])
-            grad_gate = torch.bmm(picked, grad.unsqueeze(-1)).squeeze(-1)  # row dot products (T, k)
-        grad_src = None
-        if ctx.needs_input_grad[0]:
-            # Buffer row s holds assignment (t, j): its gradient is gate[t, j] * grad[t].
-            scaled = (grad.unsqueeze(1) * gate.unsqueeze(-1)).view(-1, src.shape[-1])
-            grad_src = _expand_rows(scaled, assign_of_slot, pad)
-        return grad_src, grad_gate, None, None, None
+        grad = grad.contiguous()
+        flat_gate = gate.reshape(-1, 1)
+        grad_gate = gate.new_empty(gate.numel()) if ctx.needs_input_grad[0] else None
+        grads = []
+        for group, out in zip(ctx.groups, outputs):
+            n = group.numel()
+            g = _gather_blocks(grad, group if top_k == 1 else group // top_k, out.shape[0])
+            if grad_gate is not None:  # dL/dgate[t, j] = <grad[t], y[t*k + j]>
+                grad_gate[group] = torch.bmm(g[:n].unsqueeze(1), out[:n].unsqueeze(-1)).view(-1)
+            g[:n].mul_(flat_gate[group])  # assignment t*k + j gets gate[t, j] * grad[t]
+            grads.append(g)
+        return (None if grad_gate is None else grad_gate.view_as(gate), None, *grads)
 
 
 __all__ = ["MoEFeedForward"]

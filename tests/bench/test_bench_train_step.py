@@ -40,3 +40,13 @@ def test_bad_model_is_refused_with_the_valid_ones(capsys) -> None:
         bkexp_main(["bench", "train-step", "--models", "bk,gpt"])
     err = capsys.readouterr().err
     assert "gpt" in err and "transformer, bk, mamba" in err
+
+
+def test_components_only_writes_the_per_layer_table_alone(tmp_path: Path) -> None:
+    out = tmp_path / "layers"
+    argv = ["bench", "train-step", "--size", "tiny", "--models", "transformer,bk", "--vocab", "64", "--repeat", "1",
+            "--warmup", "0", "--components-only", "--components-n", "16", "--components-batch", "2", "--out", str(out)]
+    assert bkexp_main(argv) == 0
+    assert not (out / "train_step.json").exists()
+    rows = json.loads((out / "components.json").read_text())["rows"]
+    assert {r["model"] for r in rows} == {"transformer", "bk"} and all(r["fwd_bwd_ms"] > 0 for r in rows)

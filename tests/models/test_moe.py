@@ -141,6 +141,48 @@ def test_gradients_match_the_dense_reference(n_experts: int, top_k: int, block_r
         torch.testing.assert_close(g if g is not None else torch.zeros_like(e), e, rtol=1e-10, atol=1e-12)
 
 
+def per_token_reference(moe: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
+    """A plain loop: each token alone through its top-k experts (called as modules), gated and summed."""
+    flat = x.reshape(-1, moe.d_model)
+    rows = []
+    for t in range(flat.shape[0]):
+        probs = torch.softmax(flat[t] @ moe.router.weight.T, -1)
+        top_p, top_i = probs.topk(moe.top_k)
+        if moe.renormalize:
+            top_p = top_p / top_p.sum()
+        rows.append(sum(top_p[j] * moe.experts[int(top_i[j])](flat[t:t + 1])[0] for j in range(moe.top_k)))
+    return torch.stack(rows).reshape(x.shape)
+
+
+@pytest.mark.parametrize("block_rows", [4, None], ids=["block4", "unblocked"])
+@pytest.mark.parametrize(("n_experts", "top_k"), [(4, 1), (4, 2), (5, 3)], ids=["E4-k1", "E4-k2", "E5-k3"])
+def test_outputs_and_gradients_match_a_per_token_loop(n_experts: int, top_k: int, block_rows: int | None) -> None:
+    """Per-expert buffers, copies back and in-place gating equal a token-by-token loop, forward and backward,
+    with one expert crowded (several blocks) and one left without tokens."""
+    moe = make_moe(n_experts, top_k, block_rows=block_rows, aux_loss_weight=0.0)
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    with torch.no_grad():  # crowd expert 0 with a third of the tokens; expert n-1 (logit 0) gets none
+        moe.router.weight[-1] = 0.0
+        lift = torch.linalg.lstsq(moe.router.weight[:-1], torch.full((n_experts - 1, 1), 20.0, dtype=x.dtype)).solution
+        x += lift.view(16)  # every other expert's logit is about 20
+        x[0] += 3.0 * moe.router.weight[0]
+    x.requires_grad_()
+    weight = torch.randn(3, 7, 16, dtype=torch.float64)
+    chosen = torch.softmax(x.detach().reshape(-1, 16) @ moe.router.weight.T, -1).topk(top_k, -1).indices
+    assert (chosen == 0).sum() > 4 and not (chosen == n_experts - 1).any()
+    params = [x, *moe.parameters()]
+    out = moe(x)
+    ref = per_token_reference(moe, x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad((out * weight).sum(), params, allow_unused=True)
+    expected = torch.autograd.grad((ref * weight).sum(), params, allow_unused=True)
+    for g, e in zip(got, expected):
+        if e is None:  # the expert without tokens: no gradient either way
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("top_k", [1, 2], ids=["k1", "k2"])
 def test_gradients_reach_router_through_output_and_aux(top_k: int) -> None:
     moe = make_moe(4, top_k, aux_loss_weight=0.0)
