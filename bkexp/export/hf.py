@@ -28,6 +28,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 MODEL_TYPE = "bkexp"
+LEGACY_TARGET = "bkexp.models.LanguageModel"  # folders exported before bkexp/models/staged.py may name it with staged keys
 
 
 class ExportError(ValueError):
@@ -38,6 +39,11 @@ def _build(model_cfg: dict[str, Any], quant_cfg: dict[str, Any] | None, vocab_si
     """The model as the run built it: the model config, then the run's quantization wrappers."""
     from hydra.utils import instantiate
 
+    from bkexp.models.staged import STAGED_KEYS
+
+    if model_cfg.get("_target_") == LEGACY_TARGET and STAGED_KEYS & set(model_cfg):
+        # Exported before staged execution left the plain model: LanguageModel then took the techniques' keys.
+        model_cfg = {**model_cfg, "_target_": "bkexp.models.StagedLanguageModel"}
     model = instantiate(model_cfg, vocab_size=vocab_size)
     if quant_cfg is not None:
         model = instantiate(quant_cfg).prepare(model)

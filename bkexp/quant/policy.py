@@ -8,8 +8,9 @@ channels). With ``conv=True`` also ``nn.Conv1d`` kernels inside the blocks (Mamb
 off by default, because the issue's policy is "Linear layers" and a conv kernel exists in Mamba only.
 
 Never quantized: norms, biases (kept in float32 as in every weight-only scheme), and parameters that are
-not layer weights (BK-Core potentials' shift z, couplings and output scale; Mamba's A_log, D). The BK-Core
-operator itself runs in float32 on the outputs of quantized layers.
+not layer weights (BK-Core potentials' shift z, couplings and output scale; Mamba's A_log, D), and the modules a
+``StagedLanguageModel`` adds outside the blocks (ACT halting units, exit-head norms, the multi-scale resampler,
+the Koopman operator). The BK-Core operator itself runs in float32 on the outputs of quantized layers.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``act``: adaptive computation time over layers per token (Graves 2016), ponder cost ``ponder_weight``.
 
-Implemented by the model (``bkexp.models``): the settings become model keyword arguments; the measured
-effect is the model's ``flag_stats()`` (``flags.effects.model``).
+Implemented by the staged model (``bkexp.models.staged.StagedLanguageModel``, selected as ``model._target_``): the
+settings become its keyword arguments; the measured effect is its ``flag_stats()`` (``flags.effects.model``).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bkexp.techniques.base import ModelTechnique, check_fraction, check_weight
+from bkexp.techniques.base import StagedTechnique, check_fraction, check_weight
 
 
 @dataclass
@@ -19,7 +19,7 @@ class Settings:
     ponder_weight: float = 0.01
 
 
-class Act(ModelTechnique):
+class Act(StagedTechnique):
     name = "act"
     settings = Settings
     summary = "adaptive computation time over layers per token (Graves 2016)"

@@ -125,6 +125,23 @@ class ModelTechnique(Technique):
         return {f"model.{key}": value for key, value in self.model_kwargs().items()}
 
 
+PLAIN_MODEL = "bkexp.models.LanguageModel"
+STAGED_MODEL = "bkexp.models.StagedLanguageModel"  # the plain LM run stage by stage (bkexp/models/staged.py)
+STAGED_TARGETS = (STAGED_MODEL, "bkexp.models.staged.StagedLanguageModel")
+
+
+class StagedTechnique(ModelTechnique):
+    """A technique of the staged model: selects ``StagedLanguageModel`` (``model._target_``) and sets its
+    keyword arguments. Its ``conf/flags/<name>.yaml`` states the same keys."""
+
+    def config_changes(self, cfg: DictConfig) -> dict[str, Any]:
+        target = str(cfg.model.get("_target_"))
+        if target != PLAIN_MODEL and target not in STAGED_TARGETS:
+            raise FlagError(f"flags.{self.name} runs the model as {STAGED_MODEL}, but model._target_ is {target!r}; "
+                            f"valid: {PLAIN_MODEL} or {STAGED_MODEL}")
+        return {"model._target_": STAGED_MODEL, **super().config_changes(cfg)}
+
+
 def needs_mixer_capability(capability: str, flag: str, cfg: DictConfig) -> str | None:
     cls = mixer_class(cfg)
     if cls is not None and getattr(cls, capability, False):

@@ -1,7 +1,7 @@
 """``early_exit``: per-layer exit heads trained jointly; at evaluation a token exits once confident.
 
-Implemented by the model (``bkexp.models``): the settings become model keyword arguments; the measured
-effect is the model's ``flag_stats()`` (``flags.effects.model``).
+Implemented by the staged model (``bkexp.models.staged.StagedLanguageModel``, selected as ``model._target_``): the
+settings become its keyword arguments; the measured effect is its ``flag_stats()`` (``flags.effects.model``).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bkexp.techniques.base import ModelTechnique, check_fraction, check_weight
+from bkexp.techniques.base import StagedTechnique, check_fraction, check_weight
 
 
 @dataclass
@@ -19,7 +19,7 @@ class Settings:
     exit_loss_weight: float = 1.0
 
 
-class EarlyExit(ModelTechnique):
+class EarlyExit(StagedTechnique):
     name = "early_exit"
     settings = Settings
     summary = "per-layer exit heads; at evaluation a token exits once confident"

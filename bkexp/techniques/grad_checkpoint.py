@@ -1,7 +1,7 @@
 """``grad_checkpoint``: activation checkpointing per block (recompute in backward, less memory).
 
-Implemented by the model (``bkexp.models``): the settings become model keyword arguments; the measured
-effect is the model's ``flag_stats()`` (``flags.effects.model``).
+Implemented by the staged model (``bkexp.models.staged.StagedLanguageModel``, selected as ``model._target_``): the
+settings become its keyword arguments; the measured effect is its ``flag_stats()`` (``flags.effects.model``).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bkexp.techniques.base import ModelTechnique
+from bkexp.techniques.base import StagedTechnique
 
 
 @dataclass
@@ -17,7 +17,7 @@ class Settings:
     grad_checkpoint: bool = False
 
 
-class GradCheckpoint(ModelTechnique):
+class GradCheckpoint(StagedTechnique):
     name = "grad_checkpoint"
     settings = Settings
     summary = "activation checkpointing per block (recompute in backward, less memory)"

@@ -1,7 +1,7 @@
 """``koopman``: a Koopman operator advancing lifted hidden states across layers, with a prediction loss.
 
-Implemented by the model (``bkexp.models``): the settings become model keyword arguments; the measured
-effect is the model's ``flag_stats()`` (``flags.effects.model``).
+Implemented by the staged model (``bkexp.models.staged.StagedLanguageModel``, selected as ``model._target_``): the
+settings become its keyword arguments; the measured effect is its ``flag_stats()`` (``flags.effects.model``).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bkexp.techniques.base import ModelTechnique, check_positive_int, check_weight
+from bkexp.techniques.base import StagedTechnique, check_positive_int, check_weight
 
 
 @dataclass
@@ -19,7 +19,7 @@ class Settings:
     koopman_weight: float = 0.1
 
 
-class Koopman(ModelTechnique):
+class Koopman(StagedTechnique):
     name = "koopman"
     settings = Settings
     summary = "Koopman operator layer advancing lifted hidden states across layers"

@@ -1,7 +1,7 @@
 """``physics_informed``: energy conservation of the BK layers' Hamiltonians across layers, weight ``physics_weight``.
 
-Implemented by the model (``bkexp.models``): the settings become model keyword arguments; the measured
-effect is the model's ``flag_stats()`` (``flags.effects.model``).
+Implemented by the staged model (``bkexp.models.staged.StagedLanguageModel``, selected as ``model._target_``): the
+settings become its keyword arguments; the measured effect is its ``flag_stats()`` (``flags.effects.model``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from bkexp.techniques.base import FlagError, ModelTechnique, check_weight, needs_mixer_capability
+from bkexp.techniques.base import FlagError, StagedTechnique, check_weight, needs_mixer_capability
 
 
 @dataclass
@@ -20,7 +20,7 @@ class Settings:
     physics_weight: float = 0.01
 
 
-class PhysicsInformed(ModelTechnique):
+class PhysicsInformed(StagedTechnique):
     name = "physics_informed"
     settings = Settings
     summary = "energy-conservation regulariser across BK layers"

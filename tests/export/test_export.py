@@ -97,3 +97,25 @@ def test_cli_exports_and_push_refuses_offline_without_touching_the_network(train
     with pytest.raises(ExportError, match="not a model folder"):
         push(tmp_path, "me/x")
     assert export_main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_a_staged_flag_run_exports_and_loads_as_the_staged_model(train, wikitext_slice: Path, tmp_path: Path) -> None:
+    # flags.koopman=true from the command line: the run's .hydra/config.yaml names the plain LanguageModel (as
+    # every run recorded before staged execution left it), and the technique selects StagedLanguageModel.
+    run_dir = train("dataset=text", "tokenizer=word", "flags.koopman=true", *data_overrides("text", wikitext_slice),
+                    *[o for o in TINY if o != "model.n_layers=1"], "model.n_layers=2")
+    run = RunDir(run_dir)
+    assert run.config().model._target_ == "bkexp.models.StagedLanguageModel"  # RunDir applies the techniques
+    reference = run.build_model("best")
+    assert type(reference).__name__ == "StagedLanguageModel" and reference.koopman is not None
+    out = export_run(run_dir, tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["StagedLanguageModel"]
+    assert config["model"]["_target_"] == "bkexp.models.StagedLanguageModel" and config["model"]["koopman"] is True
+    ids = torch.randint(0, reference.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(out)(ids), reference(ids))
+        # a folder exported before bkexp/models/staged.py named the plain class with the staged keys
+        config["model"]["_target_"] = "bkexp.models.LanguageModel"
+        (out / "config.json").write_text(json.dumps(config))
+        assert torch.equal(from_pretrained(out)(ids), reference(ids))

@@ -7,7 +7,7 @@ from functools import partial
 import pytest
 import torch
 
-from bkexp.models import MLP, LanguageModel, MoEFeedForward
+from bkexp.models import MLP, LanguageModel, MoEFeedForward, StagedLanguageModel
 from bkexp.models.mixers import AttentionMixer, BKMixer, MambaMixer
 from bkexp.ops.testing import rel_err
 from bkexp.quant import QuantSpec
@@ -131,7 +131,7 @@ def test_bk_state_is_one_complex_pivot_per_running_head() -> None:
 def test_models_without_incremental_form_are_refused(kwargs: dict, match: str) -> None:
     mixer = partial(MIXERS[kwargs["mixer"]], **kwargs.get("mixer_kwargs", {}))
     model_kwargs = {"n_layers": LAYERS, **kwargs.get("model_kwargs", {})}
-    model = LanguageModel(VOCAB, D, mixer=mixer, ffn=FFNS["mlp"], **model_kwargs).eval()
+    model = StagedLanguageModel(VOCAB, D, mixer=mixer, ffn=FFNS["mlp"], **model_kwargs).eval()  # = plain without flags
     assert model.decode_unsupported is not None
     with pytest.raises(NotImplementedError, match=f"cannot decode incrementally: {match}"):
         model.prefill(torch.zeros(1, 4, dtype=torch.long))

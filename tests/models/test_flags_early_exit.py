@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bkexp.models import MLP, LanguageModel, MoEFeedForward
+from bkexp.models import MLP, StagedLanguageModel, MoEFeedForward
 from bkexp.models.mixers import AttentionMixer, BKMixer, MambaMixer
 from bkexp.ops.testing import assert_rel_close
 from bkexp.train.causality import check_causality
@@ -18,9 +18,9 @@ MIXERS = {"transformer": partial(AttentionMixer, n_heads=2), "bk": partial(BKMix
 VOCAB = 16
 
 
-def build(kind: str = "transformer", n_layers: int = 3, d_model: int = 16, ffn=None, **flags) -> LanguageModel:
+def build(kind: str = "transformer", n_layers: int = 3, d_model: int = 16, ffn=None, **flags) -> StagedLanguageModel:
     torch.manual_seed(0)
-    return LanguageModel(VOCAB, d_model, n_layers, MIXERS[kind], ffn or partial(MLP, expansion=2),
+    return StagedLanguageModel(VOCAB, d_model, n_layers, MIXERS[kind], ffn or partial(MLP, expansion=2),
                          early_exit=True, **flags)
 
 

@@ -7,7 +7,7 @@ from functools import partial
 import pytest
 import torch
 
-from bkexp.models import MLP, LanguageModel, MoEFeedForward
+from bkexp.models import MLP, StagedLanguageModel, MoEFeedForward
 from bkexp.models.mixers import AttentionMixer, BKMixer, MambaMixer
 from bkexp.ops.testing import assert_rel_close
 from bkexp.train.causality import check_causality
@@ -17,10 +17,10 @@ MIXERS = {"transformer": partial(AttentionMixer, n_heads=2), "bk": partial(BKMix
 VOCAB = 16
 
 
-def build(kind: str, **flags) -> LanguageModel:
+def build(kind: str, **flags) -> StagedLanguageModel:
     torch.manual_seed(0)
     ffn = partial(MoEFeedForward, n_experts=2, expansion=2, block_rows=8) if kind == "bk" else partial(MLP)
-    return LanguageModel(VOCAB, 16, 2, MIXERS[kind], ffn, dropout=0.1, **flags)
+    return StagedLanguageModel(VOCAB, 16, 2, MIXERS[kind], ffn, dropout=0.1, **flags)
 
 
 @pytest.mark.parametrize("kind", sorted(MIXERS))

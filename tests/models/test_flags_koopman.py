@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bkexp.models import MLP, LanguageModel
+from bkexp.models import MLP, StagedLanguageModel
 from bkexp.models.mixers import AttentionMixer, BKMixer, MambaMixer
 from bkexp.ops.testing import assert_rel_close
 from bkexp.train.causality import check_causality
@@ -18,9 +18,9 @@ MIXERS = {"transformer": partial(AttentionMixer, n_heads=2), "bk": partial(BKMix
 VOCAB = 16
 
 
-def build(kind: str = "transformer", **flags) -> LanguageModel:
+def build(kind: str = "transformer", **flags) -> StagedLanguageModel:
     torch.manual_seed(0)
-    return LanguageModel(VOCAB, 16, 3, MIXERS[kind], partial(MLP, expansion=2), koopman=True, koopman_dim=8,
+    return StagedLanguageModel(VOCAB, 16, 3, MIXERS[kind], partial(MLP, expansion=2), koopman=True, koopman_dim=8,
                          **flags)
 
 
@@ -71,4 +71,4 @@ def test_causal(kind: str) -> None:
 
 def test_needs_two_layers() -> None:
     with pytest.raises(ValueError, match="koopman"):
-        LanguageModel(VOCAB, 16, 1, MIXERS["transformer"], koopman=True)
+        StagedLanguageModel(VOCAB, 16, 1, MIXERS["transformer"], koopman=True)

@@ -7,7 +7,7 @@ from functools import partial
 import pytest
 import torch
 
-from bkexp.models import MLP, LanguageModel
+from bkexp.models import MLP, StagedLanguageModel
 from bkexp.models.mixers import AttentionMixer, BKMixer, MambaMixer
 from bkexp.models.multiscale import CausalResampler, middle_layers
 from bkexp.train.causality import check_causality
@@ -17,9 +17,9 @@ MIXERS = {"transformer": partial(AttentionMixer, n_heads=2), "bk": partial(BKMix
 VOCAB = 16
 
 
-def build(kind: str = "transformer", n_layers: int = 4, **flags) -> LanguageModel:
+def build(kind: str = "transformer", n_layers: int = 4, **flags) -> StagedLanguageModel:
     torch.manual_seed(0)
-    return LanguageModel(VOCAB, 16, n_layers, MIXERS[kind], partial(MLP, expansion=2), multi_scale=True, **flags)
+    return StagedLanguageModel(VOCAB, 16, n_layers, MIXERS[kind], partial(MLP, expansion=2), multi_scale=True, **flags)
 
 
 @pytest.mark.parametrize(("n_layers", "span"), [(1, (0, 1)), (2, (0, 1)), (4, (1, 3)), (8, (2, 6))])
@@ -62,10 +62,16 @@ def test_causal(kind: str, n: int) -> None:
     check_causality(build(kind, n_layers=3), torch.randint(0, VOCAB, (2, n)), VOCAB)
 
 
-def test_speedup_is_measured_and_reported() -> None:
-    model = build(n_layers=4)
-    x = torch.randint(0, VOCAB, (2, 32))
-    speedup = model.measure_multi_scale_speedup(x, repeats=1)
-    assert speedup > 0 and model.flag_stats()["multi_scale_speedup"] == speedup
-    assert model.flag_stats()["multi_scale_layers"] == 2.0
-    assert model.training and model._multi_scale_on  # mode and path restored
+def test_full_resolution_runs_every_block_on_the_whole_sequence() -> None:
+    model = build(n_layers=4).eval()
+    x = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        h = model.embed(x)
+        for block in model.blocks:  # independent reference: the plain backbone's forward
+            h = block(h)
+        reference = model.head(model.norm_f(h))
+        with model.full_resolution():
+            full = model(x)
+        half = model(x)
+    assert torch.equal(full, reference)
+    assert not torch.allclose(half, reference)  # outside the with: the middle blocks are resampled again

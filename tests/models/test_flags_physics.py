@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bkexp.models import MLP, LanguageModel
+from bkexp.models import MLP, StagedLanguageModel
 from bkexp.models.mixers import AttentionMixer, BKMixer, MambaMixer
 from bkexp.ops.testing import assert_rel_close
 from bkexp.train.causality import check_causality
@@ -16,10 +16,10 @@ from bkexp.train.causality import check_causality
 VOCAB = 16
 
 
-def build(coupling: str = "head", n_layers: int = 3, **kw) -> LanguageModel:
+def build(coupling: str = "head", n_layers: int = 3, **kw) -> StagedLanguageModel:
     torch.manual_seed(0)
     mixer = partial(BKMixer, n_heads=4, coupling=coupling, base_diag=0.5, v_bias=True, **kw)
-    return LanguageModel(VOCAB, 16, n_layers, mixer, partial(MLP, expansion=2), physics_weight=0.2)
+    return StagedLanguageModel(VOCAB, 16, n_layers, mixer, partial(MLP, expansion=2), physics_weight=0.2)
 
 
 def uniform_state_energy(mixer: BKMixer, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ def test_sparse_heads_use_the_active_heads_energy() -> None:
 def test_errors_without_two_bk_layers() -> None:
     for mixer in (partial(AttentionMixer, n_heads=2), partial(MambaMixer, d_state=4)):
         with pytest.raises(ValueError, match="physics_informed.*BK mixer"):
-            LanguageModel(VOCAB, 16, 2, mixer, physics_weight=0.1)
+            StagedLanguageModel(VOCAB, 16, 2, mixer, physics_weight=0.1)
     with pytest.raises(ValueError, match="at least 2"):
         build(n_layers=1)
 

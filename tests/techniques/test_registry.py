@@ -13,6 +13,7 @@ from runhelpers import CONF, compose_train, options
 from testpaths import REPO_ROOT
 
 from bkexp.techniques import FLAG_NAMES, TECHNIQUES, Flags, ablation_variants
+from bkexp.techniques.base import STAGED_MODEL
 
 
 def test_every_technique_has_its_module_config_file_and_settings() -> None:
@@ -45,6 +46,7 @@ def test_flag_files_state_their_model_changes_as_config(option: str, tmp_path: P
     assert cfg.model[option] is False  # the model key follows the flag (interpolation), also when switched off
     cfg = compose_train([f"flags={option}"], tmp_path)
     assert cfg.model[option] is True
+    assert cfg.model._target_ == STAGED_MODEL  # the file names the model class the flag needs
 
 
 def _names_used(path: Path) -> set[str]:
