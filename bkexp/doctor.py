@@ -20,7 +20,7 @@ def backend_report(device: torch.device) -> dict[str, dict[str, object]]:
 
 
 def main(argv: list[str]) -> int:
-    from bkexp.train.summary import environment
+    from bkexp.environment import environment
 
     info = {"env": environment(), "backends": {}}
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHECKPOINT_DIR", "CONFIG_FILE", "SUMMARY_FILE", "TOKENIZER_DIR", "RunDir", "RunDirError",
     "atomic_save_figure", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "find_run_dirs",
-    "is_run_dir", "parse_overrides",
+    "checkpoint_step", "is_run_dir", "parse_overrides",
 ]
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class RunDir:
         set before building (recomputed, as ``run()`` does), plus ``overrides`` (``KEY=VALUE`` for an
         existing key, ``+KEY=VALUE`` for a new one; a mistyped key is an error naming it).
         """
-        import bkexp.train.resolvers  # noqa: F401  (resolvers the config tree uses)
+        import bkexp.resolvers  # noqa: F401  (resolvers the config tree uses)
 
         path = self.path / CONFIG_FILE
         if not path.is_file():
@@ -279,8 +279,10 @@ class RunDir:
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` on CPU; a file that needs more is refused, never retried unsafely."""
+def load_checkpoint_file(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` on CPU; a file that needs more is refused, never retried unsafely.
+
+    ``mmap=True`` maps the tensors instead of reading them (for a look at the metadata of a large file)."""
     import pickle
     import zipfile
 
@@ -288,7 +290,7 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
 
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RunDirError(f"{path}: refused: it cannot be loaded with torch.load(weights_only=True) (it pickles "
@@ -302,6 +304,15 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(ckpt, dict):
         raise RunDirError(f"{path}: expected a checkpoint dict, got {type(ckpt).__name__}")
     return ckpt
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The global step stored in a Lightning checkpoint (read memory-mapped, weights only); RunDirError if the
+    file is unreadable or holds no step."""
+    ckpt = load_checkpoint_file(path, mmap=True)
+    if "global_step" not in ckpt:
+        raise RunDirError(f"{path}: no global_step; not a Lightning checkpoint (keys: {sorted(ckpt)[:5]})")
+    return int(ckpt["global_step"])
 
 
 def load_model_weights(model: torch.nn.Module, ckpt: dict[str, Any], path: str | os.PathLike = "checkpoint") -> None:

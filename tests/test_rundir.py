@@ -165,3 +165,18 @@ def test_atomic_writers_share_mode_0644_and_leave_no_temporary_files(tmp_path: P
     with pytest.raises(TypeError):
         atomic_write_json(tmp_path / "d.json", {"k": object()})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.md", "b.json", "c.png"]
+
+
+def test_checkpoint_step_reads_the_step_and_names_unusable_files(tmp_path: Path) -> None:
+    import torch
+
+    from bkexp.rundir import checkpoint_step
+
+    torch.save({"global_step": 7, "state_dict": {"model.w": torch.zeros(3)}}, tmp_path / "ok.ckpt")
+    assert checkpoint_step(tmp_path / "ok.ckpt") == 7
+    torch.save({"state_dict": {}}, tmp_path / "nostep.ckpt")
+    with pytest.raises(RunDirError, match="nostep.ckpt: no global_step"):
+        checkpoint_step(tmp_path / "nostep.ckpt")
+    (tmp_path / "cut.ckpt").write_bytes((tmp_path / "ok.ckpt").read_bytes()[:40])
+    with pytest.raises(RunDirError, match="cut.ckpt: truncated or corrupt"):
+        checkpoint_step(tmp_path / "cut.ckpt")

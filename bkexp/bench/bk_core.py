@@ -10,7 +10,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bkexp.bench.common import environment, log_log_plot, time_fn, write_table
+from bkexp.bench.common import log_log_plot, time_fn, write_table
+from bkexp.environment import environment
 from bkexp.ops.bk_core import available_backends, bk_core
 from bkexp.ops.testing import as_real, rel_err
 

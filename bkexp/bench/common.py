@@ -1,10 +1,12 @@
-"""Shared benchmark plumbing: timing, environment record, and writing JSON/CSV/markdown results."""
+"""Shared benchmark plumbing: timing, composing run configs, and writing JSON/CSV/markdown results and plots.
+
+The environment record every result carries is ``bkexp.environment.environment()``.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -13,8 +15,19 @@ from typing import Any
 
 import torch
 
+from bkexp.utils import atomic_save_figure, atomic_write_text
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+MODELS = ("transformer", "bk", "mamba")  # the architectures the benchmarks compare (conf/model)
+
+
+def model_list(text: str) -> list[str]:
+    """``--models a,b`` as a list (argparse ``type=``): an unknown name is an error that lists the valid ones."""
+    models = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        raise argparse.ArgumentTypeError(f"unknown model(s) {unknown or text!r}; valid: {', '.join(MODELS)}")
+    return models
 
 
 def compose_config(overrides: Sequence[str], config_dir: Path = CONF_DIR, command: str = "bkexp bench"):
@@ -38,28 +51,6 @@ def build_model(name: str, size: str, vocab: int, config_dir: Path = CONF_DIR) -
 
     cfg = compose_config([f"model={name}", f"size={size}"], config_dir, "bkexp bench decode")
     return instantiate(cfg.model, vocab_size=vocab)
-
-
-def environment() -> dict[str, Any]:
-    """Threads, device and library versions: what a benchmark number depends on."""
-    import numpy
-
-    env: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "cuda": torch.version.cuda,
-    }
-    for mod in ("numba", "triton", "mamba_ssm"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except Exception:  # not installed or fails to import: record that it was absent
-            env[mod] = None
-    return env
 
 
 def time_fn(fn: Callable[[], Any], *, device: str | torch.device = "cpu", warmup: int = 2, repeat: int = 5,
@@ -93,12 +84,11 @@ def write_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], out_dir:
     """Write ``rows`` as ``<stem>.json`` (with ``meta``), ``<stem>.csv`` and ``<stem>.md``; return the markdown."""
     import pandas as pd
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=2, default=str))
+    atomic_write_text(out_dir / f"{stem}.json", json.dumps({"meta": meta, "rows": list(rows)}, indent=2, default=str))
     frame = pd.DataFrame(list(rows), columns=list(columns))
-    frame.to_csv(out_dir / f"{stem}.csv", index=False)
+    atomic_write_text(out_dir / f"{stem}.csv", frame.to_csv(index=False))
     md = frame.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else frame.to_string(index=False)
-    (out_dir / f"{stem}.md").write_text(md + "\n")
+    atomic_write_text(out_dir / f"{stem}.md", md + "\n")
     return md
 
 
@@ -129,7 +119,6 @@ def log_log_plot(path: Path, lines: Sequence[tuple[str, Sequence[float], Sequenc
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(fig, path, dpi=120)  # the one PNG writer: atomic, mode 0644 like the tables
     plt.close(fig)
     return path

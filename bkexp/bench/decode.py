@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from bkexp.bench.common import CONF_DIR, build_model, environment, time_fn, write_table
+from bkexp.bench.common import CONF_DIR, MODELS, build_model, model_list, time_fn, write_table
+from bkexp.environment import environment
 
-MODELS = ("transformer", "bk", "mamba")
 COLUMNS = ["model", "batch", "context", "prefill_s", "prefill_tok_s", "decode_ms", "decode_min_ms", "decode_tok_s",
            "us_per_token", "state_bytes", "state_bytes_per_row", "non_embedding_params"]
 
@@ -131,7 +131,8 @@ def _ints(text: str, what: str) -> list[int]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bkexp bench decode", description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--models", type=model_list, default=",".join(MODELS),
+                        help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--size", default="small", help="size preset (conf/size): tiny, small, medium")
     parser.add_argument("--context", default="256,512,1024,2048,4096,8192,16384",
                         help="comma-separated context lengths")
@@ -146,12 +147,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config-dir", type=Path, default=CONF_DIR, help="bkexp's conf/ tree")
     parser.add_argument("--out", type=Path, default=Path("bench_results/decode"), help="output directory")
     args = parser.parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in models if m not in MODELS]
-    if bad or not models:
-        print(f"bkexp bench decode: unknown model(s) {bad or args.models!r}; valid: {', '.join(MODELS)}",
-              file=sys.stderr)
-        return 2
+    models = args.models
     sizes = sorted(p.stem for p in args.config_dir.glob("size/*.yaml"))
     if args.size not in sizes:
         print(f"bkexp bench decode: unknown size {args.size!r}; valid: {', '.join(sizes)}", file=sys.stderr)

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bkexp.bench.common import environment, log_log_plot, time_fn, write_table
+from bkexp.bench.common import log_log_plot, time_fn, write_table
+from bkexp.environment import environment
 from bkexp.models.mixers.attention import AttentionMixer
 from bkexp.models.mixers.mamba import MambaMixer
 from bkexp.ops.selective_scan import available_backends, selective_scan

@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from bkexp.bench.common import CONF_DIR, compose_config, environment, write_table
-from bkexp.train.callbacks import peak_memory_mb, reset_peak_memory
+from bkexp.bench.common import CONF_DIR, compose_config, model_list, write_table
+from bkexp.environment import environment
+from bkexp.memory import peak_memory_mb, reset_peak_memory
 from bkexp.train.module import LMTask, build_optimizer, split_weight_decay
 
-MODELS = ("transformer", "bk", "mamba")
 COLUMNS = ["model", "size", "seq_len", "batch", "steps", "raw_step_ms", "bkexp_step_ms", "overhead_ms",
            "overhead_pct", "raw_peak_mb", "bkexp_peak_mb", "max_loss_diff", "losses_equal"]
 IGNORE_INDEX = -100
@@ -50,7 +50,8 @@ IGNORE_INDEX = -100
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bkexp bench overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="transformer,bk", help="comma separated (default transformer,bk)")
+    p.add_argument("--models", type=model_list, default="transformer,bk",
+                   help="comma separated (default transformer,bk)")
     p.add_argument("--size", default="tiny", help="size preset (default tiny)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per example (default 128)")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per loop and round (default 30)")
@@ -62,10 +63,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config-dir", type=Path, default=CONF_DIR, help="bkexp's conf/ tree")
     p.add_argument("--out", type=Path, default=Path("bench_results/overhead"))
     args = p.parse_args(argv)
-    args.models = [m for m in args.models.split(",") if m]
-    unknown = [m for m in args.models if m not in MODELS]
-    if unknown:
-        p.error(f"unknown model(s) {unknown}; valid: {', '.join(MODELS)}")
     if args.steps < 2 or not 0 <= args.skip < args.steps - 1 or args.rounds < 1:
         p.error(f"need --steps >= 2, 0 <= --skip < steps - 1 and --rounds >= 1 (got steps={args.steps}, "
                 f"skip={args.skip}, rounds={args.rounds})")

@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from bkexp.bench.common import environment, time_fn, write_table
+from bkexp.bench.common import time_fn, write_table
+from bkexp.environment import environment
 from bkexp.models import LanguageModel
 from bkexp.models.ffn import MLP
 from bkexp.models.mixers import AttentionMixer

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from bkexp.bench.common import environment
+from bkexp.environment import environment
 from bkexp.rundir import RunDir, atomic_save_figure, atomic_write_json, atomic_write_text
 from bkexp.train.module import build_optimizer, split_weight_decay
 

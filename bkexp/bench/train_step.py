@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 import bkexp.models.mixers.bk as bk_module
-from bkexp.bench.common import CONF_DIR, compose_config, environment, log_log_plot, write_table
+from bkexp.bench.common import CONF_DIR, MODELS, compose_config, log_log_plot, model_list, write_table
+from bkexp.environment import environment
 from bkexp.models.ffn import MLP
 from bkexp.train.module import build_optimizer, split_weight_decay
 
-MODELS = ("transformer", "bk", "mamba")
 DEFAULT_N = "64,128,256,512,1024,2048,4096,8192"
 COLUMNS = ["model", "n", "batch", "step_ms", "us_per_token", "tokens_per_s", "runs", "non_embedding_params"]
 COMPONENT_COLUMNS = ["component", "model", "batch", "n", "d_model", "fwd_bwd_ms", "us_per_token", "vs_reference",
@@ -46,7 +46,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bkexp bench train-step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="small", help="size preset (conf/size): tiny, small, medium, ... (default small)")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma separated (default {','.join(MODELS)})")
+    p.add_argument("--models", type=model_list, default=",".join(MODELS),
+                   help=f"comma separated (default {','.join(MODELS)})")
     p.add_argument("--n", default=DEFAULT_N, help=f"sequence lengths (default {DEFAULT_N})")
     p.add_argument("--tokens", type=int, default=8192, help="tokens per step: batch = tokens // N (default 8192)")
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary size (embedding and LM head; default 8192)")
@@ -68,10 +69,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench_results/train-step"))
     args = p.parse_args(argv)
     args.components = args.components or args.components_only
-    args.models = [m for m in args.models.split(",") if m]
-    unknown = [m for m in args.models if m not in MODELS]
-    if unknown:
-        p.error(f"unknown model(s) {unknown}; valid: {', '.join(MODELS)}")
     try:
         args.n = [int(x) for x in args.n.split(",")]
     except ValueError:

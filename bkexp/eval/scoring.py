@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bkexp.train.callbacks import peak_memory_mb, reset_peak_memory, resident_memory_mb
+from bkexp.memory import peak_memory_mb, reset_peak_memory, resident_memory_mb
 
 IGNORE_INDEX = -100
 

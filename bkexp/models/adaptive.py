@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from bkexp.models.aux import AuxLossModule
+from bkexp.models.auxloss import AuxLossModule
 
 IGNORE_INDEX = -100
 

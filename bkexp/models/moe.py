@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from bkexp.models.aux import AuxLossModule
+from bkexp.models.auxloss import AuxLossModule
 from bkexp.models.ffn import MLP
 
 

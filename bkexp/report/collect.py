@@ -15,7 +15,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from bkexp.rundir import SUMMARY_FILE, RunDirError, atomic_write_text, find_run_dirs  # noqa: F401  (re-exported)
+from bkexp.rundir import (  # noqa: F401  (re-exported)
+    SUMMARY_FILE, RunDirError, atomic_write_text, checkpoint_step, find_run_dirs)
 from bkexp.utils import flatten
 
 # Top-level summary fields that identify a run; always in summary.csv, and swept when they vary.
@@ -178,20 +179,13 @@ def _still_running(summary: Mapping[str, Any]) -> bool:
     return True
 
 
-def checkpoint_step(path: Path) -> int | None:
-    """The global step stored in a Lightning checkpoint (memory-mapped, weights only), None if unreadable."""
-    import torch
-
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-    except Exception:  # noqa: BLE001 - a truncated or foreign file: the step is unknown, the report goes on
-        return None
-
-
 def _killed_record(run_dir: Path) -> dict[str, Any]:
     """A run killed without a word (SIGKILL, power loss): interrupted at its last checkpoint's step."""
     last = run_dir / "checkpoints" / "last.ckpt"
-    step = checkpoint_step(last) if last.is_file() else None
+    try:
+        step = checkpoint_step(last) if last.is_file() else None
+    except RunDirError:  # a truncated or foreign file: the step is unknown, the report goes on
+        step = None
     where = f"its last checkpoint is at step {step} ({last})" if step is not None else "no checkpoint to resume from"
     return {"status": "interrupted", "step": step, "signal": None,
             "error": f"killed without an exit status (e.g. SIGKILL); {where}"}

@@ -73,7 +73,7 @@ class ReportCallback(Callback):
 
     def _write_tensorboard_experiment(self, sweep_dir: Path) -> None:
         """The sweep's one HParams experiment summary (TensorBoard shows a single one per log directory)."""
-        from bkexp.train.loggers import write_sweep_experiment
+        from bkexp.dashboards import write_sweep_experiment
 
         path = write_sweep_experiment(sweep_dir, self._summaries(sweep_dir))
         if path is not None:
@@ -85,7 +85,7 @@ class ReportCallback(Callback):
             group = ((summary.get("dashboards") or {}).get("wandb") or {}).get("group")
             if group:
                 return str(group)
-        from bkexp.train.loggers import sweep_group
+        from bkexp.dashboards import sweep_group
 
         return sweep_group(sweep_dir)
 

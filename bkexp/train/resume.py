@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from bkexp.rundir import checkpoint_step
 from bkexp.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -113,12 +114,6 @@ class ResumePlan:
     ckpt_path: str | None  # last.ckpt to continue from; None: (re)start from scratch in this directory
     step: int | None  # the checkpoint's global step
     previous: dict[str, Any]  # the previous summary.json (empty if none)
-
-
-def checkpoint_step(path: Path) -> int:
-    import torch
-
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
 
 
 def plan_resume(run_dir: Path) -> ResumePlan:

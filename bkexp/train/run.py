@@ -18,16 +18,18 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from bkexp.environment import environment
+from bkexp.memory import peak_memory_mb, reset_peak_memory, resident_memory_mb
 from bkexp.quant import QuantSpec
 from bkexp.techniques import RunContext, Techniques
-from bkexp.train.callbacks import ThroughputMonitor, peak_memory_mb, reset_peak_memory, resident_memory_mb
+from bkexp.train.callbacks import ThroughputMonitor
 from bkexp.train.causality import check_causality
 from bkexp.train.config import validate_config
 from bkexp.train.lifecycle import DivergenceLimits, Lifecycle, SignalWatch, classify, running_record
 from bkexp.train.loggers import build_loggers, finish_loggers
 from bkexp.train.module import LMTask
 from bkexp.train.resume import plan_resume
-from bkexp.train.summary import RunRecord, environment, headline
+from bkexp.train.summary import RunRecord, headline
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -28,47 +25,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
-
-
-def git_commit(cwd: Path | None = None) -> str | None:
-    """The current commit (with ``-dirty`` when the tree has changes), or None outside a git checkout.
-
-    Outside a checkout (a Docker image is built without .git) the commit the image was built from is read
-    from ``BKEXP_GIT_COMMIT`` (the Dockerfile's GIT_COMMIT build argument).
-    """
-    cwd = cwd or Path(__file__).resolve().parent
-    baked = os.environ.get("BKEXP_GIT_COMMIT") or None
-    baked = None if baked == "unknown" else baked
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return baked
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return baked
-
-
-def environment(device: str | None = None) -> dict[str, Any]:
-    """Library versions, device and git commit: what a run's numbers depend on."""
-    import hydra
-    import lightning
-
-    if device is None:
-        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "hydra": hydra.__version__,
-        "device": device,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "cuda": torch.version.cuda,
-        "hostname": platform.node(),
-        "git_commit": git_commit(),
-    }
 
 
 def headline(summary: dict[str, Any]) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bkexp.bench.decode import crossings
 from bkexp.cli import main as bkexp_main
 
@@ -44,5 +46,7 @@ def test_crossings_name_the_first_length_from_which_attention_stays_above() -> N
 
 
 def test_bench_decode_rejects_unknown_model(tmp_path: Path, capsys) -> None:
-    assert bkexp_main(["bench", "decode", "--models", "bk,rwkv", "--out", str(tmp_path)]) == 2
-    assert "unknown model(s) ['rwkv']; valid: transformer, bk, mamba" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        bkexp_main(["bench", "decode", "--models", "bk,rwkv", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "argument --models: unknown model(s) ['rwkv']; valid: transformer, bk, mamba" in capsys.readouterr().err

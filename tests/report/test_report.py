@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from bkexp.report.cli import main as report_main
 from bkexp.report.cli import write_report
 from bkexp.report.hydra_callback import ReportCallback
-from bkexp.train.loggers import sweep_group
+from bkexp.dashboards import sweep_group
 import wandb_files
 
 MODELS = ("bk", "transformer")

@@ -203,7 +203,7 @@ def test_tensorboard_service_serves_the_runs(tmp_path: Path) -> None:
 
 
 def test_summary_records_the_commit_baked_into_the_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bkexp.train.summary import git_commit
+    from bkexp.environment import git_commit
 
     monkeypatch.setenv("BKEXP_GIT_COMMIT", "0123abc")
     assert git_commit(tmp_path) == "0123abc"  # no .git here, as inside the image

@@ -22,7 +22,7 @@ import pytest
 
 import wandb_files
 from runhelpers import MQAR_TINY, TINY, load_train_entry, read_summary
-from bkexp.train.loggers import SEPARATOR, run_name, run_numbers, sweep_group, swept_keys
+from bkexp.dashboards import SEPARATOR, run_name, run_numbers, sweep_group, swept_keys
 
 SWEEP = ["model=transformer,bk", "seq_len=32,64"]
 NAMES = {f"{m}{SEPARATOR}seq_len={n}" for m in ("transformer", "bk") for n in (32, 64)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from bkexp.models.aux import AuxLossModule
+from bkexp.models.auxloss import AuxLossModule
 
 DecodeLayerState = dict[str, Tensor]  # one layer's decoding state: named tensors, batch first
 

@@ -13,7 +13,7 @@ import pytest
 # allocation may reuse without raising the resident peak.
 _PROBE = textwrap.dedent("""
     import json, torch
-    from bkexp.train.callbacks import peak_memory_mb, reset_peak_memory
+    from bkexp.memory import peak_memory_mb, reset_peak_memory
     cpu = torch.device("cpu")
     reset_peak_memory()
     base = peak_memory_mb(cpu)
@@ -35,7 +35,7 @@ def test_reset_starts_a_new_cpu_peak():
 
 _TRIM_PROBE = textwrap.dedent("""
     import json, numpy as np
-    from bkexp.train.callbacks import release_free_memory, resident_memory_mb
+    from bkexp.memory import release_free_memory, resident_memory_mb
     blocks = [np.ones(8192) for _ in range(4000)]  # 4000 heap blocks of 64 KiB (below glibc's mmap threshold)
     pinned = blocks[::500]  # a few survivors keep the freed heap fragmented, so glibc holds it resident
     del blocks

@@ -1,4 +1,4 @@
-"""OmegaConf resolvers the config tree uses; registered on import of ``bkexp.train``."""
+"""OmegaConf resolvers the config tree uses; registered on import (by ``bkexp.train`` and ``bkexp.rundir``)."""
 
 from __future__ import annotations
 

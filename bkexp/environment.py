@@ -1,0 +1,67 @@
+"""What a run's or a benchmark's numbers depend on: library versions, device, threads, host and git commit.
+
+One record for ``summary.json`` (``env``), every ``bkexp bench`` result and ``bkexp doctor``. Library versions
+are read from the installed distributions' metadata, so recording them imports nothing (mamba_ssm's CUDA
+extension, triton) that the run itself does not use.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# key in the record -> distribution name
+LIBRARIES = {"lightning": "lightning", "hydra": "hydra-core", "numpy": "numpy", "numba": "numba", "triton": "triton",
+             "mamba_ssm": "mamba-ssm"}
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """The current commit (with ``-dirty`` when the tree has changes), or None outside a git checkout.
+
+    Outside a checkout (a Docker image is built without .git) the commit the image was built from is read
+    from ``BKEXP_GIT_COMMIT`` (the Dockerfile's GIT_COMMIT build argument).
+    """
+    cwd = cwd or Path(__file__).resolve().parent
+    baked = os.environ.get("BKEXP_GIT_COMMIT") or None
+    baked = None if baked == "unknown" else baked
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return baked
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return baked
+
+
+def library_version(distribution: str) -> str | None:
+    """The installed version of ``distribution``, None when it is not installed."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: str | None = None) -> dict[str, Any]:
+    """Library versions (None: not installed), device, threads, host and git commit."""
+    if device is None:
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        **{key: library_version(dist) for key, dist in LIBRARIES.items()},
+        "device": device,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.version.cuda,
+        "hostname": platform.node(),
+        "git_commit": git_commit(),
+    }
