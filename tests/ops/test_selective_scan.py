@@ -88,6 +88,37 @@ def test_cpu_float32_matches_float64_reference(shape, form) -> None:
         assert_rel_close(grads[name], ref_grads[name], 5e-5, f"d{name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_mixer_layout_and_softplus_range(dtype) -> None:
+    """The Mamba mixer's call: (b, d, l) views of position-major tensors, z a strided half of one projection,
+    B/C strided slices of another; delta + bias across softplus' whole range (below exp's underflow, around
+    0, past the threshold 20), so the fused vectorised softplus and its slope are checked against torch's.
+    In float64 the strided views reach the kernel as they are; float32 casts keep their position-major order."""
+    g = torch.Generator().manual_seed(3)
+    b, l, d, n, rank = 2, 37, 40, 5, 3  # d = 40: one full 32-channel block and a ragged one
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    xz = rand(b, l, 2 * d)  # in_proj output: x and z halves of one tensor
+    proj = rand(b, l, rank + 2 * n)  # x_proj output: (dt, B, C)
+    delta = rand(b, l, d, scale=12.0)  # softplus input spans about -40..40 with the bias
+    inputs = {
+        "u": xz[..., :d].transpose(1, 2), "delta": delta.transpose(1, 2),
+        "A": -torch.rand(d, n, generator=g, dtype=torch.float64) * 2 - 0.1,
+        "B": proj[..., rank:rank + n].transpose(1, 2), "C": proj[..., rank + n:].transpose(1, 2),
+        "D": rand(d), "z": xz[..., d:].transpose(1, 2), "delta_bias": rand(d, scale=3.0), "delta_softplus": True,
+    }
+    delta[0, :, 0] = -100.0  # exp underflows: softplus is 0 in float32
+    delta[1, :, 1] = 60.0  # past the threshold: softplus(x) = x, slope 1
+    tol = (2e-5, 5e-5) if dtype == torch.float32 else (1e-12, 1e-11)
+    out, grads = run_with_grads(inputs, "cpu", dtype=dtype)
+    ref_out, ref_grads = run_with_grads(inputs, "ref")
+    assert_rel_close(out, ref_out, tol[0], "out")
+    for name in NAMES:
+        assert_rel_close(grads[name], ref_grads[name], tol[1], f"d{name}")
+
+
 def test_reference_matches_closed_form() -> None:
     """The oracle itself against the unrolled sum y_t = sum_s C_t . (prod_{s<r<=t} e^{dt_r A}) dt_s B_s u_s."""
     inputs = make_inputs(2, 3, 2, 6, D=True, z=True, delta_bias=True, delta_softplus=True)

@@ -1,27 +1,33 @@
-"""Compiled CPU selective scan (numba): forward kernel and exact adjoint backward with checkpointed states.
+"""Compiled CPU selective scan (numba): one fused forward kernel and its exact adjoint, checkpointed states.
 
-The kernels compute only the scan ``y_t = <h_t, C_t>``, ``h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t``;
-the O(b·d·l) elementwise parts (``delta_bias``, softplus, the ``D`` skip and the ``silu(z)`` gate) stay in
-PyTorch, whose autograd differentiates them.
+The whole op runs in two kernels: the forward computes ``delta' = softplus(delta + delta_bias)``, the scan
+``h_t = exp(delta'_t A) h_{t-1} + delta'_t u_t B_t``, ``y_t = <h_t, C_t>``, the ``D`` skip and the
+``silu(z)`` gate in one pass over the positions; the backward returns the gradients of every input
+(``u``, ``delta``, ``A``, ``B``, ``C``, ``D``, ``z``, ``delta_bias``) from one reverse pass. Nothing
+O(b·d·l) is left to PyTorch but the layout bookkeeping, so a Mamba layer pays for no elementwise passes
+and no intermediate activations between its projections and its output gate.
 
 Layout and parallelism: channels are cut into blocks of up to ``CHANNEL_BLOCK`` channels that share one
-B/C group; each thread steps whole blocks through time. Per-position vectors (``u``, ``delta``, gradients)
-are passed position-major ``(batch, l, d)`` and the block's state is ``(n, channels)``, so every inner loop
-runs over contiguous channels and vectorises, including the decays ``exp(delta A)``, which use a
-vectorisable exp (``_exp_into``; scalar libm exp would cost most of the time otherwise).
+B/C group; each thread steps whole blocks through time. Per-position vectors (``u``, ``delta``, ``z``,
+gradients) are passed position-major ``(batch, l, d)`` -- which is how the Mamba mixer holds them, so its
+``(b, d, l)`` views reach the kernel without a copy -- and the block's state is ``(n, channels)``, so every
+inner loop runs over contiguous channels and vectorises, including the decays ``exp(delta A)``, the gate
+``sigmoid(z)`` and ``softplus``, which use a vectorisable exp and log (``_exp_into``, ``_softplus_into``;
+scalar libm calls would cost most of the time otherwise).
 
-Memory stays O(b·d·l): the forward stores the state only every ``CHECKPOINT`` positions; the backward
-walks each block from the last chunk to the first, recomputes that chunk's states and decays into a small
-scratch buffer from its checkpoint, then runs the adjoint recurrence
-``lam_t = C_t g_t + exp(delta_{t+1} A) lam_{t+1}`` through it. Gradients that sum over channels (B, C)
-are accumulated per block and reduced afterwards, so no two threads write the same element.
+Memory stays O(b·d·l): the forward stores the state only every ``CHECKPOINT`` positions (plus ``delta'``
+when it differs from ``delta`` and the pre-gate output when there is a gate); the backward walks each block from the last chunk to the first,
+recomputes that chunk's states and decays into a small scratch buffer from its checkpoint, then runs the
+adjoint recurrence ``lam_t = C_t g_t + exp(delta'_{t+1} A) lam_{t+1}`` through it (the gate's gradient
+reads the pre-gate output, which the forward stores). Gradients that sum over channels (B, C) or positions (A, D,
+delta_bias) are accumulated per block and reduced afterwards, so no two threads write the same element.
 
 ``B`` and ``C`` reach the kernels as ``(batch or 1, groups, l or 1, n)`` (channel ``c`` reads group
 ``c // group_size``); that covers shared ``(b, n, l)``, grouped ``(b, g, n, l)`` and time-invariant
 ``(d, n)`` inputs (the last as d groups of one channel: correct, but it does not vectorise).
 Hot loops avoid numeric literals so float32 stays float32 (numba promotes ``float32 op literal`` to
-float64); float64 inputs get their own specialisation with libm exp. ``cache=True`` keeps the compiled
-code in ``__pycache__`` so only the first use compiles.
+float64); float64 inputs get their own specialisation with libm exp and log1p. ``cache=True`` keeps the
+compiled code in ``__pycache__`` so only the first use compiles.
 """
 
 from __future__ import annotations
@@ -30,7 +36,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from numba import njit, prange, types
 from numba.extending import overload
 from torch import Tensor
@@ -100,12 +105,81 @@ def _block_span(block, nd, group_size, per_group, width):
     return ib, group, c0, min(width, (group + 1) * group_size - c0)
 
 
+# softplus(x) = log1p(exp(x)) = x for x > 20 (PyTorch's threshold). log1p(y) = log(u) * y / (u - 1) with
+# u = fl(1 + y) (exact to a few ulps because u - 1 is exact), log(u) = e ln 2 + log(m) for u = m 2^e,
+# m in [sqrt(1/2), sqrt(2)), log(m) = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172, by its series to s^9
+# (truncation < 1e-9 relative).
+_SOFTPLUS_THRESHOLD = _F32(20.0)
+_SQRT2 = _F32(math.sqrt(2.0))
+_T3, _T5, _T7, _T9 = (_F32(1.0 / k) for k in (3, 5, 7, 9))
+_MANTISSA_MASK = np.int32((1 << 23) - 1)
+_ONE_BITS = np.int32(127 << 23)
+
+
+def _softplus_into(x, out, y, bits, mantissa):
+    """``out[i] = softplus(x[i])`` for 1-d arrays; ``y``, ``bits``, ``mantissa`` are scratch of x's size
+    (``y`` of x's dtype, the others int32) (numba only)."""
+    raise NotImplementedError("_softplus_into is compiled by numba; call it from a jitted function")
+
+
+@overload(_softplus_into, jit_options={"fastmath": {"nsz", "arcp", "contract", "afn"}})
+def _softplus_into_impl(x, out, y, bits, mantissa):
+    if x.dtype == types.float32:
+        def softplus_float32(x, out, y, bits, mantissa):
+            _exp_into(x, y, bits)
+            for i in range(x.size):
+                out[i] = _ONE + y[i]  # u, read back as bits below
+            u_bits = out.view(np.int32)
+            for i in range(x.size):
+                bits[i] = (u_bits[i] >> _MANTISSA_BITS) - _EXP_BIAS
+                mantissa[i] = (u_bits[i] & _MANTISSA_MASK) | _ONE_BITS
+            m_float = mantissa.view(np.float32)
+            for i in range(x.size):
+                u = out[i]
+                m = m_float[i]
+                e = np.float32(bits[i])
+                big = m > _SQRT2
+                m = m * _HALF if big else m
+                e = e + _ONE if big else e
+                s = (m - _ONE) / (m + _ONE)
+                s2 = s * s
+                log_m = (s + s) * (_ONE + s2 * (_T3 + s2 * (_T5 + s2 * (_T7 + s2 * _T9))))
+                log_u = e * _LN2_HI + (e * _LN2_LO + log_m)
+                value = y[i] if u == _ONE else log_u * (y[i] / (u - _ONE))
+                value = x[i] if x[i] > _SOFTPLUS_THRESHOLD else value
+                out[i] = x[i] if x[i] != x[i] else value  # NaN in, NaN out
+        return softplus_float32
+
+    def softplus_libm(x, out, y, bits, mantissa):
+        for i in range(x.size):
+            out[i] = x[i] if x[i] > _SOFTPLUS_THRESHOLD else math.log1p(math.exp(x[i]))
+    return softplus_libm
+
+
+@njit(cache=True)
+def _block_span(block, nd, group_size, per_group, width):
+    """(batch index, group, first channel, channel count) of ``block``; blocks never straddle groups."""
+    per_batch = (nd // group_size) * per_group
+    ib = block // per_batch
+    rest = block % per_batch
+    group = rest // per_group
+    c0 = group * group_size + (rest % per_group) * width
+    return ib, group, c0, min(width, (group + 1) * group_size - c0)
+
+
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _scan_forward(u, delta, A_t, Bk, Ck, group_size, width, y, checkpoints, save, every, last, keep_last):
-    """u, delta, y: (b, l, d); A_t: (n, d); Bk, Ck: (b|1, g, l|1, n); checkpoints: (b, l/every, n, d);
-    last: (b, n, d), the state after the last position when ``keep_last`` (decoding continues from it)."""
+def _scan_forward(u, delta, z, A_t, Bk, Ck, D, bias, flags, group_size, width, out, dt_out, pre_out, checkpoints,
+                  every, last):
+    """u, delta, z, out, dt_out: (b, l, d); A_t: (n, d); Bk, Ck: (b|1, g, l|1, n); D, bias: (d,);
+    checkpoints: (b, l/every, n, d); last: (b, n, d). ``flags`` (int64): has_D, has_z, has_bias, softplus,
+    save (write checkpoints; ``dt_out`` = delta' when bias or softplus transform delta; ``pre_out`` = the
+    output before the gate when there is one), keep_last (write the state after the last position into
+    ``last``, for decoding). Absent inputs are dummies."""
     nb, nl, nd = u.shape
     ns = A_t.shape[0]
+    has_D, has_z, has_bias, softplus, save, keep_last = (flags[0] != 0, flags[1] != 0, flags[2] != 0,
+                                                          flags[3] != 0, flags[4] != 0, flags[5] != 0)
+    store_dt = save and (has_bias or softplus)
     per_group = (group_size + width - 1) // width
     bsB, tsB = int(Bk.shape[0] > 1), int(Bk.shape[2] > 1)
     bsC, tsC = int(Ck.shape[0] > 1), int(Ck.shape[2] > 1)
@@ -118,19 +192,37 @@ def _scan_forward(u, delta, A_t, Bk, Ck, group_size, width, y, checkpoints, save
         A_blk = np.empty(ns * nc, u.dtype)
         for k in range(ns):
             A_blk[k * nc:(k + 1) * nc] = A_t[k, c0:c1]
+        D_blk = D[c0:c1] if has_D else A_blk[:nc]
+        bias_blk = bias[c0:c1] if has_bias else A_blk[:nc]
         h = np.zeros(ns * nc, u.dtype)
         exponent = np.empty(ns * nc, u.dtype)
         decay = np.empty(ns * nc, u.dtype)
         bits = np.empty(ns * nc, np.int32)
         acc = np.empty(nc, u.dtype)
         drive = np.empty(nc, u.dtype)
+        dt = np.empty(nc, u.dtype)
+        raw = np.empty(nc, u.dtype)
+        scratch = np.empty(nc, u.dtype)
+        mantissa = np.empty(nc, np.int32)
         zero = h[0]
+        one = zero + _ONE
         for t in range(nl):
             if save and t % every == 0:
                 for k in range(ns):
                     checkpoints[ib, t // every, k, c0:c1] = h[k * nc:(k + 1) * nc]
-            dt = delta[ib, t, c0:c1]
             x = u[ib, t, c0:c1]
+            d_in = delta[ib, t, c0:c1]
+            if has_bias:
+                for c in range(nc):
+                    raw[c] = d_in[c] + bias_blk[c]
+            else:
+                raw[:] = d_in
+            if softplus:
+                _softplus_into(raw, dt, scratch, bits[:nc], mantissa)
+            else:
+                dt[:] = raw
+            if store_dt:
+                dt_out[ib, t, c0:c1] = dt
             for c in range(nc):
                 drive[c] = dt[c] * x[c]
                 acc[c] = zero
@@ -147,18 +239,33 @@ def _scan_forward(u, delta, A_t, Bk, Ck, group_size, width, y, checkpoints, save
                     value = decay[base + c] * h[base + c] + drive[c] * b_tk
                     h[base + c] = value
                     acc[c] += value * c_tk
-            y[ib, t, c0:c1] = acc
+            if has_D:
+                for c in range(nc):
+                    acc[c] += D_blk[c] * x[c]
+            if has_z:  # out = acc * silu(z) = acc * z / (1 + exp(-z))
+                if save:
+                    pre_out[ib, t, c0:c1] = acc
+                zt = z[ib, t, c0:c1]
+                for c in range(nc):
+                    raw[c] = -zt[c]
+                _exp_into(raw, scratch, bits[:nc])
+                for c in range(nc):
+                    acc[c] = acc[c] * (zt[c] / (one + scratch[c]))
+            out[ib, t, c0:c1] = acc
         if keep_last:
             for k in range(ns):
                 last[ib, k, c0:c1] = h[k * nc:(k + 1) * nc]
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _scan_backward(u, delta, A_t, Bk, Ck, group_size, width, checkpoints, every, dy,
-                   du, ddelta, dA_t, dB_part, dC_part):
-    """Adjoint of ``_scan_forward``. dA_t: (b, n, d); dB_part/dC_part: (blocks, l|1, n), summed by the caller."""
+def _scan_backward(u, delta, dt_in, z, pre, A_t, Bk, Ck, D, bias, flags, group_size, width, checkpoints, every,
+                   dout, du, ddelta, dz, dA_t, dB_part, dC_part, dD_part, dbias_part):
+    """Adjoint of ``_scan_forward`` (same flags; ``dt_in`` is delta' or delta itself, ``pre`` the forward's
+    ``pre_out``). dA_t: (b, n, d);
+    dB_part/dC_part: (blocks, l|1, n); dD_part, dbias_part: (b, d); all summed by the caller."""
     nb, nl, nd = u.shape
     ns = A_t.shape[0]
+    has_D, has_z, has_bias, softplus = flags[0] != 0, flags[1] != 0, flags[2] != 0, flags[3] != 0
     per_group = (group_size + width - 1) // width
     bsB, tsB = int(Bk.shape[0] > 1), int(Bk.shape[2] > 1)
     bsC, tsC = int(Ck.shape[0] > 1), int(Ck.shape[2] > 1)
@@ -170,23 +277,31 @@ def _scan_backward(u, delta, A_t, Bk, Ck, group_size, width, checkpoints, every,
         A_blk = np.empty(ns * nc, u.dtype)
         for k in range(ns):
             A_blk[k * nc:(k + 1) * nc] = A_t[k, c0:c1]
+        D_blk = D[c0:c1] if has_D else A_blk[:nc]
+        bias_blk = bias[c0:c1] if has_bias else A_blk[:nc]
         states = np.empty((every + 1, ns * nc), u.dtype)  # states[r] = h_{t0 + r - 1}, flattened (n, nc)
-        decays = np.empty((every, ns * nc), u.dtype)  # decays[r] = exp(delta_{t0 + r} A)
+        decays = np.empty((every, ns * nc), u.dtype)  # decays[r] = exp(delta'_{t0 + r} A)
         exponent = np.empty(ns * nc, u.dtype)
         bits = np.empty(ns * nc, np.int32)
         lam = np.zeros(ns * nc, u.dtype)  # dL/dh_t carried backwards through the decay
         dA_blk = np.zeros(ns * nc, u.dtype)
         drive = np.empty(nc, u.dtype)
+        g = np.empty(nc, u.dtype)  # dL/dy_t
+        gate = np.empty(nc, u.dtype)  # sigmoid(z_t)
+        scratch = np.empty(nc, u.dtype)
         sum_du = np.empty(nc, u.dtype)
         sum_ddelta = np.empty(nc, u.dtype)
+        dD_blk = np.zeros(nc, u.dtype)
+        dbias_blk = np.zeros(nc, u.dtype)
         zero = lam[0]
+        one = zero + _ONE
         for j in range(n_ck - 1, -1, -1):
             t0 = j * every
             t1 = min(t0 + every, nl)
             for k in range(ns):
                 states[0, k * nc:(k + 1) * nc] = checkpoints[ib, j, k, c0:c1]
             for t in range(t0, t1):  # recompute this chunk's decays and states from its checkpoint
-                dt = delta[ib, t, c0:c1]
+                dt = dt_in[ib, t, c0:c1]
                 x = u[ib, t, c0:c1]
                 old = states[t - t0]
                 new = states[t - t0 + 1]
@@ -204,12 +319,22 @@ def _scan_backward(u, delta, A_t, Bk, Ck, group_size, width, checkpoints, every,
                     for c in range(nc):
                         new[base + c] = decay[base + c] * old[base + c] + drive[c] * b_tk
             for t in range(t1 - 1, t0 - 1, -1):  # adjoint recurrence, newest position first
-                dt = delta[ib, t, c0:c1]
+                dt = dt_in[ib, t, c0:c1]
                 x = u[ib, t, c0:c1]
-                g = dy[ib, t, c0:c1]
+                go = dout[ib, t, c0:c1]
                 old = states[t - t0]
                 new = states[t - t0 + 1]
                 decay = decays[t - t0]
+                if has_z:
+                    zt = z[ib, t, c0:c1]
+                    for c in range(nc):
+                        scratch[c] = -zt[c]
+                    _exp_into(scratch, gate, bits[:nc])
+                    for c in range(nc):
+                        gate[c] = one / (one + gate[c])
+                        g[c] = go[c] * (zt[c] * gate[c])
+                else:
+                    g[:] = go
                 for c in range(nc):
                     drive[c] = dt[c] * x[c]
                     sum_du[c] = zero
@@ -225,7 +350,7 @@ def _scan_backward(u, delta, A_t, Bk, Ck, group_size, width, checkpoints, every,
                         grad_c += new[base + c] * g[c]
                         grad_b += lam_k * drive[c]
                         sum_du[c] += lam_k * b_tk
-                        through_decay = lam_k * decay[base + c] * old[base + c]  # dL/d(delta_t A)
+                        through_decay = lam_k * decay[base + c] * old[base + c]  # dL/d(delta'_t A)
                         sum_ddelta[c] += through_decay * A_blk[base + c] + lam_k * b_tk * x[c]
                         dA_blk[base + c] += through_decay * dt[c]
                         lam[base + c] = lam_k * decay[base + c]  # carried to position t - 1
@@ -233,10 +358,35 @@ def _scan_backward(u, delta, A_t, Bk, Ck, group_size, width, checkpoints, every,
                     dC_part[block, t * tsC, k] += grad_c
                 for c in range(nc):
                     sum_du[c] *= dt[c]
+                if has_D:
+                    for c in range(nc):
+                        sum_du[c] += g[c] * D_blk[c]
+                        dD_blk[c] += g[c] * x[c]
+                if has_z:  # d silu(z)/dz = sigmoid(z) (1 + z (1 - sigmoid(z)))
+                    dz_t = dz[ib, t, c0:c1]
+                    pre_t = pre[ib, t, c0:c1]
+                    for c in range(nc):
+                        dz_t[c] = go[c] * pre_t[c] * gate[c] * (one + zt[c] * (one - gate[c]))
+                if softplus:  # d softplus(x)/dx = sigmoid(x) = e / (1 + e), e = exp(x); 1 above the threshold
+                    d_in = delta[ib, t, c0:c1]
+                    for c in range(nc):
+                        scratch[c] = d_in[c] + bias_blk[c] if has_bias else d_in[c]
+                    _exp_into(scratch, gate, bits[:nc])
+                    for c in range(nc):
+                        slope = gate[c] / (one + gate[c])
+                        slope = one if scratch[c] > _SOFTPLUS_THRESHOLD else slope
+                        sum_ddelta[c] *= slope
+                if has_bias:
+                    for c in range(nc):
+                        dbias_blk[c] += sum_ddelta[c]
                 du[ib, t, c0:c1] = sum_du
                 ddelta[ib, t, c0:c1] = sum_ddelta
         for k in range(ns):
             dA_t[ib, k, c0:c1] = dA_blk[k * nc:(k + 1) * nc]
+        if has_D:
+            dD_part[ib, c0:c1] += dD_blk
+        if has_bias:
+            dbias_part[ib, c0:c1] += dbias_blk
 
 
 def _kernel_layout(param: Tensor, dim: int) -> tuple[Tensor, int]:
@@ -254,54 +404,86 @@ def _reduce_blocks(part: Tensor, kernel_shape: torch.Size, batch: int, groups: i
     return per_batch.sum(0, keepdim=True) if kernel_shape[0] == 1 else per_batch
 
 
+def _position_major(t: Tensor) -> Tensor:
+    """A (b, d, l) tensor as a (b, l, d) view with unit channel stride (a copy only when it has none)."""
+    t = t.detach().transpose(1, 2)
+    return t if t.stride(2) == 1 else t.contiguous()
+
+
+def _numpy(t: Tensor | None, like: np.ndarray) -> np.ndarray:
+    """``t`` as a numpy array, or a 1-element dummy of ``like``'s dtype and rank for an absent input."""
+    return t.numpy() if t is not None else np.zeros((1,) * like.ndim, like.dtype)
+
+
 class _ScanFunction(torch.autograd.Function):
-    """``y = scan(u, delta, A, Bk, Ck)`` on CPU tensors ((b, d, l) in and out), with the exact adjoint backward."""
+    """The fused op on CPU tensors in the compute dtype ((b, d, l) in and out), with the exact adjoint backward."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, Bk: Tensor, Ck: Tensor, group_size: int,
+    def forward(ctx, u: Tensor, delta: Tensor, z: Tensor | None, A: Tensor, Bk: Tensor, Ck: Tensor,
+                D: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool, group_size: int,
                 last: Tensor | None) -> Tensor:
         """``last`` (b, n, d), when given, receives the state after the last position (not differentiable)."""
-        u_t = u.detach().transpose(1, 2).contiguous()  # (b, l, d): channels innermost
-        delta_t = delta.detach().transpose(1, 2).contiguous()
+        u_t, delta_t = _position_major(u), _position_major(delta)
+        z_t = _position_major(z) if z is not None else None
         A_t = A.detach().t().contiguous()
         Bk, Ck = Bk.detach().contiguous(), Ck.detach().contiguous()
+        D_c = D.detach().contiguous() if D is not None else None
+        bias_c = delta_bias.detach().contiguous() if delta_bias is not None else None
         nb, nl, nd = u_t.shape
         ns = A_t.shape[0]
         width = min(CHANNEL_BLOCK, group_size)
-        save = any(ctx.needs_input_grad[:5])
+        save = any(ctx.needs_input_grad[:8])
+        transformed = delta_bias is not None or delta_softplus
+        flags = np.array([D is not None, z is not None, delta_bias is not None, delta_softplus, save,
+                          last is not None], dtype=np.int64)
         n_ck = (nl + CHECKPOINT - 1) // CHECKPOINT
-        checkpoints = u_t.new_empty((nb, n_ck, ns, nd) if save else (1, 1, ns, 1))
-        y_t = torch.empty_like(u_t)
-        keep_last = last is not None
-        last_np = last.numpy() if keep_last else np.empty((1, 1, 1), u_t.numpy().dtype)
-        _scan_forward(u_t.numpy(), delta_t.numpy(), A_t.numpy(), Bk.numpy(), Ck.numpy(), group_size, width,
-                      y_t.numpy(), checkpoints.numpy(), save, CHECKPOINT, last_np, keep_last)
+        checkpoints = u_t.new_empty((nb, n_ck, ns, nd) if save else (1, 1, 1, 1))
+        dt_t = u_t.new_empty((nb, nl, nd)) if save and transformed else None
+        pre_t = u_t.new_empty((nb, nl, nd)) if save and z is not None else None
+        out_t = u_t.new_empty((nb, nl, nd))
+        u_np = u_t.numpy()
+        _scan_forward(u_np, delta_t.numpy(), _numpy(z_t, u_np), A_t.numpy(), Bk.numpy(), Ck.numpy(),
+                      _numpy(D_c, A_t.numpy()[0]), _numpy(bias_c, A_t.numpy()[0]), flags, group_size, width,
+                      out_t.numpy(), _numpy(dt_t, u_np), _numpy(pre_t, u_np), checkpoints.numpy(), CHECKPOINT,
+                      _numpy(last, u_np))
         if save:
-            ctx.save_for_backward(u_t, delta_t, A_t, Bk, Ck, checkpoints)
+            ctx.save_for_backward(u_t, delta_t, dt_t, z_t, pre_t, A_t, Bk, Ck, D_c, bias_c, checkpoints)
+            ctx.flags = flags
             ctx.group_size = group_size
-        return y_t.transpose(1, 2)
+        return out_t.transpose(1, 2)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy: Tensor):
-        u_t, delta_t, A_t, Bk, Ck, checkpoints = ctx.saved_tensors
+    def backward(ctx, dout: Tensor):
+        u_t, delta_t, dt_t, z_t, pre_t, A_t, Bk, Ck, D_c, bias_c, checkpoints = ctx.saved_tensors
         group_size = ctx.group_size
-        nb, _, nd = u_t.shape
+        nb, nl, nd = u_t.shape
         groups = nd // group_size
         width = min(CHANNEL_BLOCK, group_size)
         n_blocks = nb * groups * ((group_size + width - 1) // width)
-        dy_t = dy.to(u_t.dtype).transpose(1, 2).contiguous()
+        dout_t = _position_major(dout.to(u_t.dtype))
         du_t = torch.empty_like(u_t)
         ddelta_t = torch.empty_like(u_t)
+        dz_t = torch.empty_like(u_t) if z_t is not None else None
         dA_t = u_t.new_empty((nb, *A_t.shape))
         dB_part = u_t.new_zeros((n_blocks, Bk.shape[2], Bk.shape[3]))
         dC_part = u_t.new_zeros((n_blocks, Ck.shape[2], Ck.shape[3]))
-        _scan_backward(u_t.numpy(), delta_t.numpy(), A_t.numpy(), Bk.numpy(), Ck.numpy(), group_size, width,
-                       checkpoints.numpy(), CHECKPOINT, dy_t.numpy(), du_t.numpy(), ddelta_t.numpy(),
-                       dA_t.numpy(), dB_part.numpy(), dC_part.numpy())
+        dD_part = u_t.new_zeros((nb, nd) if D_c is not None else (1, 1))
+        dbias_part = u_t.new_zeros((nb, nd) if bias_c is not None else (1, 1))
+        u_np = u_t.numpy()
+        vector = A_t.numpy()[0]
+        _scan_backward(u_np, delta_t.numpy(), (dt_t if dt_t is not None else delta_t).numpy(), _numpy(z_t, u_np),
+                       _numpy(pre_t, u_np), A_t.numpy(), Bk.numpy(), Ck.numpy(), _numpy(D_c, vector), _numpy(bias_c, vector), ctx.flags,
+                       group_size, width, checkpoints.numpy(), CHECKPOINT, dout_t.numpy(), du_t.numpy(),
+                       ddelta_t.numpy(), _numpy(dz_t, u_np), dA_t.numpy(), dB_part.numpy(), dC_part.numpy(),
+                       dD_part.numpy(), dbias_part.numpy())
         dB = _reduce_blocks(dB_part, Bk.shape, nb, groups)
         dC = _reduce_blocks(dC_part, Ck.shape, nb, groups)
-        return du_t.transpose(1, 2), ddelta_t.transpose(1, 2), dA_t.sum(0).t(), dB, dC, None, None
+        dD = dD_part.sum(0) if D_c is not None else None
+        dbias = dbias_part.sum(0) if bias_c is not None else None
+        dz = dz_t.transpose(1, 2) if dz_t is not None else None
+        return (du_t.transpose(1, 2), ddelta_t.transpose(1, 2), dz, dA_t.sum(0).t(), dB, dC, dD, dbias,
+                None, None, None)
 
 
 def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
@@ -310,13 +492,11 @@ def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     """Same contract as ``selective_scan_reference``; inputs already validated, CPU tensors, real ``A``."""
     dtype_in = u.dtype
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        return t if t is None else t.to(compute)
+
     dim = u.shape[1]
-    u_c = u.to(compute)
-    delta_c = delta.to(compute)
-    if delta_bias is not None:
-        delta_c = delta_c + delta_bias.to(compute)[:, None]
-    if delta_softplus:
-        delta_c = F.softplus(delta_c)
     Bk, group_size = _kernel_layout(B.to(compute), dim)
     Ck, group_size_c = _kernel_layout(C.to(compute), dim)
     if group_size != group_size_c:
@@ -326,11 +506,9 @@ def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
         Bk = Bk.repeat_interleave(group_size // finer, dim=1)
         Ck = Ck.repeat_interleave(group_size_c // finer, dim=1)
         group_size = finer
-    last = u_c.new_empty(u_c.shape[0], A.shape[1], dim) if return_last_state else None
-    y = _ScanFunction.apply(u_c, delta_c, A.to(compute), Bk, Ck, group_size, last)
-    out = y if D is None else y + u_c * D.to(compute)[:, None]
-    if z is not None:
-        out = out * F.silu(z.to(compute))
+    last = u.new_empty(u.shape[0], A.shape[1], dim, dtype=compute) if return_last_state else None
+    out = _ScanFunction.apply(cast(u), cast(delta), cast(z), cast(A), Bk, Ck, cast(D), cast(delta_bias),
+                              bool(delta_softplus), group_size, last)
     if return_last_state:
         return out.to(dtype_in), last.transpose(1, 2)
     return out.to(dtype_in)
