@@ -95,7 +95,7 @@ def test_cpu_mixer_layout_and_softplus_range(dtype) -> None:
     0, past the threshold 20), so the fused vectorised softplus and its slope are checked against torch's.
     In float64 the strided views reach the kernel as they are; float32 casts keep their position-major order."""
     g = torch.Generator().manual_seed(3)
-    b, l, d, n, rank = 2, 37, 40, 5, 3  # d = 40: one full 32-channel block and a ragged one
+    b, l, d, n, rank = 2, 37, 136, 5, 3  # d = 136: one full CHANNEL_BLOCK (128) of channels and a ragged one
 
     def rand(*shape, scale=1.0):
         return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
