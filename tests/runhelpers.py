@@ -55,3 +55,15 @@ def load_train_entry() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def record_run(run_dir: Path, *, flags: dict | None = None, **fields) -> Path:
+    """summary.json of a synthetic run, written by the real ``RunRecord`` (what ``run()`` writes with) and with
+    its ``flags`` section from the real technique registry: a flag that does not exist is a TypeError."""
+    from bkexp.techniques import Flags, Techniques
+    from bkexp.train.summary import RunRecord
+
+    record = RunRecord(run_dir)
+    techniques = Techniques(Flags(**(flags or {})))
+    record.update(run_dir=str(run_dir), flags={**techniques.record(), "config_changes": {}, "effects": {}}, **fields)
+    return record.write()

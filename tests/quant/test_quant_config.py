@@ -17,8 +17,28 @@ QUANT_DIR = REPO_ROOT / "conf" / "quant"
 QUANT_FILES = sorted(p.stem for p in QUANT_DIR.glob("*.yaml"))
 
 
+def _settings_table() -> dict[str, list[str]]:
+    """docs/quantization.md's settings table: key -> its cells (key, default, meaning)."""
+    doc = (REPO_ROOT / "docs" / "quantization.md").read_text()
+    section = doc.split("## Settings (`conf/quant/*.yaml`)\n", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+            for line in section.splitlines() if line.startswith("| `")]
+    return {cells[0].strip("`"): cells for cells in rows}
+
+
 def test_quant_group_has_the_documented_options() -> None:
-    assert set(QUANT_FILES) == {"auto", "none", "qat", "ptq"}
+    table = _settings_table()
+    _, default, meaning = table["method"]
+    documented = set(re.findall(r"`(\w+)`", meaning.split("(select with", 1)[0]))
+    assert documented == set(QUANT_FILES), "docs/quantization.md's methods are the files of conf/quant"
+    train_yaml = (REPO_ROOT / "conf" / "train.yaml").read_text()
+    line = next(ln for ln in train_yaml.splitlines() if ln.strip().startswith("- quant:"))
+    chosen, comment = line.split("- quant:", 1)[1].split("#", 1)
+    listed = {re.match(r"\s*(\w+)", part).group(1) for part in comment.split(":", 1)[1].split("|")}
+    assert listed == set(QUANT_FILES), "train.yaml's comment lists the options of the quant group"
+    assert chosen.strip() == default.strip("`") == yaml.safe_load((QUANT_DIR / "auto.yaml").read_text())["method"]
+    keys = set().union(*((yaml.safe_load(p.read_text()) or {}).keys() for p in QUANT_DIR.glob("*.yaml")))
+    assert set(table) == keys - {"_target_", "defaults"}, "every quant key is documented, and only those"
 
 
 def compose_quant(name: str, bits: int) -> QuantSpec:

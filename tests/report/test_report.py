@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import statistics
 from pathlib import Path
 
@@ -13,8 +14,10 @@ from omegaconf import OmegaConf
 from bkexp.report.cli import main as report_main
 from bkexp.report.cli import write_report
 from bkexp.report.hydra_callback import ReportCallback
+from bkexp.rundir import RunDirError
 from bkexp.dashboards import sweep_group
 import wandb_files
+from runhelpers import record_run
 
 MODELS = ("bk", "transformer")
 SEQ_LENS = (128, 256)
@@ -53,8 +56,8 @@ def write_run(run_dir: Path, sweep_dir: Path | None, job_num: int, model: str, s
     }
     summary = {
         "status": "failed" if error else "ok", "error": error, "traceback": "Traceback ...\n" if error else None,
-        "run_dir": str(run_dir), "model": model, "dataset": "wikitext2", "seq_len": seq_len, "bits": bits or 32,
-        "seed": seed, "quant": {"method": "none"}, "flags": {"fused_ffn": False}, "overrides": overrides,
+        "model": model, "dataset": "wikitext2", "seq_len": seq_len, "bits": bits or 32,
+        "seed": seed, "quant": {"method": "none"}, "overrides": overrides,
         "sweep": ({"dir": str(sweep_dir), "job_num": job_num, "override_dirname": ",".join(overrides)}
                   if sweep_dir else None),
         "params": {"total": 1000, "non_embedding": 600, "embedding": 400}, "state_size": 64,
@@ -84,7 +87,7 @@ def write_run(run_dir: Path, sweep_dir: Path | None, job_num: int, model: str, s
             lines.append(f"{step},0,,,,,{4.1 - 0.1 * step},{2.718 ** (4.1 - 0.1 * step)},,,,,")
     (run_dir / "csv").mkdir()
     (run_dir / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    record_run(run_dir, **summary)
 
 
 def write_sweep(root: Path, stamp: str = "2026-01-02_03-04-05-123456", failed: bool = True,
@@ -349,9 +352,16 @@ def test_wandb_workspace_needs_one_group(sweep: Path, capsys: pytest.CaptureFixt
     assert "one W&B group" in capsys.readouterr().err
 
 
-def test_hydra_callback_never_raises(tmp_path: Path) -> None:
+def test_hydra_callback_logs_a_failing_report_instead_of_raising(tmp_path: Path, caplog) -> None:
     empty = tmp_path / "multirun" / "empty"
     empty.mkdir(parents=True)
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(empty)}}})
-    ReportCallback(log_to_wandb=True).on_multirun_end(config)  # logs the error instead of failing the sweep
-    assert not (empty / "summary.csv").exists()
+    with caplog.at_level(logging.INFO, logger="bkexp.report.hydra_callback"):
+        ReportCallback(log_to_wandb=True).on_multirun_end(config)  # returns: a report failure never fails a sweep
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        "bkexp report failed for the sweep; run `bkexp report <sweep dir>` to retry"]
+    reason = errors[0].exc_info[1]  # the log carries why: the sweep directory holds no run
+    assert isinstance(reason, RunDirError) and str(empty) in str(reason)
+    assert not any("W&B" in r.getMessage() for r in caplog.records)  # it stops before logging to W&B
+    assert sorted(p.name for p in empty.iterdir()) == []  # and writes nothing

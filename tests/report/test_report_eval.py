@@ -10,6 +10,7 @@ import pytest
 
 from bkexp.report.cli import main as report_main
 from bkexp.report.cli import write_report
+from runhelpers import record_run
 
 # val loss by (model, lr): the best rate differs per model, so one shared rate would favour one of them
 VAL_LOSS = {("bk", 1e-3): 5.0, ("bk", 3e-3): 4.5, ("bk", 1e-2): 4.8,
@@ -27,7 +28,7 @@ def write_run(run_dir: Path, model: str, lr: float, seq_len: int = 128, seed: in
                "metrics": {} if failed else {"best/val_loss": loss, "val/loss": loss + 0.05, "val/ppl": 2.0 ** loss,
                                              "test/ppl": 2.0 ** loss},
                "throughput": {} if failed else {"train_tokens_per_sec": 1000.0}, "memory": {"peak_mb": 10.0}}
-    (run_dir / "summary.json").write_text(json.dumps(summary))
+    record_run(run_dir, **summary)
 
 
 def lr_sweep(root: Path, seq_lens=(128,), seeds=(0,)) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 from hydra.utils import instantiate
@@ -10,12 +11,33 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 
 from bkexp.train.config import validate_config
-from runhelpers import STREAMING_DATASETS, TEXT_DATASETS, compose_train, data_overrides, options
+from runhelpers import CONF, STREAMING_DATASETS, TEXT_DATASETS, compose_train, data_overrides, options
 
 
-def test_every_group_has_options():
-    for group in ("model", "dataset", "tokenizer", "hardware", "logger", "debug", "optimizer", "scheduler"):
-        assert options(group), group
+def _documented_choices() -> dict[str, tuple[str, list[str]]]:
+    """train.yaml's defaults list: group -> (its default, the options its comment names as ``a | b | c``)."""
+    choices = {}
+    for line in (CONF / "train.yaml").read_text().splitlines():
+        match = re.match(r"\s*- (\w+): (\w+)\s*#(.*)", line)
+        if not match or "|" not in match.group(3):
+            continue
+        group, default, comment = match.groups()
+        head, _, rest = comment.partition("|")
+        head = head.rsplit(":", 1)[-1]  # drop the description before the options ("architecture: transformer")
+        parts = [head, *rest.split("|")]
+        listed = [m.group(1) for p in parts if (m := re.fullmatch(r"\s*(\w+)\s*(\(.*\))?\s*", p))]
+        choices[group] = (default, listed)
+    return choices
+
+
+def test_the_options_train_yaml_names_exist():
+    choices = _documented_choices()
+    assert {"model", "dataset", "tokenizer", "hardware", "logger", "quant", "debug", "sweep"} <= set(choices)
+    for group, (default, listed) in choices.items():
+        assert len(listed) >= 2, (group, listed)  # the comment's list was read
+        assert default == "null" or default in options(group), (group, default)
+        missing = set(listed) - set(options(group))
+        assert not missing, f"conf/train.yaml names {group} option(s) {sorted(missing)} that conf/{group}/ lacks"
 
 
 @pytest.mark.parametrize("model", options("model"))
@@ -29,14 +51,16 @@ def test_model_dataset_tokenizer_product_composes_and_instantiates(model, datase
         cfg = compose_train([f"model={model}", f"dataset={dataset}", f"tokenizer={tokenizer}",
                              *data_overrides(dataset, wikitext_slice)], tmp_path)
         validate_config(cfg)
-        assert cfg.model.name and cfg.dataset.name
+        assert (cfg.model.name, cfg.dataset.name) == (model, dataset)  # the name summary.json records
         if tokenizer == "gpt2":
             continue  # needs the hub or a cached/local tokenizer.json; its offline error is tested in tests/data
         datamodule = instantiate(cfg.dataset)
         assert datamodule.seq_len == cfg.seq_len
         if not built_model:
             lm = instantiate(cfg.model, vocab_size=37)
-            assert lm.param_counts()["total"] > 0
+            assert type(lm).__name__ == cfg.model._target_.rsplit(".", 1)[1] and lm.vocab_size == 37
+            assert len(lm.blocks) == cfg.model.n_layers
+            assert {type(b.mixer).__name__ for b in lm.blocks} == {cfg.model.mixer._target_.rsplit(".", 1)[1]}
             built_model = True
 
 
@@ -45,8 +69,8 @@ def test_model_dataset_tokenizer_product_composes_and_instantiates(model, datase
 def test_every_other_group_option_composes(group, tmp_path):
     for option in options(group):
         cfg = compose_train([f"{group}={option}"], tmp_path)
-        OmegaConf.to_container(cfg, resolve=True)
-        validate_config(cfg)
+        OmegaConf.to_container(cfg, resolve=True)  # raises on an interpolation that does not resolve
+        validate_config(cfg)  # raises on a key its _target_ does not take or a bad value
 
 
 @pytest.mark.parametrize("hardware,logger", list(itertools.product(["cpu", "ddp_cpu"], options("logger"))))

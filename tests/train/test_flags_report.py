@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from bkexp.report.cli import write_report
 from bkexp.report.collect import collect_runs
 from bkexp.report.tables import flag_deltas
+from runhelpers import record_run
 
 # (model, flags) -> test ppl, train tokens/s, peak MB; None = the job failed with that error.
 RUNS = {
@@ -41,7 +41,7 @@ def write_job(sweep: Path, job: int, model: str, flags: str, result, bits: int =
         ppl, tps, mb = result
         summary.update(metrics={"test/ppl": ppl, "val/ppl": ppl + 1}, throughput={"train_tokens_per_sec": tps},
                        memory={"peak_mb": mb})
-    (run_dir / "summary.json").write_text(json.dumps(summary))
+    record_run(run_dir, flags={} if flags == "none" else {flags: True}, **summary)
 
 
 @pytest.fixture
