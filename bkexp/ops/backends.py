@@ -1,4 +1,8 @@
-"""Backend choice shared by every op: ``auto`` picks the fastest available and logs when it falls back."""
+"""Backend choice shared by every op: which backends can run here, and ``auto`` picking the fastest available.
+
+Each op declares its backends once as an :class:`OpBackends` (names, what ``auto`` prefers per device, the
+fallback, and why a backend cannot run); ``available`` and ``resolve`` are the same for every op.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import functools
 import importlib.util
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,3 +50,36 @@ def resolve(op: str, backend: str, device: torch.device | str, backends: Sequenc
     if reason is not None:
         raise RuntimeError(f"{op} backend {backend!r} unavailable: {reason}")
     return backend
+
+
+NUMBA_HINT = "the cpu backend needs numba: pip install numba"
+
+
+def numba_cpu_unavailable(device: torch.device) -> str | None:
+    """Why a numba ``cpu`` backend cannot run on ``device`` (None when it can)."""
+    if device.type != "cpu":
+        return f"the cpu backend runs on CPU tensors, got device {device}"
+    if not module_available("numba"):
+        return NUMBA_HINT
+    return None
+
+
+@dataclass(frozen=True)
+class OpBackends:
+    """One op's backends: ``names``, what ``auto`` prefers per device type, its fallback (always available),
+    and ``unavailable_reason(name, device)``: why a backend cannot run (None when it can)."""
+
+    op: str
+    names: tuple[str, ...]
+    preferred: dict[str, str] = field(hash=False)
+    fallback: str
+    unavailable_reason: Callable[[str, torch.device], str | None]
+
+    def available(self, device: torch.device | str = "cpu") -> list[str]:
+        """Backends that can run on ``device`` in this environment."""
+        device = torch.device(device)
+        return [name for name in self.names if self.unavailable_reason(name, device) is None]
+
+    def resolve(self, backend: str, device: torch.device | str) -> str:
+        """The backend the op runs on ``device`` for the requested ``backend``; raises if it cannot run."""
+        return resolve(self.op, backend, device, self.names, self.preferred, self.fallback, self.unavailable_reason)

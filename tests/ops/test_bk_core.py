@@ -331,15 +331,15 @@ def test_bad_shapes_and_backend_names_are_rejected():
 def test_backend_resolution_and_install_hints(monkeypatch, caplog):
     assert set(available_backends("cpu")) >= {"reference", "torch", "torch_autograd"}
     assert resolve_backend("auto", "cpu") == ("cpu" if "cpu" in available_backends("cpu") else "torch")
-    assert "triton" not in available_backends("cuda") or bk._module_available("triton")
+    assert "triton" not in available_backends("cuda") or backends.module_available("triton")
     with pytest.raises(RuntimeError, match="CPU tensors"):
         resolve_backend("cpu", "cuda")
     if not bk._triton_interpreted():
         with pytest.raises(RuntimeError, match="pip install triton"):
             resolve_backend("triton", "cpu")
     # Without numba, auto falls back to torch and says so; asking for cpu explains how to install it.
-    real_available = bk._module_available
-    monkeypatch.setattr(bk, "_module_available", lambda name: name != "numba" and real_available(name))
+    real_available = backends.module_available
+    monkeypatch.setattr(backends, "module_available", lambda name: name != "numba" and real_available(name))
     backends._logged.clear()
     with caplog.at_level(logging.WARNING, logger="bkexp.ops.backends"):
         assert resolve_backend("auto", "cpu") == "torch"
@@ -347,6 +347,10 @@ def test_backend_resolution_and_install_hints(monkeypatch, caplog):
     with pytest.raises(RuntimeError, match="pip install numba"):
         resolve_backend("cpu", "cpu")
     assert BACKENDS == ("reference", "torch", "torch_autograd", "cpu", "triton")
+    from bkexp.ops.selective_scan import resolve_backend as resolve_scan  # the same numba check, one place
+
+    with pytest.raises(RuntimeError, match="selective_scan backend 'cpu' unavailable: .*pip install numba"):
+        resolve_scan("cpu", "cpu")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -425,7 +429,7 @@ _TRITON_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not bk._module_available("triton"), reason="triton not installed")
+@pytest.mark.skipif(not backends.module_available("triton"), reason="triton not installed")
 def test_triton_kernels_under_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True,

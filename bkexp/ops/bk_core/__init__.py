@@ -47,20 +47,14 @@ from numbers import Number
 import torch
 from torch import Tensor
 
-from bkexp.ops.backends import module_available, resolve
+from bkexp.ops import backends
+from bkexp.ops.backends import OpBackends, numba_cpu_unavailable
 
 from .layout import is_plane_view
 from .step import bk_core_state, bk_core_step
 
 BACKENDS: tuple[str, ...] = ("reference", "torch", "torch_autograd", "cpu", "triton")
-_INSTALL_HINT = {
-    "cpu": "the cpu backend needs numba: pip install numba",
-    "triton": "the triton backend needs a CUDA GPU and triton: pip install triton (with a CUDA build of torch)",
-}
-
-
-def _module_available(name: str) -> bool:
-    return module_available(name)
+TRITON_HINT = "the triton backend needs a CUDA GPU and triton: pip install triton (with a CUDA build of torch)"
 
 
 def _triton_interpreted() -> bool:
@@ -70,29 +64,20 @@ def _triton_interpreted() -> bool:
 def _unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run on ``device`` (None when it can)."""
     if backend == "cpu":
-        if device.type != "cpu":
-            return f"the cpu backend runs on CPU tensors, got device {device}"
-        if not _module_available("numba"):
-            return _INSTALL_HINT["cpu"]
+        return numba_cpu_unavailable(device)
     if backend == "triton":
-        if not _module_available("triton"):
-            return _INSTALL_HINT["triton"]
+        if not backends.module_available("triton"):
+            return TRITON_HINT
         if device.type == "cpu" and not _triton_interpreted():
-            return f"{_INSTALL_HINT['triton']}; got a CPU tensor (CPU runs only under TRITON_INTERPRET=1)"
+            return f"{TRITON_HINT}; got a CPU tensor (CPU runs only under TRITON_INTERPRET=1)"
         if device.type not in ("cpu", "cuda"):
             return f"the triton backend runs on CUDA tensors, got device {device}"
     return None
 
 
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on ``device`` in this environment."""
-    device = torch.device(device)
-    return [name for name in BACKENDS if _unavailable_reason(name, device) is None]
-
-
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """The backend that ``bk_core(..., backend=backend)`` runs on ``device``; raises if it cannot run."""
-    return resolve("bk_core", backend, device, BACKENDS, {"cuda": "triton", "cpu": "cpu"}, "torch", _unavailable_reason)
+_BACKENDS = OpBackends("bk_core", BACKENDS, {"cuda": "triton", "cpu": "cpu"}, "torch", _unavailable_reason)
+available_backends = _BACKENDS.available  # backends that can run on a device here
+resolve_backend = _BACKENDS.resolve  # the backend bk_core(..., backend=...) runs on a device; raises if it cannot
 
 
 _POSITION_MAJOR = ("cpu", "triton")  # kernels that take rows (B, H, N) and work on (B, N, H) planes

@@ -35,7 +35,7 @@ import importlib
 import torch
 from torch import Tensor
 
-from bkexp.ops.backends import module_available, resolve
+from bkexp.ops.backends import OpBackends, module_available, numba_cpu_unavailable
 
 from .step import selective_state_update
 
@@ -43,7 +43,6 @@ BACKENDS: tuple[str, ...] = ("cuda", "cpu", "ref")
 _INSTALL_HINT = {
     "cuda": "the cuda backend needs mamba_ssm on a CUDA build of torch: pip install mamba-ssm "
             "(or pip install -e '.[gpu]')",
-    "cpu": "the cpu backend needs numba: pip install numba",
 }
 
 
@@ -68,22 +67,13 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
         if error is not None:
             return f"{_INSTALL_HINT['cuda']} ({error})"
     if backend == "cpu":
-        if device.type != "cpu":
-            return f"the cpu backend runs on CPU tensors, got device {device}"
-        if not module_available("numba"):
-            return _INSTALL_HINT["cpu"]
+        return numba_cpu_unavailable(device)
     return None
 
 
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on ``device`` in this environment."""
-    device = torch.device(device)
-    return [name for name in BACKENDS if _unavailable_reason(name, device) is None]
-
-
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """The backend that ``selective_scan(..., backend=backend)`` runs on ``device``; raises if it cannot run."""
-    return resolve("selective_scan", backend, device, BACKENDS, {"cuda": "cuda", "cpu": "cpu"}, "ref", _unavailable_reason)
+_BACKENDS = OpBackends("selective_scan", BACKENDS, {"cuda": "cuda", "cpu": "cpu"}, "ref", _unavailable_reason)
+available_backends = _BACKENDS.available  # backends that can run on a device here
+resolve_backend = _BACKENDS.resolve  # the backend selective_scan(..., backend=...) runs on a device; raises if not
 
 
 def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
