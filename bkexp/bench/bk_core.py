@@ -1,4 +1,11 @@
-"""``bkexp bench bk-core``: time per token of every BK-Core backend and of causal SDPA, forward and fwd+bwd."""
+"""``bkexp bench bk-core``: time per token of every BK-Core backend and of causal SDPA, forward and fwd+bwd.
+
+BK inputs and output gradients are timed in each of ``--layouts``: ``planes`` is a mixer's layout (``v`` the
+(B, H, N) transpose of a contiguous position-major (B, N, H) tensor), ``rows`` plain contiguous (B, H, N) rows;
+``IN/GRAD`` names the inputs' and the output gradients' layouts. Every row reports the bandwidth its fwd+bwd
+reaches on the least traffic (``MIN_BYTES_PER_ELEMENT``) and, as a fraction, against this process's own copy
+bandwidth (``copy_gbs``: a large tensor copied into a preallocated one, timed alongside).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from bkexp.ops.bk_core import available_backends, bk_core
 from bkexp.ops.testing import as_real, rel_err
 
 DEFAULT_N = "256,512,1024,2048,4096,8192,16384"
+LAYOUTS = ("planes/planes", "rows/rows", "planes/rows", "rows/planes")  # inputs/output-gradient layouts
 HEAD_DIM = 64
 # Least memory traffic of forward + backward per element: read v, write y (re, im); read v and dL/dy (re, im),
 # write dL/dv -- 4 + 8 + 4 + 8 + 4 bytes in float32 (docs/bk_core.md; the roofline of docs/kernels.md).
@@ -35,6 +43,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                    help="comma separated BK backends (default: every available one except reference) "
                         "plus 'sdpa' for causal scaled_dot_product_attention")
     p.add_argument("--mode", default="causal", choices=["causal", "bidirectional", "both"])
+    p.add_argument("--layouts", default="planes/planes,rows/rows",
+                   help="IN/GRAD memory layouts of the BK inputs and output gradients, comma separated, from "
+                        f"{', '.join(LAYOUTS)} (default planes/planes,rows/rows; the roofline case times all four)")
     p.add_argument("--torch-max-n", type=int, default=16384,
                    help="largest N for the python-loop backends torch / torch_autograd (default 16384)")
     p.add_argument("--sdpa-max-n", type=int, default=8192,
@@ -62,20 +73,32 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         p.error(f"--channels {args.channels} must be divisible by --batch {args.batch}")
     if args.channels % HEAD_DIM:
         p.error(f"--channels {args.channels} must be a multiple of the SDPA head size {HEAD_DIM}")
+    args.layouts = [x for x in args.layouts.split(",") if x]
+    bad = [x for x in args.layouts if x not in LAYOUTS]
+    if bad or not args.layouts:
+        p.error(f"--layouts {bad or args.layouts!r}: valid are {', '.join(LAYOUTS)}")
     if args.roofline_rows % args.roofline_batch:
         p.error(f"--roofline-rows {args.roofline_rows} must be divisible by --roofline-batch {args.roofline_batch}")
     return args
 
 
-def _bk_case(backend: str, n: int, batch: int, heads: int, causal: bool, device: torch.device):
-    """fwd and fwd+bwd closures on inputs laid out as a mixer produces them: (B, N, H) viewed as (B, H, N)."""
+def _in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """(B, H, L) ``t`` as contiguous rows, or as the transpose of contiguous (B, L, H) planes."""
+    return t.contiguous() if layout == "rows" else t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _bk_case(backend: str, n: int, batch: int, heads: int, causal: bool, device: torch.device,
+             layout: str = "planes/planes"):
+    """fwd and fwd+bwd closures; inputs and output gradients laid out as ``layout`` (IN/GRAD) says."""
+    lin, lgrad = layout.split("/")
     gen = torch.Generator().manual_seed(0)
-    v = torch.randn(batch, n, heads, generator=gen).to(device).transpose(1, 2).requires_grad_()
-    k = F.softplus(torch.randn(batch, n - 1, heads, generator=gen)).to(device).transpose(1, 2).requires_grad_()
+    v = torch.randn(batch, n, heads, generator=gen).transpose(1, 2)
+    k = F.softplus(torch.randn(batch, n - 1, heads, generator=gen)).transpose(1, 2)
+    v, k = (_in_layout(t.to(device), lin).requires_grad_() for t in (v, k))
     z = torch.complex(0.5 * torch.randn(batch, heads, generator=gen),
                       0.05 + torch.rand(batch, heads, generator=gen)).to(device).requires_grad_()
-    g_re = torch.randn(batch, n, heads, generator=gen).to(device).transpose(1, 2)
-    g_im = torch.randn(batch, n, heads, generator=gen).to(device).transpose(1, 2)
+    g_re, g_im = (_in_layout(torch.randn(batch, n, heads, generator=gen).to(device).transpose(1, 2), lgrad)
+                  for _ in range(2))
 
     def fwd():
         with torch.no_grad():
@@ -86,6 +109,15 @@ def _bk_case(backend: str, n: int, batch: int, heads: int, causal: bool, device:
         return torch.autograd.grad((re, im), (v, k, z), (g_re, g_im))
 
     return fwd, fwd_bwd
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 << 20, repeat: int = 5) -> float:
+    """Copy bandwidth (bytes read + written per second, in GB/s) of ``nbytes`` into a preallocated tensor."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch: page faults are not bandwidth
+    t = time_fn(lambda: dst.copy_(src), device=device, warmup=1, repeat=repeat)
+    return 2 * nbytes / t["median_s"] / 1e9
 
 
 def _sdpa_case(n: int, heads: int, device: torch.device):
@@ -104,6 +136,33 @@ def _sdpa_case(n: int, heads: int, device: torch.device):
     return fwd, fwd_bwd
 
 
+def _copy_case(elements: int, device: torch.device):
+    """Copy of four float32 planes of ``elements`` into preallocated ones: the copy bandwidth at the case's size."""
+    src = torch.ones(4, elements, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch: page faults are not bandwidth
+    return lambda: dst.copy_(src)
+
+
+def interleaved_medians(fns: dict[str, Any], device: torch.device, repeat: int) -> dict[str, float]:
+    """Median seconds per call of each function, called in turn (A, B, C, A, B, C, ...) after one warm-up round."""
+    import statistics
+    import time
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def peak_bandwidth_gbs(device: torch.device, override: float | None = None) -> float | None:
     """Peak memory bandwidth of ``device`` in GB/s: ``override``, else a known GPU's by name, else None."""
     if override is not None:
@@ -114,15 +173,18 @@ def peak_bandwidth_gbs(device: torch.device, override: float | None = None) -> f
     return next((gbs for fragment, gbs in KNOWN_PEAK_GBS if fragment in name), None)
 
 
-def roofline_row(backend: str, rows: int, n: int, fwd_bwd_s: float, peak_gbs: float | None) -> dict[str, Any]:
+def roofline_row(backend: str, rows: int, n: int, fwd_bwd_s: float, peak_gbs: float | None,
+                 copy_gbs: float | None = None, layout: str = "planes/planes") -> dict[str, Any]:
     """Bandwidth reached by one fwd+bwd call over ``rows`` x ``n`` elements, against the 28-byte floor."""
     moved = MIN_BYTES_PER_ELEMENT * rows * n
     floor_ms = moved / (peak_gbs * 1e9) * 1e3 if peak_gbs else None
+    achieved = moved / fwd_bwd_s / 1e9
     return {
-        "backend": backend, "rows": rows, "n": n, "fwd_bwd_ms": fwd_bwd_s * 1e3,
-        "min_bytes": moved, "achieved_gbs": moved / fwd_bwd_s / 1e9, "peak_gbs": peak_gbs,
+        "backend": backend, "layout": layout, "rows": rows, "n": n, "fwd_bwd_ms": fwd_bwd_s * 1e3,
+        "min_bytes": moved, "achieved_gbs": achieved, "copy_gbs": copy_gbs,
+        "copy_fraction": achieved / copy_gbs if copy_gbs else None, "peak_gbs": peak_gbs,
         "floor_ms": floor_ms,
-        "bandwidth_fraction": moved / fwd_bwd_s / 1e9 / peak_gbs if peak_gbs else None,
+        "bandwidth_fraction": achieved / peak_gbs if peak_gbs else None,
         "times_floor": fwd_bwd_s * 1e3 / floor_ms if floor_ms else None,
     }
 
@@ -165,21 +227,20 @@ def _y_and_grads(backend: str, v: torch.Tensor, k: torch.Tensor, z: torch.Tensor
 
 
 def _plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    series: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    series: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        series.setdefault((r["backend"], r["mode"]), []).append(r)
+        series.setdefault((r["backend"], r["mode"], r["layout"]), []).append(r)
     timing, speedup = [], []
-    for color, ((backend, mode), rs) in enumerate(sorted(series.items())):
+    for color, ((backend, mode, layout), rs) in enumerate(sorted(series.items())):
         rs = sorted(rs, key=lambda r: r["n"])
-        style = {"color": f"C{color}"}
-        timing.append((f"{backend} ({mode}) fwd+bwd", [r["n"] for r in rs], [r["fwd_bwd_us_per_token"] for r in rs],
-                       style))
-        timing.append((f"{backend} ({mode}) fwd", [r["n"] for r in rs], [r["fwd_us_per_token"] for r in rs],
+        style = {"color": f"C{color % 10}"}
+        name = f"{backend} ({mode}{'' if layout == '-' else ', ' + layout})"
+        timing.append((f"{name} fwd+bwd", [r["n"] for r in rs], [r["fwd_bwd_us_per_token"] for r in rs], style))
+        timing.append((f"{name} fwd", [r["n"] for r in rs], [r["fwd_us_per_token"] for r in rs],
                        {**style, "marker": ".", "linestyle": "--", "alpha": 0.7}))
         fast = [r for r in rs if r.get("speedup_vs_torch_fwd_bwd")]
         if fast:
-            speedup.append((f"{backend} ({mode})", [r["n"] for r in fast],
-                            [r["speedup_vs_torch_fwd_bwd"] for r in fast], style))
+            speedup.append((name, [r["n"] for r in fast], [r["speedup_vs_torch_fwd_bwd"] for r in fast], style))
     return [
         log_log_plot(out_dir / "time_per_token.png", timing, "sequence length N", "µs per token (all channels)",
                      "BK-Core and causal SDPA: time per token"),
@@ -207,10 +268,13 @@ def main(argv: list[str]) -> int:
     modes = {"causal": [True], "bidirectional": [False], "both": [True, False]}[args.mode]
     heads = args.channels // args.batch
 
+    copy_gbs = copy_bandwidth_gbs(device)
+    print(f"copy bandwidth: {copy_gbs:.1f} GB/s (read + write)", flush=True)
     rows: list[dict[str, Any]] = []
     for n in ns:
         for backend in wanted:
-            for causal in modes if backend != "sdpa" else [True]:
+            for causal, layout in ([(c, lay) for c in modes for lay in args.layouts] if backend != "sdpa"
+                                   else [(True, "-")]):
                 if backend in ("torch", "torch_autograd") and n > args.torch_max_n:
                     continue
                 if backend == "sdpa" and n > args.sdpa_max_n:
@@ -218,14 +282,16 @@ def main(argv: list[str]) -> int:
                 if backend == "sdpa":
                     fwd, fwd_bwd = _sdpa_case(n, args.channels // HEAD_DIM, device)
                 else:
-                    fwd, fwd_bwd = _bk_case(backend, n, args.batch, heads, causal, device)
+                    fwd, fwd_bwd = _bk_case(backend, n, args.batch, heads, causal, device, layout)
                 slow = backend in ("torch", "torch_autograd", "sdpa") and n >= 4096
                 reps = 1 if slow else repeat
                 t_f = time_fn(fwd, device=device, warmup=1, repeat=reps, min_time_s=0.0 if slow else 0.2)
                 t_fb = time_fn(fwd_bwd, device=device, warmup=1, repeat=reps, min_time_s=0.0 if slow else 0.2)
+                gbs = MIN_BYTES_PER_ELEMENT * args.channels * n / t_fb["median_s"] / 1e9
                 row = {
                     "backend": backend,
                     "mode": "causal" if causal else "bidirectional",
+                    "layout": layout,
                     "n": n,
                     "channels": args.channels,
                     "fwd_us_per_token": t_f["median_s"] / n * 1e6,
@@ -233,14 +299,21 @@ def main(argv: list[str]) -> int:
                     "fwd_ms": t_f["median_s"] * 1e3,
                     "fwd_bwd_ms": t_fb["median_s"] * 1e3,
                     "runs": t_fb["n"],
+                    "gbs": None if backend == "sdpa" else gbs,
+                    "copy_fraction": None if backend == "sdpa" else gbs / copy_gbs,
                 }
                 rows.append(row)
-                print(f"{backend:>15} {row['mode']:>13} N={n:<6} fwd {row['fwd_us_per_token']:9.3f} µs/tok   "
-                      f"fwd+bwd {row['fwd_bwd_us_per_token']:9.3f} µs/tok", flush=True)
-    torch_times = {(r["mode"], r["n"]): r["fwd_bwd_us_per_token"] for r in rows if r["backend"] == "torch"}
+                print(f"{backend:>15} {row['mode']:>13} {layout:>13} N={n:<6} fwd {row['fwd_us_per_token']:9.3f} "
+                      f"µs/tok   fwd+bwd {row['fwd_bwd_us_per_token']:9.3f} µs/tok", flush=True)
+    torch_times = {(r["mode"], r["n"], r["layout"]): r["fwd_bwd_us_per_token"] for r in rows if r["backend"] == "torch"}
+    best = {}  # the fastest layout of each backend, mode and N
     for r in rows:
-        base = torch_times.get((r["mode"], r["n"]))
+        key = (r["backend"], r["mode"], r["n"])
+        best[key] = min(best.get(key, math.inf), r["fwd_bwd_us_per_token"])
+    for r in rows:
+        base = torch_times.get((r["mode"], r["n"], r["layout"]))
         r["speedup_vs_torch_fwd_bwd"] = base / r["fwd_bwd_us_per_token"] if base else None
+        r["vs_best_layout"] = r["fwd_bwd_us_per_token"] / best[(r["backend"], r["mode"], r["n"])]
 
     meta = {
         "environment": environment(),
@@ -250,7 +323,10 @@ def main(argv: list[str]) -> int:
         "heads": heads,
         "sdpa_heads": args.channels // HEAD_DIM,
         "sdpa_head_dim": HEAD_DIM,
-        "layout": "BK inputs (B, N, H) viewed as (B, H, N); SDPA (1, heads, N, 64), is_causal=True",
+        "layout": "BK inputs and output gradients per row's layout (IN/GRAD): planes = (B, N, H) viewed as "
+                  "(B, H, N), rows = contiguous (B, H, N); SDPA (1, heads, N, 64), is_causal=True",
+        "copy_gbs": copy_gbs,
+        "min_bytes_per_element": MIN_BYTES_PER_ELEMENT,
         "note": "median wall time per call divided by N; fwd under no_grad; fwd+bwd = forward + autograd.grad",
     }
     try:
@@ -260,8 +336,8 @@ def main(argv: list[str]) -> int:
         meta["numba_threading_layer"] = numba.config.THREADING_LAYER
     except ImportError:
         pass
-    columns = ["backend", "mode", "n", "channels", "fwd_us_per_token", "fwd_bwd_us_per_token", "fwd_ms",
-               "fwd_bwd_ms", "speedup_vs_torch_fwd_bwd", "runs"]
+    columns = ["backend", "mode", "layout", "n", "channels", "fwd_us_per_token", "fwd_bwd_us_per_token", "fwd_ms",
+               "fwd_bwd_ms", "gbs", "copy_fraction", "vs_best_layout", "speedup_vs_torch_fwd_bwd", "runs"]
     md = write_table(rows, columns, args.out, "bk_core", meta)
     plots = _plots(rows, args.out)
     print()
@@ -272,14 +348,22 @@ def main(argv: list[str]) -> int:
         peak = peak_bandwidth_gbs(device, args.peak_gbs)
         roof = []
         for backend in [b for b in wanted if b not in ("sdpa", "torch", "torch_autograd")]:
-            _, fwd_bwd = _bk_case(backend, args.roofline_n, args.roofline_batch,
-                                  args.roofline_rows // args.roofline_batch, True, device)
-            t = time_fn(fwd_bwd, device=device, warmup=1, repeat=repeat, min_time_s=0.2)
-            roof.append(roofline_row(backend, args.roofline_rows, args.roofline_n, t["median_s"], peak))
+            cases = {layout: _bk_case(backend, args.roofline_n, args.roofline_batch,
+                                      args.roofline_rows // args.roofline_batch, True, device, layout)[1]
+                     for layout in LAYOUTS}
+            cases["copy"] = _copy_case(args.roofline_rows * args.roofline_n, device)
+            times = interleaved_medians(cases, device, repeat)  # layouts and the copy in turn: alike under load
+            copy_s = times.pop("copy")
+            roof_copy_gbs = 2 * 4 * args.roofline_rows * args.roofline_n * 4 / copy_s / 1e9
+            fastest = min(times.values())
+            for layout, t in times.items():
+                roof.append({**roofline_row(backend, args.roofline_rows, args.roofline_n, t, peak, roof_copy_gbs,
+                                            layout), "vs_best_layout": t / fastest})
         roof_md = write_table(roof, list(roof[0]) if roof else ["backend"], args.out, "roofline",
                               {**meta, "min_bytes_per_element": MIN_BYTES_PER_ELEMENT, "mode": "causal"})
         print(f"\nroofline: causal fwd+bwd, {args.roofline_rows} rows x N={args.roofline_n}, "
-              f"{MIN_BYTES_PER_ELEMENT} bytes/element at least; peak {peak or 'unknown'} GB/s\n{roof_md}")
+              f"{MIN_BYTES_PER_ELEMENT} bytes/element at least; peak {peak or 'unknown'} GB/s; copy_gbs: four "
+              f"planes of the case copied, timed interleaved with the layouts\n{roof_md}")
         written.append("roofline.{json,csv,md}")
     if args.accuracy:
         acc = accuracy_rows([b for b in wanted if b != "sdpa"], [int(x) for x in args.accuracy_n.split(",")], device)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bkexp.bench.bk_core import MIN_BYTES_PER_ELEMENT, peak_bandwidth_gbs, roofline_row
+from bkexp.bench.bk_core import LAYOUTS, MIN_BYTES_PER_ELEMENT, peak_bandwidth_gbs, roofline_row
 from bkexp.cli import main as bkexp_main
 
 
@@ -19,9 +19,17 @@ def test_bench_bk_core_writes_tables_plots_and_roofline(tmp_path: Path) -> None:
             "--peak-gbs", "100", "--accuracy", "--accuracy-n", "2,40", "--out", str(out)]
     assert bkexp_main(argv) == 0
     result = json.loads((out / "bk_core.json").read_text())
-    assert {(r["backend"], r["n"]) for r in result["rows"]} == {(b, n) for b in ("cpu", "torch", "sdpa") for n in (32, 64)}
+    layouts = {"sdpa": ["-"], "cpu": ["planes/planes", "rows/rows"], "torch": ["planes/planes", "rows/rows"]}
+    assert sorted((r["backend"], r["layout"], r["n"]) for r in result["rows"]) == sorted(
+        (b, lay, n) for b in ("cpu", "torch", "sdpa") for lay in layouts[b] for n in (32, 64))
+    copy_gbs = result["meta"]["copy_gbs"]
+    assert copy_gbs > 0
     for row in result["rows"]:
         assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["channels"] == 128
+        if row["backend"] != "sdpa":  # 28 bytes per element of 128 rows x N, per fwd+bwd, against the copy
+            assert row["gbs"] == pytest.approx(28 * 128 * row["n"] / (row["fwd_bwd_ms"] * 1e6))
+            assert row["copy_fraction"] == pytest.approx(row["gbs"] / copy_gbs)
+            assert row["vs_best_layout"] >= 1.0
         assert row["fwd_bwd_us_per_token"] == pytest.approx(row["fwd_bwd_ms"] * 1e3 / row["n"])
         if row["backend"] == "torch":
             assert row["speedup_vs_torch_fwd_bwd"] == pytest.approx(1.0)
@@ -30,8 +38,12 @@ def test_bench_bk_core_writes_tables_plots_and_roofline(tmp_path: Path) -> None:
     for name in ("bk_core.csv", "bk_core.md", "time_per_token.png", "speedup_vs_torch.png"):
         assert (out / name).stat().st_size > 0
     roof = json.loads((out / "roofline.json").read_text())["rows"]
-    assert [r["backend"] for r in roof] == ["cpu"]  # the python-loop backends and SDPA are not roofline cases
+    # the python-loop backends and SDPA are not roofline cases; the compiled one runs in every layout
+    assert [(r["backend"], r["layout"]) for r in roof] == [("cpu", lay) for lay in LAYOUTS]
     assert roof[0]["min_bytes"] == MIN_BYTES_PER_ELEMENT * 16 * 64 and roof[0]["peak_gbs"] == 100
+    assert min(r["vs_best_layout"] for r in roof) == 1.0
+    for r in roof:
+        assert r["copy_gbs"] > 0 and r["copy_fraction"] == pytest.approx(r["achieved_gbs"] / r["copy_gbs"])
     accuracy = json.loads((out / "accuracy.json").read_text())["rows"]
     assert {(r["backend"], r["mode"], r["n"]) for r in accuracy} == {
         (b, m, n) for b in ("cpu", "torch") for m in ("causal", "bidirectional") for n in (2, 40)}
@@ -60,3 +72,6 @@ def test_bad_arguments_name_the_value(capsys) -> None:
     with pytest.raises(SystemExit):
         bkexp_main(["bench", "bk-core", "--channels", "100", "--batch", "3"])
     assert "--channels 100 must be divisible by --batch 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bkexp_main(["bench", "bk-core", "--layouts", "rows/diagonal"])
+    assert "rows/diagonal" in capsys.readouterr().err

@@ -167,6 +167,82 @@ def test_gradients_in_every_layout(backend, mode, layout):
         assert_rel_close(as_real(a), as_real(e), 1e-4, f"{backend} {mode} {layout} d/d{name}")
 
 
+def _in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The values of (B, H, L) ``t`` in a given memory layout: contiguous rows, the transpose of contiguous
+    planes (a mixer's), every other element of a wider tensor, or (gradients only) broadcast along L."""
+    if layout == "rows":
+        return t.contiguous()
+    if layout == "planes":
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "strided":
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t[..., :1].expand(t.shape)
+
+
+LAYOUT_ROWS = (2, 66, 70)  # B, H, N: a full and a partial 64-row block per batch, a full and a partial chunk
+_LAYOUT_CASES = [(lv, lk, lg) for lv in ("rows", "planes", "strided") for lk in ("rows", "planes")
+                 for lg in ("rows", "planes", "strided", "broadcast")]
+
+
+def _layout_run(v, k, z, g_re, g_im, causal):
+    v, k, z = (t.clone().requires_grad_() if t.is_complex() else t.detach().requires_grad_() for t in (v, k, z))
+    re, im = bk_core(v, k, z, causal=causal, backend="cpu")
+    return (re, im, *torch.autograd.grad((re, im), (v, k, z), (g_re, g_im))), (v, k)
+
+
+@pytest.fixture(scope="module")
+def layout_base():
+    b, h, n = LAYOUT_ROWS
+    gen = torch.Generator().manual_seed(11)
+    v = torch.randn(b, h, n, generator=gen)
+    k = 1.5 * torch.rand(b, h, n - 1, generator=gen)
+    z = torch.complex(0.3 * torch.randn(b, h, generator=gen), 0.2 + torch.rand(b, h, generator=gen))
+    g = torch.randn(2, b, h, n, generator=gen)
+    return v, k, z, g
+
+
+@pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="needs numba")
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cpu_kernels_give_the_same_bits_in_every_layout(layout_base, mode):
+    """Inputs and output gradients in every layout combination: outputs and input gradients bit-identical to
+    the mixer's layout (rows only move through cache, the arithmetic is the same), and the gradients of v
+    and k come back in v's and k's own layout, so nothing downstream copies them."""
+    v, k, z, g = layout_base
+    causal = MODES[mode]
+    base, _ = _layout_run(_in_layout(v, "planes"), _in_layout(k, "planes"), z, g[0], g[1], causal)
+    for lv, lk, lg in _LAYOUT_CASES:
+        grads = [_in_layout(t, lg) for t in g]
+        if lg == "broadcast":
+            want, _ = _layout_run(_in_layout(v, "planes"), _in_layout(k, "planes"), z,
+                                  *(t.contiguous() for t in grads), causal)
+        else:
+            want = base
+        got, (vv, kk) = _layout_run(_in_layout(v, lv), _in_layout(k, lk), z, *grads, causal)
+        for name, a, e in zip(("re", "im", "dv", "dk", "dz"), got, want):
+            assert torch.equal(a, e), f"{mode} v {lv}, k {lk}, grad {lg}: {name} differs"
+        if causal and lv != "strided":
+            assert got[2].stride() == vv.stride() and got[3].stride() == kk.stride(), (lv, lk, lg)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_layout_case_matches_the_dense_reference(layout_base, mode):
+    """The rows the layout test compares (block and chunk edges) against the float64 dense reference."""
+    v, k, z, g = layout_base
+    causal = MODES[mode]
+    backend = "cpu" if "cpu" in FAST_BACKENDS else "torch"
+    got, _ = _layout_run(_in_layout(v, "rows"), _in_layout(k, "planes"), z, g[0], g[1], causal)
+    rows = [0, 31, 63, 64, 65]  # batch 1: first, middle and last rows of the full block, both of the partial one
+    sub = [t[1:2, rows] for t in (v, k, z, g[0], g[1])]
+    vd, kd, zd = (t.double() if not t.is_complex() else t.to(torch.complex128) for t in sub[:3])
+    vd, kd, zd = (t.clone().requires_grad_() for t in (vd, kd, zd))
+    re, im = reference_rows(vd, kd, zd, causal)
+    want = (re, im, *torch.autograd.grad((re, im), (vd, kd, zd), (sub[3].double(), sub[4].double())))
+    for name, a, e in zip(("re", "im", "dv", "dk", "dz"), got, want):
+        assert_rel_close(as_real(a[1:2, rows]), as_real(e), 1e-4, f"{backend} {mode} {name}")
+
+
 def test_exact_gradient_differs_from_diagonal_only_shortcut():
     """The shortcut dv_i = -Re(g_i y_i^2) drops the G_ij G_ji terms; the true gradient is far from it."""
     v, k, z = make_inputs(1, 4, 32, dtype=torch.float64, z=complex(0.1, 0.2))

@@ -29,7 +29,9 @@ back because a fast path is missing; ``resolve_backend`` tells which one would r
 Layout: the cpu and triton kernels work on position-major planes (B, N, H). A mixer should pass
 ``v = proj(x).transpose(-1, -2)`` for ``x`` of shape (B, N, D) (and ``k`` laid out the same way): then no
 copy is made and ``y`` comes back as the same kind of transposed view, so ``y.transpose(-1, -2)`` is a
-contiguous (B, N, H) tensor. Other layouts work too, at the cost of one gather of the rows.
+contiguous (B, N, H) tensor. Other layouts work too: the causal cpu kernels read contiguous (B, H, N) rows
+(and any strides) in place and return outputs and gradients in the inputs' layout; the other kernels pay one
+gather of the rows.
 
 Decoding: ``bk_core_step`` advances one position from the state ``bk_core_state`` reads off a causal
 output (the last pivot, see ``step.py``).
@@ -81,6 +83,7 @@ resolve_backend = _BACKENDS.resolve  # the backend bk_core(..., backend=...) run
 
 
 _POSITION_MAJOR = ("cpu", "triton")  # kernels that take rows (B, H, N) and work on (B, N, H) planes
+_ROWS_PER_BATCH = 64  # rows per batch from which contiguous rows are not merged into one batch (cpu ROW_BLOCK)
 
 
 def _implementation(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
@@ -116,7 +119,9 @@ def _run_position_major(fn: Callable[..., tuple[Tensor, Tensor]], v: Tensor, k: 
     their cost is of the order of the kernel's.
     """
     shape, n = v.shape, v.shape[-1]
-    if is_plane_view(v):
+    # Contiguous (B, H, N) rows with a full row block per batch also go in as they are: the causal cpu kernels
+    # read rows in place, and a gradient in another layout then needs no reshape copy.
+    if is_plane_view(v) or (v.dim() == 3 and v.is_contiguous() and shape[1] >= _ROWS_PER_BATCH):
         return fn(v, k, z, causal)
     rows = v.numel() // n
     h = shape[-2] if v.dim() >= 2 else 1

@@ -1,9 +1,13 @@
 """Compiled CPU BK-Core (numba): forward and exact adjoint backward, both modes, O(N) per row.
 
-Layout: position-major ``(B, N, H)`` planes (rows of one batch contiguous, real and imaginary parts in
-separate planes), which is what a mixer's linear projection produces for free: ``x (B, N, D) -> (B, N, H)``.
-Each parallel job owns ``ROW_BLOCK`` rows of one batch and walks the sequence, stepping all its rows at
-once per position; the inner loop over rows reads contiguous memory and is vectorised by LLVM. That needs
+Layout: the kernels index ``(B, N, H)`` planes (real and imaginary parts in separate arrays). Each parallel job
+owns ``ROW_BLOCK`` rows of one batch and walks the sequence in chunks of ``CHUNK`` positions, stepping all its
+rows at once per position on (position, row) scratch tiles; the inner loop over rows is contiguous and
+vectorised by LLVM. The causal kernels copy every tile in and out through cache (``_stage_*``), in the order
+the array's memory runs: row by row for plain contiguous ``(B, H, N)`` rows (``_rows_contiguous``), position
+by position for a mixer's projection ``x (B, N, D) -> (B, N, H)``. So they read inputs and output gradients
+in either layout (any strides) in place, and write outputs and gradients in the inputs' layout
+(``bkexp bench bk-core --layouts``). The bidirectional kernels index contiguous planes directly. That needs
 ``error_model="numpy"`` (Python's error model puts a zero-division branch in every division) and a
 ``h0 >= 0`` check at the top of every kernel that indexes ``h0 + h``: without it numba's negative-index
 wraparound turns each access into a select that LLVM will not vectorise (measured 4.7x slower forward,
@@ -32,6 +36,7 @@ from .layout import to_planes
 # position (the causality test compares bit for bit) and NaN/inf propagate.
 _FASTMATH = {"contract"}
 CHUNK = 64  # positions staged per step of a backwards sweep; also the span of working-precision z sums
+LINE = 16  # positions per block of a tile copy in the rows layout: one 64-byte line of float32
 ROW_BLOCK = 64  # rows (within one batch) stepped together by one thread; 256 bytes per plane per position
 
 
@@ -47,16 +52,24 @@ def _flush(part_r, part_i, acc_r, acc_i, nh):
 
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
 def _left_sweep(v, k, z, out_r, out_i, b, h0, nh, store_pivot):
-    """Left pivots L_i = a_i - k_{i-1}/L_{i-1} of rows h0..h0+nh of batch b; writes 1/L or L itself."""
+    """Left pivots L_i = a_i - k_{i-1}/L_{i-1} of rows h0..h0+nh of batch b; writes 1/L or L itself.
+
+    Walks chunks of CHUNK positions: each chunk of v and k is staged into (position, row) scratch and each
+    chunk of output staged out, so the recurrence runs on contiguous rows whatever the arrays' layout.
+    """
     if h0 < 0 or nh < 0:  # never true; lets LLVM vectorise h0 + h (see the module docstring)
         raise ValueError("negative row offset")
     n = v.shape[1]
     dt = v.dtype
+    s_v = np.empty((CHUNK, ROW_BLOCK), dt)
+    s_k = np.empty((CHUNK, ROW_BLOCK), dt)  # slot j holds k at position c0 - 1 + j
+    s_r = np.empty((CHUNK, ROW_BLOCK), dt)
+    s_i = np.empty((CHUNK, ROW_BLOCK), dt)
     prev_r = np.empty(ROW_BLOCK, dt)  # 1/L_{i-1}
     prev_i = np.empty(ROW_BLOCK, dt)
     shift_r = np.empty(ROW_BLOCK, dt)
     shift_i = np.empty(ROW_BLOCK, dt)
-    for h in range(nh):
+    for h in range(nh):  # position 0 in the loop that sets the shift, as before staging (same FMA contraction)
         shift_r[h] = z[b, h0 + h, 0]
         shift_i[h] = -z[b, h0 + h, 1]
         lr = v[b, 0, h0 + h] - shift_r[h]
@@ -64,44 +77,113 @@ def _left_sweep(v, k, z, out_r, out_i, b, h0, nh, store_pivot):
         d = lr * lr + li * li
         prev_r[h] = lr / d
         prev_i[h] = -li / d
-        out_r[b, 0, h0 + h] = lr if store_pivot else prev_r[h]
-        out_i[b, 0, h0 + h] = li if store_pivot else prev_i[h]
-    for i in range(1, n):
-        for h in range(nh):
-            kk = k[b, i - 1, h0 + h]
-            lr = v[b, i, h0 + h] - shift_r[h] - kk * prev_r[h]
-            li = shift_i[h] - kk * prev_i[h]
-            d = lr * lr + li * li
-            yr = lr / d
-            yi = -li / d
-            prev_r[h] = yr
-            prev_i[h] = yi
-            if store_pivot:
-                out_r[b, i, h0 + h] = lr
-                out_i[b, i, h0 + h] = li
-            else:
-                out_r[b, i, h0 + h] = yr
-                out_i[b, i, h0 + h] = yi
+        s_r[0, h] = lr if store_pivot else prev_r[h]
+        s_i[0, h] = li if store_pivot else prev_i[h]
+    for c0 in range(0, n, CHUNK):
+        c1 = min(c0 + CHUNK, n)
+        m = c1 - c0
+        _stage_in(v, b, c0, c1, h0, nh, s_v, 0)
+        j0 = 0
+        if c0 == 0:
+            j0 = 1
+            _stage_in(k, b, 0, c1 - 1, h0, nh, s_k, 1)
+        else:
+            _stage_in(k, b, c0 - 1, c1 - 1, h0, nh, s_k, 0)
+        for j in range(j0, m):
+            for h in range(nh):
+                kk = s_k[j, h]
+                lr = s_v[j, h] - shift_r[h] - kk * prev_r[h]
+                li = shift_i[h] - kk * prev_i[h]
+                d = lr * lr + li * li
+                yr = lr / d
+                yi = -li / d
+                prev_r[h] = yr
+                prev_i[h] = yi
+                if store_pivot:
+                    s_r[j, h] = lr
+                    s_i[j, h] = li
+                else:
+                    s_r[j, h] = yr
+                    s_i[j, h] = yi
+        _stage_out(s_r, 0, out_r, b, c0, c1, h0, nh)
+        _stage_out(s_i, 0, out_i, b, c0, c1, h0, nh)
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
+def _stage_in(src, b, p0, p1, h0, nh, dst, q0):
+    """dst[q0 + j, h] = src[b, p0 + j, h0 + h] for positions p0..p1-1, reading memory in its own order."""
+    if h0 < 0 or nh < 0 or p0 < 0 or q0 < 0:  # never true; no wraparound selects (see the module docstring)
+        raise ValueError("negative offset")
+    if _rows_contiguous(src):
+        for jb in range(0, p1 - p0, LINE):
+            je = min(jb + LINE, p1 - p0)
+            for h in range(nh):
+                for j in range(jb, je):
+                    dst[q0 + j, h] = src[b, p0 + j, h0 + h]
+    else:
+        for j in range(p1 - p0):
+            for h in range(nh):
+                dst[q0 + j, h] = src[b, p0 + j, h0 + h]
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
+def _stage_out(src, q0, dst, b, p0, p1, h0, nh):
+    """dst[b, p0 + j, h0 + h] = src[q0 + j, h] for positions p0..p1-1, writing memory in its own order."""
+    if h0 < 0 or nh < 0 or p0 < 0 or q0 < 0:  # never true; no wraparound selects (see the module docstring)
+        raise ValueError("negative offset")
+    if _rows_contiguous(dst):
+        for jb in range(0, p1 - p0, LINE):
+            je = min(jb + LINE, p1 - p0)
+            for h in range(nh):
+                for j in range(jb, je):
+                    dst[b, p0 + j, h0 + h] = src[q0 + j, h]
+    else:
+        for j in range(p1 - p0):
+            for h in range(nh):
+                dst[b, p0 + j, h0 + h] = src[q0 + j, h]
+
+
+@njit(cache=True)
+def _rows_contiguous(a):
+    """Whether the (B, N, H) array ``a`` steps positions faster than rows: a row's positions lie together, so
+    a tile is best copied row by row (a transposed view of contiguous (B, H, N) rows)."""
+    return a.strides[1] < a.strides[2]
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
 def _stage_in_reversed(src, b, p0, p1, h0, nh, dst, q0):
     """dst[q0 - j, h] = src[b, p0 + j, h0 + h] for positions p0..p1-1: ascending reads, reversed slots."""
-    if h0 < 0 or nh < 0:  # never true; lets LLVM vectorise h0 + h (see the module docstring)
-        raise ValueError("negative row offset")
-    for j in range(p1 - p0):
-        for h in range(nh):
-            dst[q0 - j, h] = src[b, p0 + j, h0 + h]
+    if h0 < 0 or nh < 0 or p0 < 0 or q0 - (p1 - p0) + 1 < 0:  # never true; no wraparound selects
+        raise ValueError("negative offset")
+    if _rows_contiguous(src):
+        m = p1 - p0
+        for qb in range(q0 - m + 1, q0 + 1, LINE):
+            qe = min(qb + LINE, q0 + 1)
+            for h in range(nh):
+                for q in range(qb, qe):
+                    dst[q, h] = src[b, p0 + q0 - q, h0 + h]
+    else:
+        for j in range(p1 - p0):
+            for h in range(nh):
+                dst[q0 - j, h] = src[b, p0 + j, h0 + h]
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
 def _stage_out_reversed(src, q0, dst, b, p0, p1, h0, nh):
     """dst[b, p0 + j, h0 + h] = src[q0 - j, h] for positions p0..p1-1 (ascending writes)."""
-    if h0 < 0 or nh < 0:  # never true; lets LLVM vectorise h0 + h (see the module docstring)
-        raise ValueError("negative row offset")
-    for j in range(p1 - p0):
-        for h in range(nh):
-            dst[b, p0 + j, h0 + h] = src[q0 - j, h]
+    if h0 < 0 or nh < 0 or p0 < 0 or q0 - (p1 - p0) + 1 < 0:  # never true; no wraparound selects
+        raise ValueError("negative offset")
+    if _rows_contiguous(dst):
+        m = p1 - p0
+        for qb in range(q0 - m + 1, q0 + 1, LINE):
+            qe = min(qb + LINE, q0 + 1)
+            for h in range(nh):
+                for q in range(qb, qe):
+                    dst[b, p0 + q0 - q, h0 + h] = src[q, h]
+    else:
+        for j in range(p1 - p0):
+            for h in range(nh):
+                dst[b, p0 + j, h0 + h] = src[q0 - j, h]
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
@@ -326,7 +408,7 @@ def _bidir_left_adjoint(k, yr, yi, yLr, yLi, yRr, yRi, gyr, gyi, lamRr, lamRi, d
 
 
 def _causal_forward(v, k, z, yr, yi):
-    """v, yr, yi: (B, N, H); k: (B, N-1, H); z: (B, H, 2) real and imaginary parts. All C-contiguous, one dtype."""
+    """v, yr, yi: (B, N, H); k: (B, N-1, H), any strides; z: (B, H, 2) real and imaginary parts (C-contiguous). One dtype."""
     nb, _, nh = v.shape
     blocks = (nh + ROW_BLOCK - 1) // ROW_BLOCK
     for job in prange(nb * blocks):
@@ -386,8 +468,10 @@ PARALLEL_MIN_ELEMENTS = 1 << 19  # rows * N below which the serial driver runs (
 
 
 def _kernel(name: str, v: Tensor):
+    """The threaded or serial driver for ``v``, rows (B, H, N) or planes (B, N, H) (``name`` says which)."""
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    jobs = v.shape[0] * ((v.shape[2] + ROW_BLOCK - 1) // ROW_BLOCK)
+    rows = v.shape[1] if name.startswith("causal") else v.shape[2]
+    jobs = v.shape[0] * ((rows + ROW_BLOCK - 1) // ROW_BLOCK)
     parallel = threads > 1 and jobs > 1 and v.numel() >= PARALLEL_MIN_ELEMENTS
     if parallel:
         numba.set_num_threads(threads)  # follow torch's thread setting so the two agree
@@ -398,42 +482,81 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
+def _planes(rows: Tensor) -> np.ndarray:
+    """The (B, N, H) plane view of (B, H, N) rows, any strides: the causal kernels stage tiles through cache."""
+    return _np(rows.transpose(1, 2))
+
+
+def _rows_layout(t: Tensor) -> bool | None:
+    """True for contiguous (B, H, N) rows, False for the transpose of contiguous planes, None for other strides."""
+    if t.is_contiguous():
+        return True
+    return False if t.transpose(1, 2).is_contiguous() else None
+
+
+def _empty_rows(b: int, h: int, n: int, rows_layout: bool, dtype: torch.dtype) -> Tensor:
+    """Empty (B, H, n) rows: contiguous rows if ``rows_layout``, else the transpose of contiguous planes.
+
+    Allocated by numpy, which asks Linux for transparent huge pages on large arrays: a fresh output then
+    faults in 2 MB pages rather than 4 KB ones (a fresh 64 MB output filled in half the time on this machine;
+    at DRAM sizes first-touch faults were ~40% of a call).
+    """
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    if rows_layout:
+        return torch.from_numpy(np.empty((b, h, n), np_dtype))
+    return torch.from_numpy(np.empty((b, n, h), np_dtype)).transpose(1, 2)
+
+
 class _CpuBKCore(torch.autograd.Function):
-    """Rows (B, H, N) in and out; the kernels see position-major planes (B, N, H) (a free transpose for a
-    mixer's projections). Layout changes happen in here, where they make no autograd nodes."""
+    """Rows (B, H, N) in and out. Causal mode reads and writes any layout in place (the kernels copy tiles
+    through cache) and returns outputs and gradients laid out like the inputs; bidirectional mode works on
+    position-major planes (B, N, H) (a free transpose for a mixer's projections, one gather otherwise).
+    Layout changes happen in here, where they make no autograd nodes."""
 
     @staticmethod
     def forward(ctx, v: Tensor, k: Tensor, z: Tensor, causal: bool):  # type: ignore[override]
-        v = to_planes(v)
-        k = to_planes(k)
         z2 = torch.view_as_real(z.resolve_conj()).contiguous()  # (B, H, 2): no copy for a contiguous z
-        yr = torch.empty_like(v)
-        yi = torch.empty_like(v)
-        if causal:
-            _kernel("causal_forward", v)(_np(v), _np(k), _np(z2), _np(yr), _np(yi))
-            ctx.save_for_backward(k, yr, yi)
-        else:
-            planes = [torch.empty_like(v) for _ in range(4)]  # 1/L and 1/R, real and imaginary
-            _kernel("bidirectional_forward", v)(_np(v), _np(k), _np(z2), _np(yr), _np(yi), *map(_np, planes))
-            ctx.save_for_backward(k, yr, yi, *planes)
         ctx.causal = causal
         ctx.z_dtype = z.dtype
+        if causal:
+            b, h, n = v.shape
+            v_rows = bool(_rows_layout(v))  # outputs and dL/dv like v: rows if v is rows, else planes
+            k_rows = _rows_layout(k)  # dL/dk like k, or like v when k has other strides (an expanded k)
+            ctx.layouts = (v_rows, v_rows if k_rows is None else k_rows)
+            yr = _empty_rows(b, h, n, v_rows, v.dtype)
+            yi = _empty_rows(b, h, n, v_rows, v.dtype)
+            _kernel("causal_forward", v)(_planes(v), _planes(k), _np(z2), _planes(yr), _planes(yi))
+            ctx.save_for_backward(k, yr, yi)
+            return yr, yi
+        v = to_planes(v)
+        k = to_planes(k)
+        yr = torch.empty_like(v)
+        yi = torch.empty_like(v)
+        planes = [torch.empty_like(v) for _ in range(4)]  # 1/L and 1/R, real and imaginary
+        _kernel("bidirectional_forward", v)(_np(v), _np(k), _np(z2), _np(yr), _np(yi), *map(_np, planes))
+        ctx.save_for_backward(k, yr, yi, *planes)
         return yr.transpose(1, 2), yi.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_re: Tensor, grad_im: Tensor):  # type: ignore[override]
+        if ctx.causal:
+            k, yr, yi = ctx.saved_tensors
+            (b, h, n), dt = yr.shape, yr.dtype
+            dv = _empty_rows(b, h, n, ctx.layouts[0], dt)
+            dk = _empty_rows(b, h, n - 1, ctx.layouts[1], dt)
+            dz = torch.empty(b, h, 2, dtype=torch.float64)
+            _kernel("causal_backward", yr)(_planes(k), _planes(yr), _planes(yi), _planes(grad_re.to(dt)),
+                                           _planes(grad_im.to(dt)), _planes(dv), _planes(dk), _np(dz))
+            return dv, dk, torch.view_as_complex(dz).to(ctx.z_dtype), None
         k, yr, yi, *planes = ctx.saved_tensors
         gyr = to_planes(grad_re.to(yr.dtype))
         gyi = to_planes(grad_im.to(yr.dtype))
         dv = torch.empty_like(yr)
         dk = torch.empty_like(k)
         dz = torch.empty(yr.shape[0], yr.shape[2], 2, dtype=torch.float64)
-        if ctx.causal:
-            _kernel("causal_backward", yr)(_np(k), _np(yr), _np(yi), _np(gyr), _np(gyi), _np(dv), _np(dk), _np(dz))
-        else:
-            lam_right = [torch.empty_like(yr), torch.empty_like(yr)]
-            _kernel("bidirectional_backward", yr)(_np(k), _np(yr), _np(yi), *map(_np, planes), _np(gyr), _np(gyi),
-                                                  *map(_np, lam_right), _np(dv), _np(dk), _np(dz))
+        lam_right = [torch.empty_like(yr), torch.empty_like(yr)]
+        _kernel("bidirectional_backward", yr)(_np(k), _np(yr), _np(yi), *map(_np, planes), _np(gyr), _np(gyi),
+                                              *map(_np, lam_right), _np(dv), _np(dk), _np(dz))
         grad_z = torch.view_as_complex(dz).to(ctx.z_dtype)
         return dv.transpose(1, 2), dk.transpose(1, 2), grad_z, None
 
