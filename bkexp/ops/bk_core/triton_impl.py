@@ -50,6 +50,37 @@ def _coupling_index(t, n, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def _pivot_step(v_ptr, k_ptr, zr, b, t, n, h, hm, h_size, REVERSE: tl.constexpr):
+    """Step ``t`` of a pivot sweep, shared by the chunk and apply kernels: its mask, the offset of its position,
+    ``Re(a) = v - Re z`` there and its coupling ``k`` (0 at step 0)."""
+    tv = tl.zeros_like(h) + t  # masks must be blocks, not scalars
+    lm = hm & (tv < n)
+    off = (b * n + _position(t, n, REVERSE)) * h_size + h
+    ki = _coupling_index(t, n, REVERSE)
+    kk = tl.load(k_ptr + (b * (n - 1) + ki) * h_size + h, mask=lm & (tv >= 1), other=0.0).to(tl.float32)
+    ar = tl.load(v_ptr + off, mask=lm, other=0.0).to(tl.float32) - zr
+    return lm, off, ar, kk
+
+
+@triton.jit
+def _affine_step(br_ptr, bi_ptr, pr_ptr, pi_ptr, k_ptr, b, t, n, h, hm, h_size, REVERSE: tl.constexpr):
+    """Step ``t`` of an adjoint sweep ``s_t = b_t + c_t s_{t-1}``, shared by the chunk and apply kernels: its
+    mask, the offset of its position, ``c_t = k p_t^2`` (0 at step 0) and ``b_t``."""
+    tv = tl.zeros_like(h) + t  # masks must be blocks, not scalars
+    lm = hm & (tv < n)
+    off = (b * n + _position(t, n, REVERSE)) * h_size + h
+    ki = _coupling_index(t, n, REVERSE)
+    kk = tl.load(k_ptr + (b * (n - 1) + ki) * h_size + h, mask=lm & (tv >= 1), other=0.0)
+    p_r = tl.load(pr_ptr + off, mask=lm, other=0.0)
+    p_i = tl.load(pi_ptr + off, mask=lm, other=0.0)
+    cr = kk * (p_r * p_r - p_i * p_i)
+    ci = kk * (2.0 * p_r * p_i)
+    b_r = tl.load(br_ptr + off, mask=lm, other=0.0)
+    b_i = tl.load(bi_ptr + off, mask=lm, other=0.0)
+    return lm, off, cr, ci, b_r, b_i
+
+
+@triton.jit
 def _pivot_chunk_kernel(v_ptr, k_ptr, zr_ptr, zi_ptr, t_ptr, n, h_size, n_chunks,
                         CHUNK: tl.constexpr, BLOCK_H: tl.constexpr, REVERSE: tl.constexpr):
     """Normalised product of the chunk's Moebius matrices [[a, -k], [1, 0]]; 8 planes (B, chunks, 8, H)."""
@@ -65,14 +96,8 @@ def _pivot_chunk_kernel(v_ptr, k_ptr, zr_ptr, zi_ptr, t_ptr, n, h_size, n_chunks
     m00r, m00i, m01r, m01i = one, zero, zero, zero
     m10r, m10i, m11r, m11i = zero, zero, one, zero
     for j in range(CHUNK):
-        t = c * CHUNK + j
-        tv = tl.zeros([BLOCK_H], tl.int32) + t  # masks must be blocks, not scalars
-        i = _position(t, n, REVERSE)
-        lm = hm & (tv < n)
-        ar = tl.load(v_ptr + (b * n + i) * h_size + h, mask=lm, other=0.0).to(tl.float32) - zr
+        lm, off, ar, kk = _pivot_step(v_ptr, k_ptr, zr, b, c * CHUNK + j, n, h, hm, h_size, REVERSE)
         ai = -zi
-        ki = _coupling_index(t, n, REVERSE)
-        kk = tl.load(k_ptr + (b * (n - 1) + ki) * h_size + h, mask=lm & (tv >= 1), other=0.0).to(tl.float32)
         # row0 <- a*row0 - k*row1 ; row1 <- row0
         n00r = ar * m00r - ai * m00i - kk * m10r
         n00i = ar * m00i + ai * m00r - kk * m10i
@@ -148,19 +173,14 @@ def _pivot_apply_kernel(v_ptr, k_ptr, zr_ptr, zi_ptr, carry_ptr, yr_ptr, yi_ptr,
     yr = xr / d  # 1/P_prev
     yi = -xi / d
     for j in range(CHUNK):
-        t = c * CHUNK + j
-        tv = tl.zeros([BLOCK_H], tl.int32) + t  # masks must be blocks, not scalars
-        lm = hm & (tv < n)
-        i = _position(t, n, REVERSE)
-        ki = _coupling_index(t, n, REVERSE)
-        kk = tl.load(k_ptr + (b * (n - 1) + ki) * h_size + h, mask=lm & (tv >= 1), other=0.0).to(tl.float32)
-        pr = tl.load(v_ptr + (b * n + i) * h_size + h, mask=lm, other=0.0).to(tl.float32) - zr - kk * yr
+        lm, off, ar, kk = _pivot_step(v_ptr, k_ptr, zr, b, c * CHUNK + j, n, h, hm, h_size, REVERSE)
+        pr = ar - kk * yr
         pi = -zi - kk * yi
         d = pr * pr + pi * pi
         yr = pr / d
         yi = -pi / d
-        tl.store(yr_ptr + (b * n + i) * h_size + h, yr, mask=lm)
-        tl.store(yi_ptr + (b * n + i) * h_size + h, yi, mask=lm)
+        tl.store(yr_ptr + off, yr, mask=lm)
+        tl.store(yi_ptr + off, yi, mask=lm)
 
 
 @triton.jit
@@ -177,19 +197,8 @@ def _affine_chunk_kernel(br_ptr, bi_ptr, pr_ptr, pi_ptr, k_ptr, m_ptr, n, h_size
     sr = tl.zeros([BLOCK_H], tl.float32)
     si = tl.zeros([BLOCK_H], tl.float32)
     for j in range(CHUNK):
-        t = c * CHUNK + j
-        tv = tl.zeros([BLOCK_H], tl.int32) + t  # masks must be blocks, not scalars
-        lm = hm & (tv < n)
-        i = _position(t, n, REVERSE)
-        off = (b * n + i) * h_size + h
-        ki = _coupling_index(t, n, REVERSE)
-        kk = tl.load(k_ptr + (b * (n - 1) + ki) * h_size + h, mask=lm & (tv >= 1), other=0.0)
-        p_r = tl.load(pr_ptr + off, mask=lm, other=0.0)
-        p_i = tl.load(pi_ptr + off, mask=lm, other=0.0)
-        cr = kk * (p_r * p_r - p_i * p_i)
-        ci = kk * (2.0 * p_r * p_i)
-        b_r = tl.load(br_ptr + off, mask=lm, other=0.0)
-        b_i = tl.load(bi_ptr + off, mask=lm, other=0.0)
+        lm, off, cr, ci, b_r, b_i = _affine_step(br_ptr, bi_ptr, pr_ptr, pi_ptr, k_ptr, b, c * CHUNK + j, n, h,
+                                                 hm, h_size, REVERSE)
         nsr = b_r + cr * sr - ci * si
         nsi = b_i + cr * si + ci * sr
         nmr = cr * mr - ci * mi
@@ -237,19 +246,8 @@ def _affine_apply_kernel(br_ptr, bi_ptr, pr_ptr, pi_ptr, k_ptr, carry_ptr, sr_pt
     sr = tl.load(cin, mask=hm, other=0.0)
     si = tl.load(cin + h_size, mask=hm, other=0.0)
     for j in range(CHUNK):
-        t = c * CHUNK + j
-        tv = tl.zeros([BLOCK_H], tl.int32) + t  # masks must be blocks, not scalars
-        lm = hm & (tv < n)
-        i = _position(t, n, REVERSE)
-        off = (b * n + i) * h_size + h
-        ki = _coupling_index(t, n, REVERSE)
-        kk = tl.load(k_ptr + (b * (n - 1) + ki) * h_size + h, mask=lm & (tv >= 1), other=0.0)
-        p_r = tl.load(pr_ptr + off, mask=lm, other=0.0)
-        p_i = tl.load(pi_ptr + off, mask=lm, other=0.0)
-        cr = kk * (p_r * p_r - p_i * p_i)
-        ci = kk * (2.0 * p_r * p_i)
-        b_r = tl.load(br_ptr + off, mask=lm, other=0.0)
-        b_i = tl.load(bi_ptr + off, mask=lm, other=0.0)
+        lm, off, cr, ci, b_r, b_i = _affine_step(br_ptr, bi_ptr, pr_ptr, pi_ptr, k_ptr, b, c * CHUNK + j, n, h,
+                                                 hm, h_size, REVERSE)
         sr, si = b_r + cr * sr - ci * si, b_i + cr * si + ci * sr
         tl.store(sr_ptr + off, sr, mask=lm)
         tl.store(si_ptr + off, si, mask=lm)
