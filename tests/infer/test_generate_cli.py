@@ -81,3 +81,14 @@ def test_generate_rejects_bad_arguments(quantized_bk_run: Path, capsys, args: li
 def test_generate_rejects_a_directory_that_is_not_a_run(tmp_path: Path, capsys) -> None:
     assert bkexp_main(["generate", str(tmp_path), "--prompt", "the"]) == 2
     assert f"{tmp_path} is not a run directory" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_staged_run_naming_the_flag(train, wikitext_slice: Path, capsys) -> None:
+    # flags=act runs the staged model, which has no incremental form: refused before any token is generated.
+    run = train("dataset=text", "tokenizer=word", "flags=act", *data_overrides("text", wikitext_slice),
+                *[o for o in TINY if o != "model.n_layers=1"], "model.n_layers=2")
+    model, _ = load_run(run, "best")
+    assert type(model).__name__ == "StagedLanguageModel"
+    assert bkexp_main(["generate", str(run), "--prompt", "The game", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot decode incrementally: flag(s) act run staged execution" in err and not capsys.readouterr().out
