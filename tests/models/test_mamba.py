@@ -73,7 +73,7 @@ def test_forward_matches_mamba_simple_slow_path(backend: str) -> None:
     out = m(x)
     assert out.shape == (2, 37, 32)
     assert_rel_close(out, mamba_simple_slow_path(m, x), 1e-12, "block output")
-    assert m.backends() == {"selective_scan": backend}
+    assert m.backends() == {"selective_scan": backend, "causal_conv1d": "cpu" if backend == "cpu" else "ref"}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -116,6 +116,31 @@ def test_gradients_reach_every_parameter() -> None:
         assert p.grad.abs().max() > 0, f"{name} got a zero gradient"
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba is not installed")
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-11), (torch.float32, 5e-5)])
+def test_fused_kernels_match_pytorch_mixer(dtype, tol) -> None:
+    """The numba path (conv + SiLU, then the fused scan with softplus, D and gate) against the all-PyTorch mixer
+    (backend=ref): output and every parameter's and the input's gradient, from one float64 ref run."""
+    torch.manual_seed(0)
+    ref = MambaMixer(40, d_state=8, backend="ref").double()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    fast = MambaMixer(40, d_state=8, backend="cpu").to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 70, 40, dtype=torch.float64)
+    results = {}
+    for name, m in (("ref", ref), ("cpu", fast)):
+        leaf = x.to(next(m.parameters()).dtype, copy=True).requires_grad_()
+        out = m(leaf)
+        (out.double() * torch.cos(torch.arange(out.numel(), dtype=torch.float64)).view_as(out)).sum().backward()
+        results[name] = (out.detach(), leaf.grad, {k: p.grad for k, p in m.named_parameters()})
+    assert_rel_close(results["cpu"][0], results["ref"][0], tol, "out")
+    assert_rel_close(results["cpu"][1], results["ref"][1], tol, "dx")
+    for k, grad in results["ref"][2].items():
+        assert_rel_close(results["cpu"][2][k], grad, tol, f"d{k}")
+
+
 def test_state_size_is_constant_in_sequence_length() -> None:
     m = MambaMixer(32, d_state=16, d_conv=4, expand=2)
     assert m.state_size(1) == m.state_size(100_000) == 64 * 16 + 64 * 3
@@ -140,7 +165,7 @@ def test_mamba_config_builds_a_causal_language_model(tmp_path) -> None:
     assert all(isinstance(b.mixer, MambaMixer) and b.ffn is None for b in model.blocks)
     logits = model(torch.randint(0, 37, (2, 12)))
     assert logits.shape == (2, 12, 37) and torch.isfinite(logits).all()
-    assert model.backends() == {"selective_scan": "cpu"}
+    assert model.backends() == {"selective_scan": "cpu", "causal_conv1d": "cpu"}
 
 
 def test_mamba_language_model_passes_the_run_time_causality_check() -> None:

@@ -206,7 +206,7 @@ def test_no_analytic_gradient_selects_the_autograd_backends(train):
     assert bk["backends"] == {"bk_core": "torch_autograd"} and bk["causality_checked"]
     assert bk["flags"]["effects"]["gradient"]["bk_core"].startswith("autograd")
     mamba = read_summary(train(*TINY, *MQAR_TINY, *NO_TEST, "model=mamba", "flags.analytic_gradient=false"))
-    assert mamba["backends"] == {"selective_scan": "ref"}
+    assert mamba["backends"] == {"selective_scan": "ref", "causal_conv1d": "ref"}
 
 
 @pytest.mark.slow  # inductor compilation: about a minute on 2 cores

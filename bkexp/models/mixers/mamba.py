@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bkexp.models.mixers.base import Mixer
+from bkexp.ops.causal_conv1d import causal_conv1d
 from bkexp.ops.selective_scan import BACKENDS as SCAN_BACKENDS
 from bkexp.ops.selective_scan import resolve_backend, selective_scan, selective_state_update
 
@@ -32,7 +33,7 @@ class MambaMixer(Mixer):
     adjoint_backends = ("auto", "cpu", "cuda")
     autograd_backend = "ref"
     autograd_op_backends = {"selective_scan": ("ref",)}
-    custom_kernel_ops = ("selective_scan",)
+    custom_kernel_ops = ("selective_scan", "causal_conv1d")
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2,
                  dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
@@ -104,10 +105,12 @@ class MambaMixer(Mixer):
         # of them (its documented layout), which is the layout the CPU kernel walks, so nothing is copied.
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (b, l, d_inner) each
         conv_in = x
-        x = F.silu(self._causal_conv(x))  # (b, l, d_inner)
-        dt, B, C, A = self._ssm_inputs(x)
         name = resolve_backend(self.backend, hidden_states.device)
         self._backend_used = name
+        # The conv runs numba kernels exactly when the scan does (a ref scan keeps the whole mixer PyTorch).
+        x = causal_conv1d(x.transpose(1, 2), self.conv1d.weight[:, 0, :], self.conv1d.bias, activation="silu",
+                          backend=self._conv_backend(name)).transpose(1, 2)  # (b, l, d_inner)
+        dt, B, C, A = self._ssm_inputs(x)
         # keep_state: the scan also returns its state after the last position (mamba_ssm's return_last_state).
         y = self.scan(x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
                       self.D.float(), z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(),
@@ -135,7 +138,7 @@ class MambaMixer(Mixer):
         window = torch.cat([state["conv"], x.unsqueeze(-1)], dim=-1)  # (b, d_inner, d_conv), newest last
         state["conv"] = window[..., 1:]
         weight = self.conv1d.weight[:, 0, :]
-        conv = x * weight[:, -1]  # the taps in _causal_conv's order
+        conv = x * weight[:, -1]  # the taps in causal_conv1d_reference's order
         for tap in range(self.d_conv - 1):
             conv = conv + window[..., tap] * weight[:, tap]
         if self.conv1d.bias is not None:
@@ -146,19 +149,10 @@ class MambaMixer(Mixer):
                                    dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
         return self.out_proj(y).unsqueeze(1)
 
-    def _causal_conv(self, x: Tensor) -> Tensor:
-        """``self.conv1d`` (depthwise, left padding d_conv - 1, output cut to l) on position-major (b, l, d).
-
-        Written as d_conv shifted multiply-adds: the same numbers as ``conv1d(x.transpose(1, 2))[..., :l]``
-        (tested), without copying activations to (b, d, l) and back around ``Conv1d``.
-        """
-        seqlen = x.shape[1]
-        weight = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv); tap j multiplies x[t - (d_conv - 1) + j]
-        padded = F.pad(x, (0, 0, self.d_conv - 1, 0))
-        out = padded[:, self.d_conv - 1:, :] * weight[:, -1]
-        for tap in range(self.d_conv - 1):
-            out = out + padded[:, tap:tap + seqlen, :] * weight[:, tap]
-        return out if self.conv1d.bias is None else out + self.conv1d.bias
+    @staticmethod
+    def _conv_backend(scan_backend: str) -> str:
+        """``causal_conv1d``'s backend: its numba kernels beside the numba scan, PyTorch otherwise."""
+        return "cpu" if scan_backend == "cpu" else "ref"
 
     def core_flops(self, batch: int, seq_len: int) -> int:
         # The selective scan as mamba_ssm counts it (flops_selective_scan_ref: 9 x B x L x D x N), plus the
@@ -172,7 +166,7 @@ class MambaMixer(Mixer):
 
     def backends(self) -> dict[str, str]:
         used = self._backend_used or resolve_backend(self.backend, self.out_proj.weight.device)
-        return {"selective_scan": used}
+        return {"selective_scan": used, "causal_conv1d": self._conv_backend(used)}
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_state={self.d_state}, d_conv={self.d_conv}, d_inner={self.d_inner}, "
