@@ -13,7 +13,10 @@ schema), and the ablation sweep (``ablation_variants``) all come from it. A run 
     effects = techniques.describe(ctx)         # summary.json flags.effects
 
 Adding a technique: a module here with a ``Settings`` dataclass and a ``Technique`` subclass, its entry in
-``TECHNIQUES``, its keys in ``conf/flags/none.yaml`` and a ``conf/flags/<name>.yaml`` (tests check both).
+``TECHNIQUES``, its keys in ``conf/flags/none.yaml`` and a ``conf/flags/<name>.yaml`` (tests check both). One that
+changes how the model computes is a ``StagedTechnique`` (it selects ``bkexp.models.StagedLanguageModel``) and adds
+its module and stage logic to ``bkexp/models/staged.py``; the plain backbone (``bkexp/models/backbone.py``) and
+``bkexp/train`` do not change.
 """
 
 from __future__ import annotations
