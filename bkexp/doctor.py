@@ -10,7 +10,8 @@ import torch
 
 def backend_report(device: torch.device) -> dict[str, dict[str, object]]:
     report: dict[str, dict[str, object]] = {}
-    for op, module in (("bk_core", "bkexp.ops.bk_core"), ("selective_scan", "bkexp.ops.selective_scan")):
+    for op, module in (("bk_core", "bkexp.ops.bk_core"), ("selective_scan", "bkexp.ops.selective_scan"),
+                       ("causal_conv1d", "bkexp.ops.causal_conv1d")):
         try:
             mod = importlib.import_module(module)
             report[op] = {"available": mod.available_backends(device), "auto": mod.resolve_backend("auto", device)}

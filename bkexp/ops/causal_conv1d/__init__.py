@@ -25,24 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bkexp.ops.backends import module_available, resolve
+from bkexp.ops.backends import OpBackends, numba_cpu_unavailable
 
 BACKENDS: tuple[str, ...] = ("cpu", "ref")
 ACTIVATIONS = (None, "silu", "swish")
 
 
 def _unavailable_reason(backend: str, device: torch.device) -> str | None:
-    if backend == "cpu":
-        if device.type != "cpu":
-            return f"the cpu backend runs on CPU tensors, got device {device}"
-        if not module_available("numba"):
-            return "the cpu backend needs numba: pip install numba"
-    return None
+    return numba_cpu_unavailable(device) if backend == "cpu" else None
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """The backend ``causal_conv1d(..., backend=backend)`` runs on ``device``; raises if it cannot run."""
-    return resolve("causal_conv1d", backend, device, BACKENDS, {"cpu": "cpu"}, "ref", _unavailable_reason)
+_BACKENDS = OpBackends("causal_conv1d", BACKENDS, {"cpu": "cpu"}, "ref", _unavailable_reason)
+available_backends = _BACKENDS.available  # backends that can run on a device here
+resolve_backend = _BACKENDS.resolve  # the backend causal_conv1d(..., backend=...) runs on a device; raises if not
 
 
 def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, silu: bool = False) -> Tensor:
@@ -81,4 +76,5 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
         return causal_conv1d_cpu(x, weight, bias, silu)
 
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "causal_conv1d", "causal_conv1d_reference", "resolve_backend"]
+__all__ = ["ACTIVATIONS", "BACKENDS", "available_backends", "causal_conv1d", "causal_conv1d_reference",
+           "resolve_backend"]
