@@ -7,7 +7,10 @@ vectorised by LLVM. The causal kernels copy every tile in and out through cache 
 the array's memory runs: row by row for plain contiguous ``(B, H, N)`` rows (``_rows_contiguous``), position
 by position for a mixer's projection ``x (B, N, D) -> (B, N, H)``. So they read inputs and output gradients
 in either layout (any strides) in place, and write outputs and gradients in the inputs' layout
-(``bkexp bench bk-core --layouts``). The bidirectional kernels index contiguous planes directly. That needs
+(``bkexp bench bk-core --layouts``). Contiguous planes keep the direct code (``_left_sweep_planes``,
+``_stage_*_reversed_planes``: the generic copies measured 1.5-2x slower there), chosen per numba type by the
+``overload``s, so a mixer's results are bit-identical to the planes-only kernels. The bidirectional kernels
+index contiguous planes directly. That needs
 ``error_model="numpy"`` (Python's error model puts a zero-division branch in every division) and a
 ``h0 >= 0`` check at the top of every kernel that indexes ``h0 + h``: without it numba's negative-index
 wraparound turns each access into a select that LLVM will not vectorise (measured 4.7x slower forward,
@@ -28,6 +31,7 @@ import numba
 import numpy as np
 import torch
 from numba import njit, prange
+from numba.extending import overload
 from torch import Tensor
 
 from .layout import to_planes
@@ -35,6 +39,7 @@ from .layout import to_planes
 # FMA contraction only: no reassociation or finite-math assumptions, so results stay deterministic per
 # position (the causality test compares bit for bit) and NaN/inf propagate.
 _FASTMATH = {"contract"}
+_JIT = {"cache": True, "error_model": "numpy", "fastmath": _FASTMATH}
 CHUNK = 64  # positions staged per step of a backwards sweep; also the span of working-precision z sums
 LINE = 16  # positions per block of a tile copy in the rows layout: one 64-byte line of float32
 ROW_BLOCK = 64  # rows (within one batch) stepped together by one thread; 256 bytes per plane per position
@@ -51,10 +56,47 @@ def _flush(part_r, part_i, acc_r, acc_i, nh):
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
-def _left_sweep(v, k, z, out_r, out_i, b, h0, nh, store_pivot):
-    """Left pivots L_i = a_i - k_{i-1}/L_{i-1} of rows h0..h0+nh of batch b; writes 1/L or L itself.
+def _left_sweep_planes(v, k, z, out_r, out_i, b, h0, nh, store_pivot):
+    """``_left_sweep`` on contiguous planes, indexing them directly (the code before any-layout staging: same speed and bits)."""
+    if h0 < 0 or nh < 0:  # never true; lets LLVM vectorise h0 + h (see the module docstring)
+        raise ValueError("negative row offset")
+    n = v.shape[1]
+    dt = v.dtype
+    prev_r = np.empty(ROW_BLOCK, dt)  # 1/L_{i-1}
+    prev_i = np.empty(ROW_BLOCK, dt)
+    shift_r = np.empty(ROW_BLOCK, dt)
+    shift_i = np.empty(ROW_BLOCK, dt)
+    for h in range(nh):
+        shift_r[h] = z[b, h0 + h, 0]
+        shift_i[h] = -z[b, h0 + h, 1]
+        lr = v[b, 0, h0 + h] - shift_r[h]
+        li = shift_i[h]
+        d = lr * lr + li * li
+        prev_r[h] = lr / d
+        prev_i[h] = -li / d
+        out_r[b, 0, h0 + h] = lr if store_pivot else prev_r[h]
+        out_i[b, 0, h0 + h] = li if store_pivot else prev_i[h]
+    for i in range(1, n):
+        for h in range(nh):
+            kk = k[b, i - 1, h0 + h]
+            lr = v[b, i, h0 + h] - shift_r[h] - kk * prev_r[h]
+            li = shift_i[h] - kk * prev_i[h]
+            d = lr * lr + li * li
+            yr = lr / d
+            yi = -li / d
+            prev_r[h] = yr
+            prev_i[h] = yi
+            if store_pivot:
+                out_r[b, i, h0 + h] = lr
+                out_i[b, i, h0 + h] = li
+            else:
+                out_r[b, i, h0 + h] = yr
+                out_i[b, i, h0 + h] = yi
 
-    Walks chunks of CHUNK positions: each chunk of v and k is staged into (position, row) scratch and each
+
+@njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
+def _left_sweep_staged(v, k, z, out_r, out_i, b, h0, nh, store_pivot):
+    """``_left_sweep`` for arrays of any layout: walks chunks of CHUNK positions: each chunk of v and k is staged into (position, row) scratch and each
     chunk of output staged out, so the recurrence runs on contiguous rows whatever the arrays' layout.
     """
     if h0 < 0 or nh < 0:  # never true; lets LLVM vectorise h0 + h (see the module docstring)
@@ -151,7 +193,17 @@ def _rows_contiguous(a):
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
-def _stage_in_reversed(src, b, p0, p1, h0, nh, dst, q0):
+def _stage_in_reversed_planes(src, b, p0, p1, h0, nh, dst, q0):
+    """dst[q0 - j, h] = src[b, p0 + j, h0 + h] for positions p0..p1-1: ascending reads, reversed slots."""
+    if h0 < 0 or nh < 0:  # never true; lets LLVM vectorise h0 + h (see the module docstring)
+        raise ValueError("negative row offset")
+    for j in range(p1 - p0):
+        for h in range(nh):
+            dst[q0 - j, h] = src[b, p0 + j, h0 + h]
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
+def _stage_in_reversed_any(src, b, p0, p1, h0, nh, dst, q0):
     """dst[q0 - j, h] = src[b, p0 + j, h0 + h] for positions p0..p1-1: ascending reads, reversed slots."""
     if h0 < 0 or nh < 0 or p0 < 0 or q0 - (p1 - p0) + 1 < 0:  # never true; no wraparound selects
         raise ValueError("negative offset")
@@ -169,7 +221,17 @@ def _stage_in_reversed(src, b, p0, p1, h0, nh, dst, q0):
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
-def _stage_out_reversed(src, q0, dst, b, p0, p1, h0, nh):
+def _stage_out_reversed_planes(src, q0, dst, b, p0, p1, h0, nh):
+    """dst[b, p0 + j, h0 + h] = src[q0 - j, h] for positions p0..p1-1 (ascending writes)."""
+    if h0 < 0 or nh < 0:  # never true; lets LLVM vectorise h0 + h (see the module docstring)
+        raise ValueError("negative row offset")
+    for j in range(p1 - p0):
+        for h in range(nh):
+            dst[b, p0 + j, h0 + h] = src[q0 - j, h]
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
+def _stage_out_reversed_any(src, q0, dst, b, p0, p1, h0, nh):
     """dst[b, p0 + j, h0 + h] = src[q0 - j, h] for positions p0..p1-1 (ascending writes)."""
     if h0 < 0 or nh < 0 or p0 < 0 or q0 - (p1 - p0) + 1 < 0:  # never true; no wraparound selects
         raise ValueError("negative offset")
@@ -184,6 +246,43 @@ def _stage_out_reversed(src, q0, dst, b, p0, p1, h0, nh):
         for j in range(p1 - p0):
             for h in range(nh):
                 dst[b, p0 + j, h0 + h] = src[q0 - j, h]
+
+
+def _left_sweep(v, k, z, out_r, out_i, b, h0, nh, store_pivot):
+    """Left pivots L_i = a_i - k_{i-1}/L_{i-1} of rows h0..h0+nh of batch b; writes 1/L or L itself.
+
+    Chosen when numba compiles the caller: ``_left_sweep_planes`` when every array is C-contiguous planes,
+    else ``_left_sweep_staged``.
+    """
+    raise NotImplementedError("a numba overload: call it from compiled code")
+
+
+def _stage_in_reversed(src, b, p0, p1, h0, nh, dst, q0):
+    """dst[q0 - j, h] = src[b, p0 + j, h0 + h] for positions p0..p1-1 (``_planes`` or ``_any`` by src's layout)."""
+    raise NotImplementedError("a numba overload: call it from compiled code")
+
+
+def _stage_out_reversed(src, q0, dst, b, p0, p1, h0, nh):
+    """dst[b, p0 + j, h0 + h] = src[q0 - j, h] for positions p0..p1-1 (``_planes`` or ``_any`` by dst's layout)."""
+    raise NotImplementedError("a numba overload: call it from compiled code")
+
+
+# C-contiguous planes (a mixer's layout) keep the direct code; other layouts get the staged copies. Decided by
+# the arrays' numba types, so each compiled specialisation contains only one of them.
+@overload(_left_sweep, jit_options=_JIT)
+def _left_sweep_for(v, k, z, out_r, out_i, b, h0, nh, store_pivot):
+    planes = all(a.layout == "C" for a in (v, k, out_r, out_i))
+    return (_left_sweep_planes if planes else _left_sweep_staged).py_func
+
+
+@overload(_stage_in_reversed, jit_options=_JIT)
+def _stage_in_reversed_for(src, b, p0, p1, h0, nh, dst, q0):
+    return (_stage_in_reversed_planes if src.layout == "C" else _stage_in_reversed_any).py_func
+
+
+@overload(_stage_out_reversed, jit_options=_JIT)
+def _stage_out_reversed_for(src, q0, dst, b, p0, p1, h0, nh):
+    return (_stage_out_reversed_planes if dst.layout == "C" else _stage_out_reversed_any).py_func
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
