@@ -14,8 +14,10 @@ from testpaths import REPO_ROOT
 
 CONF = REPO_ROOT / "conf"
 
-# Small enough for a 2-core CPU, big enough to exercise validation, checkpointing and test.
+# Small enough for a 2-core CPU, big enough to exercise validation, checkpointing and test. ``~recipe``: the plain
+# tiny models (with their feed-forward layers), not the default experiment's MQAR recipe (conf/recipe/mqar_tiny.yaml).
 TINY = [
+    "~recipe",
     "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
     "seq_len=32", "model.d_model=32", "model.n_layers=1", "dataset.batch_size=4",

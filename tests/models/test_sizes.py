@@ -24,7 +24,7 @@ RANGES = {"tiny": (0.2e6, 1e6), "small": (1e6, 3e6), "medium": (20e6, 40e6)}
 def test_size_presets_match_non_embedding_parameters(size, tmp_path):
     counts = {}
     for model in MATCHED:
-        cfg = compose_train([f"model={model}", f"size={size}"], tmp_path)
+        cfg = compose_train(["~recipe", f"model={model}", f"size={size}"], tmp_path)  # the preset, not a recipe
         counts[model] = instantiate(cfg.model, vocab_size=1000).param_counts()["non_embedding"]
     low, high = RANGES[size]
     assert all(low <= c <= high for c in counts.values()), counts
@@ -42,7 +42,7 @@ def test_flops_presets_match_training_flops_per_token(size, tmp_path):
     for model in MATCHED:
         # Unpadded expert calls: the count is the MoE's useful work, not its block padding.
         extra = ["model.ffn.block_rows=null"] if model == "bk" else []
-        cfg = compose_train([f"model={model}", f"size={size}", *extra], tmp_path)
+        cfg = compose_train(["~recipe", f"model={model}", f"size={size}", *extra], tmp_path)
         lm = instantiate(cfg.model, vocab_size=2)
         flops[model] = count_flops(lm, torch.randint(0, 2, (1, cfg.size.reference_seq_len)))["train_step_per_token"]
         params[model] = lm.param_counts()["non_embedding"]

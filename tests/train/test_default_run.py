@@ -1,0 +1,55 @@
+"""The README's first command: ``python train.py`` with no argument trains a model that solves its task.
+
+The default experiment is MQAR at the tiny size with conf/recipe/mqar_tiny.yaml (two attention layers, 16 tokens,
+1,500 steps). The recipe must apply to that default only, so text runs and other sizes keep their own settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runhelpers import compose_train
+from testpaths import REPO_ROOT
+
+
+def test_the_recipe_applies_to_mqar_at_the_tiny_size_only(tmp_path: Path) -> None:
+    default = compose_train([], tmp_path)
+    assert default.dataset.name == "mqar" and default.seq_len == 16 and default.model.ffn is None
+    assert default.dataset.vocab_size == 32 and default.trainer.max_steps == 1500
+    assert (default.model.d_model, default.model.n_layers, default.model.mixer.n_heads) == (64, 2, 4)
+    # the three models of sweep=models get the same recipe: mixers only, equal width and depth
+    for model in ("bk", "mamba"):
+        cfg = compose_train([f"model={model}"], tmp_path)
+        assert cfg.model.ffn is None and (cfg.model.d_model, cfg.model.n_layers) == (64, 2), model
+    # anything else keeps the plain settings: another size, another dataset, a named experiment, ~recipe
+    plain = compose_train(["~recipe"], tmp_path)
+    assert plain.seq_len == 128 and plain.model.ffn is not None and plain.model.d_model == 128
+    assert plain.dataset.vocab_size == 64 and plain.trainer.max_steps == 300
+    small = compose_train(["size=small"], tmp_path)
+    assert small.seq_len == 128 and small.model.ffn is not None and small.model.d_model == 256
+    text = compose_train(["dataset=wikitext2"], tmp_path)
+    assert text.seq_len == 128 and text.model.ffn is not None and text.trainer.max_steps == 300
+    experiment = compose_train(["experiment=wikitext2_local"], tmp_path)
+    assert experiment.seq_len == 256 and experiment.model.ffn is not None
+
+
+@pytest.mark.slow  # the whole default experiment: about a minute on 2 cores
+def test_python_train_py_learns_the_default_task(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "train.py", f"paths.root_dir={tmp_path}"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = (tmp_path / "outputs").iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    metrics = summary["metrics"]
+    assert summary["status"] == "ok" and summary["model"] == "transformer" and summary["dataset"] == "mqar"
+    chance = 1 / 16  # one of the 16 value tokens
+    assert metrics["test/acc"] >= 0.9, metrics  # recall: the induction circuit formed (the plateau is 0.25-0.37)
+    assert metrics["test/loss"] < 0.5, metrics  # ln(4) = 1.39 is "one of the 4 values in the context"
+    assert f"test answer accuracy {metrics['test/acc']:.3f} (chance {chance:.3f})" in done.stdout + done.stderr
