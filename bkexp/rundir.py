@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECKPOINT_DIR", "CONFIG_FILE", "SUMMARY_FILE", "TOKENIZER_DIR", "RunDir", "RunDirError",
-    "atomic_save_figure", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "find_run_dirs",
-    "checkpoint_step", "is_run_dir", "parse_overrides",
+    "atomic_save_figure", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "build_run_model",
+    "checkpoint_step", "find_run_dirs", "is_run_dir", "parse_overrides",
 ]
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class RunDir:
     """One training run's directory: its config, summary, tokenizer, checkpoints, model and data.
 
     >>> run = RunDir("outputs/2026-11-29_12-00-00-000000")
-    >>> model = run.build_model("best")          # weights loaded, eval mode
+    >>> model = run.build_model("best")          # weights loaded, quantized as the run tested it, eval mode
     >>> dm = run.build_datamodule(["dataset.data_dir=/data/wt2"])
     """
 
@@ -267,15 +267,38 @@ class RunDir:
         return int(self.build_datamodule(cfg=cfg).vocab_size)
 
     def build_model(self, which: str | os.PathLike = "best", device: str | torch.device = "cpu",
-                    overrides: Sequence[str] = (), cfg: DictConfig | None = None) -> torch.nn.Module:
-        """The run's model with the checkpoint's weights (strict), in eval mode, on ``device``."""
-        from hydra.utils import instantiate
+                    overrides: Sequence[str] = (), cfg: DictConfig | None = None,
+                    quantized: bool = True) -> torch.nn.Module:
+        """The run's model with the checkpoint's weights (strict), in eval mode, on ``device``.
 
+        ``quantized=True`` (the default): the model the run tested, with its quantization applied
+        (:func:`build_run_model`), so eval, generate and export give the test's logits. ``False``: the float
+        (latent) weights without quantization layers, for tools that quantize themselves (``eval-quant``).
+        """
         cfg = self.config(overrides) if cfg is None else cfg
-        model = instantiate(cfg.model, vocab_size=self.vocab_size(cfg))
+        quant = cfg.get("quant") if quantized else None
+        model = build_run_model(cfg.model, quant, self.vocab_size(cfg))
         path = self.checkpoint_path(which)
         load_model_weights(model, load_checkpoint_file(path), path)
         return model.to(device).eval()
+
+
+def build_run_model(model_cfg: Any, quant_cfg: Any | None, vocab_size: int) -> torch.nn.Module:
+    """A run's model as its test evaluated it, before loading weights: the one path every loader takes.
+
+    ``model_cfg`` is the run's ``model`` config, ``quant_cfg`` its ``quant`` config (``None``: float model).
+    The quantization layers are installed as training did (``QuantSpec.prepare``) and switched on as the test
+    did (``QuantSpec.finalize``: QAT quantizes throughout, PTQ from the test on). Parameter names do not change,
+    so the weights of a checkpoint or an export load strictly afterwards. Used by :meth:`RunDir.build_model`
+    and ``bkexp.export.from_pretrained``.
+    """
+    from hydra.utils import instantiate
+
+    model = instantiate(model_cfg, vocab_size=vocab_size)
+    if quant_cfg is not None:
+        spec = instantiate(quant_cfg)
+        spec.finalize(spec.prepare(model))
+    return model
 
 
 # ---------------------------------------------------------------------------------------- checkpoints

@@ -125,6 +125,54 @@ def test_a_trained_run_is_rebuilt_exactly(train, tmp_path: Path) -> None:
     assert run.config().flags._target_ == "bkexp.techniques.Flags"
 
 
+def _test_loss(model: torch.nn.Module, datamodule) -> float:
+    losses, count = 0.0, 0
+    with torch.no_grad():
+        for batch in datamodule.test_dataloader():
+            logits = model(batch["input_ids"])
+            mask = batch["labels"] != -100
+            losses += float(torch.nn.functional.cross_entropy(logits[mask], batch["labels"][mask], reduction="sum"))
+            count += int(mask.sum())
+    return losses / count
+
+
+@pytest.mark.parametrize("method", ["qat", "ptq"])
+def test_a_quantized_run_loads_as_its_test_evaluated_it_everywhere(train, tmp_path: Path, method: str) -> None:
+    """RunDir (eval, generate, bench), the export and the Lightning checkpoint give one model: the tested one."""
+    from hydra.utils import instantiate
+
+    from bkexp.export import export_run, from_pretrained
+    from bkexp.infer.run import load_run
+
+    run_dir = train(*TINY, *MQAR_TINY, "bits=8", f"quant={method}")
+    summary = read_summary(run_dir)
+    assert summary["status"] == "ok" and summary["quant"]["method"] == method
+    run = RunDir(run_dir)
+    cfg = run.config()
+    # The reference, built as bkexp.train.run builds and tests it: model, quantization layers, the best
+    # checkpoint's Lightning state_dict, then the layers switched on for the test.
+    reference = instantiate(cfg.model, vocab_size=run.vocab_size(cfg))
+    spec = instantiate(cfg.quant)
+    spec.prepare(reference)
+    state = torch.load(run.checkpoint_path("best"), map_location="cpu", weights_only=True)["state_dict"]
+    reference.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    spec.finalize(reference).eval()
+
+    loaded = run.build_model("best")
+    exported = from_pretrained(export_run(run_dir, tmp_path / "export"))
+    generating, _ = load_run(run_dir)
+    float_weights = run.build_model("best", quantized=False)
+    dm = run.build_datamodule(stage="test")
+    ids = next(iter(dm.test_dataloader()))["input_ids"]
+    with torch.no_grad():
+        expected = reference(ids)
+        for model in (loaded, exported, generating):
+            assert torch.equal(model(ids), expected)
+        assert not torch.allclose(float_weights(ids), expected)  # 8 bits change the logits: the check can fail
+    # The loaded model is the one the run tested: it reproduces the recorded test loss.
+    assert _test_loss(loaded, dm) == pytest.approx(summary["metrics"]["test/loss"], rel=1e-5)
+
+
 def test_tokenizers_save_and_load_exactly(tmp_path: Path) -> None:
     lines = (WIKITEXT2_DIR / "valid.txt").read_text(encoding="utf-8").splitlines()[:200]
     word = WordTokenizer(min_freq=2)

@@ -172,7 +172,8 @@ def eval_run(run_dir: Path, bits_list: Sequence[int], args: argparse.Namespace) 
     datamodule = run.build_datamodule(cfg=cfg)
     datamodule.setup("test")
     loaders = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader}
-    base = run.build_model(ckpt, cfg=cfg).train()  # eval_split switches the task (and model) to eval mode
+    # The float (latent) weights: every width below is quantized from them, also for a run that trained with QAT.
+    base = run.build_model(ckpt, cfg=cfg, quantized=False).train()  # eval_split switches the task to eval mode
     model_name = str(cfg.model.get("name", type(base).__name__))
     trained = trained_as(cfg)
     has_answer_mask = bool(getattr(datamodule, "has_answer_mask", False))

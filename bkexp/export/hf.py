@@ -35,19 +35,14 @@ class ExportError(ValueError):
     """A run that cannot be exported, or a folder that is not a bkexp export; the message says why."""
 
 
-def _build(model_cfg: dict[str, Any], quant_cfg: dict[str, Any] | None, vocab_size: int) -> Any:
-    """The model as the run built it: the model config, then the run's quantization wrappers."""
-    from hydra.utils import instantiate
-
+def _model_config(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The exported model config, updated where bkexp has since moved a class."""
     from bkexp.models.staged import STAGED_KEYS
 
     if model_cfg.get("_target_") == LEGACY_TARGET and STAGED_KEYS & set(model_cfg):
         # Exported before staged execution left the plain model: LanguageModel then took the techniques' keys.
         model_cfg = {**model_cfg, "_target_": "bkexp.models.StagedLanguageModel"}
-    model = instantiate(model_cfg, vocab_size=vocab_size)
-    if quant_cfg is not None:
-        model = instantiate(quant_cfg).prepare(model)
-    return model
+    return model_cfg
 
 
 def export_run(run_dir: str | Path, out: str | Path, which: str = "best", overwrite: bool = False) -> Path:
@@ -119,11 +114,17 @@ def read_config(folder: str | Path) -> dict[str, Any]:
 
 
 def from_pretrained(folder: str | Path, device: str = "cpu") -> Any:
-    """The exported model rebuilt from config.json, weights loaded strictly, in eval mode."""
+    """The exported model rebuilt from config.json, weights loaded strictly, in eval mode.
+
+    Built by ``bkexp.rundir.build_run_model``, the path ``RunDir.build_model`` takes: a quantized run comes back
+    with its quantization switched on, as its test evaluated it.
+    """
     from safetensors.torch import load_model
 
+    from bkexp.rundir import build_run_model
+
     config = read_config(folder)
-    model = _build(config["model"], config.get("quant"), int(config["vocab_size"]))
+    model = build_run_model(_model_config(config["model"]), config.get("quant"), int(config["vocab_size"]))
     missing, unexpected = load_model(model, str(Path(folder) / WEIGHTS_FILE), strict=True, device=device)
     if missing or unexpected:  # strict=True raises first; kept so the contract is visible here
         raise ExportError(f"{folder}: missing keys {missing}, unexpected keys {unexpected}")

@@ -1,8 +1,8 @@
 """Loading a trained run for generation: its model (checkpoint weights, quantization as evaluated) and tokenizer.
 
 Through :class:`bkexp.rundir.RunDir`, the one definition of a run directory (config, tokenizer saved with the
-run, checkpoint loaded with ``torch.load(weights_only=True)`` only); this module adds what generation needs on
-top: the run's quantized layers switched on, as they were evaluated.
+run, checkpoint loaded with ``torch.load(weights_only=True)`` only); ``RunDir.build_model`` already
+switches the run's quantized layers on, as they were evaluated; this module pairs the model with the tokenizer.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ class RunLoadError(ValueError):
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> tuple[Any, Any]:
     """``(model, tokenizer)``: the run's model in eval mode on ``device``, with its quantized layers switched on
     when it trained quantized (as it was evaluated), and the run's tokenizer."""
-    from hydra.utils import instantiate
-
     from bkexp.rundir import RunDir, RunDirError
 
     try:
@@ -31,8 +29,5 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
         tokenizer = run.tokenizer()
     except RunDirError as err:
         raise RunLoadError(str(err)) from None
-    if cfg.get("quant") is not None:
-        quant = instantiate(cfg.quant)
-        quant.finalize(quant.prepare(model))
     return model.eval(), tokenizer
 
