@@ -15,7 +15,8 @@ copy of the model), and evaluated on the same fixed slice of the validation spli
 ``--eval-batches`` batches): its perplexity says what the speed costs in accuracy. A mode that cannot run
 here (no compiler, torchao missing) is recorded with its error and does not stop the others.
 
-Loads the run through ``bkexp.rundir`` (weights_only checkpoints; a quantized run as its test evaluated it). Writes under ``RUN_DIR/benchmarks/``:
+Loads the run through ``bkexp.rundir`` (weights_only checkpoints; a quantized run as its test evaluated it).
+Writes under ``RUN_DIR/benchmarks/``:
 ``<mode>_output.json`` per mode, ``comparison_results.json``, ``comparison_summary.csv``,
 ``comparison_bar_plot.png`` and ``speedup_comparison.png``.
 """
