@@ -30,7 +30,7 @@ Layout: the cpu and triton kernels work on position-major planes (B, N, H). A mi
 ``v = proj(x).transpose(-1, -2)`` for ``x`` of shape (B, N, D) (and ``k`` laid out the same way): then no
 copy is made and ``y`` comes back as the same kind of transposed view, so ``y.transpose(-1, -2)`` is a
 contiguous (B, N, H) tensor. Other layouts work too: the causal cpu kernels read contiguous (B, H, N) rows
-(and any strides) in place and return outputs and gradients in the inputs' layout; the other kernels pay one
+(and any strides) in place and return outputs and gradients as transposed planes; the other kernels pay one
 gather of the rows.
 
 Decoding: ``bk_core_step`` advances one position from the state ``bk_core_state`` reads off a causal

@@ -6,8 +6,9 @@ rows at once per position on (position, row) scratch tiles; the inner loop over 
 vectorised by LLVM. The causal kernels copy every tile in and out through cache (``_stage_*``), in the order
 the array's memory runs: row by row for plain contiguous ``(B, H, N)`` rows (``_rows_contiguous``), position
 by position for a mixer's projection ``x (B, N, D) -> (B, N, H)``. So they read inputs and output gradients
-in either layout (any strides) in place, and write outputs and gradients in the inputs' layout
-(``bkexp bench bk-core --layouts``). Contiguous planes keep the direct code (``_left_sweep_planes``,
+in either layout (any strides) in place (``bkexp bench bk-core --layouts``); outputs and gradients are always
+written as planes and returned as their (B, H, N) transposes, as for a mixer: a row tile costs a scalar
+transposing copy, and writing rows as well measured 1.2-1.6x slower than reading them alone. Contiguous planes keep the direct code (``_left_sweep_planes``,
 ``_stage_*_reversed_planes``: the generic copies measured 1.5-2x slower there), chosen per numba type by the
 ``overload``s, so a mixer's results are bit-identical to the planes-only kernels. The bidirectional kernels
 index contiguous planes directly. That needs
@@ -586,29 +587,20 @@ def _planes(rows: Tensor) -> np.ndarray:
     return _np(rows.transpose(1, 2))
 
 
-def _rows_layout(t: Tensor) -> bool | None:
-    """True for contiguous (B, H, N) rows, False for the transpose of contiguous planes, None for other strides."""
-    if t.is_contiguous():
-        return True
-    return False if t.transpose(1, 2).is_contiguous() else None
-
-
-def _empty_rows(b: int, h: int, n: int, rows_layout: bool, dtype: torch.dtype) -> Tensor:
-    """Empty (B, H, n) rows: contiguous rows if ``rows_layout``, else the transpose of contiguous planes.
+def _empty_planes(b: int, h: int, n: int, dtype: torch.dtype) -> Tensor:
+    """Empty (B, H, n) rows that are the transpose of contiguous (B, n, H) planes.
 
     Allocated by numpy, which asks Linux for transparent huge pages on large arrays: a fresh output then
     faults in 2 MB pages rather than 4 KB ones (a fresh 64 MB output filled in half the time on this machine;
     at DRAM sizes first-touch faults were ~40% of a call).
     """
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    if rows_layout:
-        return torch.from_numpy(np.empty((b, h, n), np_dtype))
     return torch.from_numpy(np.empty((b, n, h), np_dtype)).transpose(1, 2)
 
 
 class _CpuBKCore(torch.autograd.Function):
-    """Rows (B, H, N) in and out. Causal mode reads and writes any layout in place (the kernels copy tiles
-    through cache) and returns outputs and gradients laid out like the inputs; bidirectional mode works on
+    """Rows (B, H, N) in and out. Causal mode reads inputs and output gradients of any layout in place (the
+    kernels copy tiles through cache) and returns outputs and gradients as transposed planes; bidirectional mode works on
     position-major planes (B, N, H) (a free transpose for a mixer's projections, one gather otherwise).
     Layout changes happen in here, where they make no autograd nodes."""
 
@@ -619,11 +611,10 @@ class _CpuBKCore(torch.autograd.Function):
         ctx.z_dtype = z.dtype
         if causal:
             b, h, n = v.shape
-            v_rows = bool(_rows_layout(v))  # outputs and dL/dv like v: rows if v is rows, else planes
-            k_rows = _rows_layout(k)  # dL/dk like k, or like v when k has other strides (an expanded k)
-            ctx.layouts = (v_rows, v_rows if k_rows is None else k_rows)
-            yr = _empty_rows(b, h, n, v_rows, v.dtype)
-            yi = _empty_rows(b, h, n, v_rows, v.dtype)
+            # Outputs and gradients are planes whatever the inputs' layout (as for a mixer): a tile of rows costs
+            # a scalar transposing copy, so writing rows too measured 1.2-1.6x slower than reading them alone.
+            yr = _empty_planes(b, h, n, v.dtype)
+            yi = _empty_planes(b, h, n, v.dtype)
             _kernel("causal_forward", v)(_planes(v), _planes(k), _np(z2), _planes(yr), _planes(yi))
             ctx.save_for_backward(k, yr, yi)
             return yr, yi
@@ -641,8 +632,8 @@ class _CpuBKCore(torch.autograd.Function):
         if ctx.causal:
             k, yr, yi = ctx.saved_tensors
             (b, h, n), dt = yr.shape, yr.dtype
-            dv = _empty_rows(b, h, n, ctx.layouts[0], dt)
-            dk = _empty_rows(b, h, n - 1, ctx.layouts[1], dt)
+            dv = _empty_planes(b, h, n, dt)
+            dk = _empty_planes(b, h, n - 1, dt)
             dz = torch.empty(b, h, 2, dtype=torch.float64)
             _kernel("causal_backward", yr)(_planes(k), _planes(yr), _planes(yi), _planes(grad_re.to(dt)),
                                            _planes(grad_im.to(dt)), _planes(dv), _planes(dk), _np(dz))
