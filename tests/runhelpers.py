@@ -15,7 +15,7 @@ from testpaths import REPO_ROOT
 CONF = REPO_ROOT / "conf"
 
 # Small enough for a 2-core CPU, big enough to exercise validation, checkpointing and test. ``~recipe``: the plain
-# tiny models (with their feed-forward layers), not the default experiment's MQAR recipe (conf/recipe/mqar_tiny.yaml).
+# tiny models (with their feed-forward layers), not the default experiment's MQAR recipe (conf/recipe/).
 TINY = [
     "~recipe",
     "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",

@@ -1,7 +1,8 @@
 """The README's first command: ``python train.py`` with no argument trains a model that solves its task.
 
-The default experiment is MQAR at the tiny size with conf/recipe/mqar_tiny.yaml (two attention layers, 16 tokens,
-1,500 steps). The recipe must apply to that default only, so text runs and other sizes keep their own settings.
+The default experiment is MQAR at the tiny size with conf/recipe/mqar_tiny_transformer.yaml (two attention layers
+without MLP, 16 tokens, 1,500 steps). The recipe must apply to that default only, so text runs and other sizes
+keep their own settings.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ def test_the_recipe_applies_to_mqar_at_the_tiny_size_only(tmp_path: Path) -> Non
     assert default.dataset.name == "mqar" and default.seq_len == 16 and default.model.ffn is None
     assert default.dataset.vocab_size == 32 and default.trainer.max_steps == 1500
     assert (default.model.d_model, default.model.n_layers, default.model.mixer.n_heads) == (64, 2, 4)
-    # the three models of sweep=models get the same recipe: mixers only, equal width and depth
-    for model in ("bk", "mamba"):
+    # the three models of sweep=models get the same data, budget, width and depth; only the Transformer drops its
+    # feed-forward (ResNet-BK keeps its MoE, Mamba has none)
+    for model, ffn in (("bk", "MoEFeedForward"), ("mamba", None)):
         cfg = compose_train([f"model={model}"], tmp_path)
-        assert cfg.model.ffn is None and (cfg.model.d_model, cfg.model.n_layers) == (64, 2), model
+        assert cfg.seq_len == 16 and cfg.trainer.max_steps == 1500 and cfg.dataset.batch_size == 128, model
+        assert (cfg.model.d_model, cfg.model.n_layers) == (64, 2), model
+        assert (cfg.model.get("ffn") or {}).get("_target_", "").rsplit(".", 1)[-1] == (ffn or ""), model
+    assert compose_train(["model=bk_seed"], tmp_path).seq_len == 128  # no recipe for it: its own settings
     # anything else keeps the plain settings: another size, another dataset, a named experiment, ~recipe
     plain = compose_train(["~recipe"], tmp_path)
     assert plain.seq_len == 128 and plain.model.ffn is not None and plain.model.d_model == 128
