@@ -106,6 +106,51 @@ def _block_span(block, nd, group_size, per_group, width):
     return ib, group, c0, min(width, (group + 1) * group_size - c0)
 
 
+def _exp_parts(x):
+    """First half of ``exp(x)`` for one element: (polynomial part, int32 bits of the power of two) (numba only)."""
+    raise NotImplementedError("_exp_parts is compiled by numba; call it from a jitted function")
+
+
+def _exp_finish(x, poly, scale):
+    """``exp(x)`` from ``_exp_parts(x)``'s polynomial and its power of two read back as a float (numba only)."""
+    raise NotImplementedError("_exp_finish is compiled by numba; call it from a jitted function")
+
+
+# The same float32 exp as _exp_into, split per element so the scan can compute its decays in the loops that
+# use them (no separate pass that writes the exponents and the decays out and reads them back); float64
+# takes libm exp in the first half.
+@overload(_exp_parts, inline="always", jit_options={"fastmath": {"nsz", "arcp", "contract", "afn"}})
+def _exp_parts_impl(x):
+    if x == types.float32:
+        def parts_float32(x):
+            exponent = np.floor(min(max(x * _LOG2E, _MIN_EXP2), _MAX_EXP2) + _HALF)
+            r = x - exponent * _LN2_HI
+            r = r - exponent * _LN2_LO
+            poly = _ONE + r * (_ONE + r * (_P2 + r * (_P3 + r * (_P4 + r * (_P5 + r * (_P6 + r * _P7))))))
+            return poly, (np.int32(exponent) + _EXP_BIAS) << _MANTISSA_BITS
+        return parts_float32
+
+    def parts_libm(x):
+        return math.exp(x), np.int32(0)
+    return parts_libm
+
+
+@overload(_exp_finish, inline="always", jit_options={"fastmath": {"nsz", "arcp", "contract", "afn"}})
+def _exp_finish_impl(x, poly, scale):
+    if x == types.float32:
+        def finish_float32(x, poly, scale):
+            s = x * _LOG2E
+            value = poly * scale
+            value = _ZERO if s < _MIN_EXP2 else value
+            value = _INF if s > _MAX_EXP2 else value
+            return x if x != x else value  # NaN in, NaN out
+        return finish_float32
+
+    def finish_libm(x, poly, scale):
+        return poly
+    return finish_libm
+
+
 # softplus(x) = log1p(exp(x)) = x for x > 20 (PyTorch's threshold). log1p(y) = log(u) * y / (u - 1) with
 # u = fl(1 + y) (exact to a few ulps because u - 1 is exact), log(u) = e ln 2 + log(m) for u = m 2^e,
 # m in [sqrt(1/2), sqrt(2)), log(m) = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172, by its series to s^9
@@ -270,9 +315,9 @@ def _scan_forward(u, delta, z, A_t, Bk, Ck, D, bias, flags, group_size, width, o
         D_blk = D[c0:c1] if has_D else A_blk[:nc]
         bias_blk = bias[c0:c1] if has_bias else A_blk[:nc]
         h = np.zeros(ns * nc, u.dtype)
-        exponent = np.empty(ns * nc, u.dtype)
         decay = np.empty(ns * nc, u.dtype)
         bits = np.empty(max(ns, every) * nc, np.int32)
+        scale = bits.view(np.float32)  # the powers of two that _exp_parts writes, as floats
         drive = np.empty(nc, u.dtype)
         raw = np.empty(every * nc, u.dtype)  # chunk buffers, (positions, channels) flattened
         dts = np.empty(every * nc, u.dtype)
@@ -312,14 +357,16 @@ def _scan_forward(u, delta, z, A_t, Bk, Ck, D, bias, flags, group_size, width, o
                 for k in range(ns):
                     base = k * nc
                     for c in range(nc):
-                        exponent[base + c] = dt[c] * A_blk[base + c]
-                _exp_into(exponent, decay, bits[:ns * nc])
+                        poly, power = _exp_parts(dt[c] * A_blk[base + c])
+                        decay[base + c] = poly
+                        bits[base + c] = power
                 for k in range(ns):
                     b_tk = Bk[ib * bsB, group, t * tsB, k]
                     c_tk = Ck[ib * bsC, group, t * tsC, k]
                     base = k * nc
                     for c in range(nc):
-                        value = decay[base + c] * h[base + c] + drive[c] * b_tk
+                        factor = _exp_finish(dt[c] * A_blk[base + c], decay[base + c], scale[base + c])
+                        value = factor * h[base + c] + drive[c] * b_tk
                         h[base + c] = value
                         acc[c] += value * c_tk
                 if has_D:
@@ -367,8 +414,8 @@ def _scan_backward(u, delta, dt_in, z, pre, A_t, Bk, Ck, D, bias, flags, group_s
         bias_blk = bias[c0:c1] if has_bias else A_blk[:nc]
         states = np.empty((every + 1, ns * nc), u.dtype)  # states[r] = h_{t0 + r - 1}, flattened (n, nc)
         decays = np.empty((every, ns * nc), u.dtype)  # decays[r] = exp(delta'_{t0 + r} A)
-        exponent = np.empty(ns * nc, u.dtype)
         bits = np.empty(max(ns, every) * nc, np.int32)
+        scale = bits.view(np.float32)  # the powers of two that _exp_parts writes, as floats
         lam = np.zeros(ns * nc, u.dtype)  # dL/dh_t carried backwards through the decay
         dA_blk = np.zeros(ns * nc, u.dtype)
         drive = np.empty(nc, u.dtype)
@@ -398,13 +445,16 @@ def _scan_backward(u, delta, dt_in, z, pre, A_t, Bk, Ck, D, bias, flags, group_s
                 for k in range(ns):
                     base = k * nc
                     for c in range(nc):
-                        exponent[base + c] = dt[c] * A_blk[base + c]
-                _exp_into(exponent, decay, bits[:ns * nc])
+                        poly, power = _exp_parts(dt[c] * A_blk[base + c])
+                        decay[base + c] = poly
+                        bits[base + c] = power
                 for k in range(ns):
                     b_tk = Bk[ib * bsB, group, t * tsB, k]
                     base = k * nc
                     for c in range(nc):
-                        new[base + c] = decay[base + c] * old[base + c] + drive[c] * b_tk
+                        factor = _exp_finish(dt[c] * A_blk[base + c], decay[base + c], scale[base + c])
+                        decay[base + c] = factor
+                        new[base + c] = factor * old[base + c] + drive[c] * b_tk
             for t in range(t0, t1):  # dL/dy = dL/dout * silu(z); the gate's own gradient
                 gs[(t - t0) * nc:(t - t0 + 1) * nc] = dout[ib, t, c0:c1]
                 if has_z:
