@@ -5,7 +5,8 @@ forward, next-token cross-entropy plus the model's auxiliary losses, backward, a
 configured optimizer (``conf/optimizer``, built like the LightningModule builds it). A step holds about
 ``--tokens`` tokens (batch = tokens // N, at least 1). For each N the models are timed interleaved (model
 A, B, C, A, B, C, ...) and the median step is reported, so on a shared machine a load change hits every
-model alike; ``vs_<baseline>`` is the ratio of per-token costs to the baseline model at the same N.
+model alike; ``vs_<baseline>`` is the ratio of per-token costs to the baseline model at the same N (also
+printed as one line per N, e.g. ``N=256  mamba/transformer 1.180x``).
 
 ``--components`` adds the per-layer table (``components.*``; ``--components-only``: that table alone): forward+backward
 of each sublayer of one block on ``(batch, N, d_model)`` activations -- every mixer and feed-forward, the custom ops alone
@@ -158,6 +159,11 @@ def step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         base = {r["n"]: r["us_per_token"] for r in rows if r["model"] == args.baseline}
         for r in rows:
             r[f"vs_{args.baseline}"] = r["us_per_token"] / base[r["n"]]
+        others = [m for m in args.models if m != args.baseline]
+        print(f"\nper-token cost relative to {args.baseline} (same N, interleaved medians):")
+        for n in args.n:
+            ratios = {r["model"]: r[f"vs_{args.baseline}"] for r in rows if r["n"] == n}
+            print(f"  N={n:<6} " + "  ".join(f"{m}/{args.baseline} {ratios[m]:.3f}x" for m in others), flush=True)
     return rows
 
 

@@ -10,7 +10,7 @@ import pytest
 from bkexp.cli import main as bkexp_main
 
 
-def test_train_step_writes_per_token_and_component_tables(tmp_path: Path) -> None:
+def test_train_step_writes_per_token_and_component_tables(tmp_path: Path, capsys) -> None:
     out = tmp_path / "ts"
     argv = ["bench", "train-step", "--size", "tiny", "--n", "16,32", "--tokens", "64", "--vocab", "64",
             "--repeat", "1", "--warmup", "0", "--components", "--components-n", "16", "--components-batch", "2",
@@ -24,6 +24,10 @@ def test_train_step_writes_per_token_and_component_tables(tmp_path: Path) -> Non
         assert r["us_per_token"] == pytest.approx(r["step_ms"] * 1e3 / (r["batch"] * r["n"]))
         assert r["vs_transformer"] > 0 and (r["model"] != "transformer" or r["vs_transformer"] == 1.0)
     assert result["meta"]["size"] == "tiny" and result["meta"]["vocab"] == 64
+    printed = capsys.readouterr().out  # one ratio line per N, from the same rows
+    for n in (16, 32):
+        ratio = next(r["vs_transformer"] for r in rows if r["model"] == "mamba" and r["n"] == n)
+        assert f"N={n:<6} bk/transformer" in printed and f"mamba/transformer {ratio:.3f}x" in printed
     for name in ("train_step.csv", "train_step.md", "train_step.png", "components.csv", "components.md"):
         assert (out / name).stat().st_size > 0
     comp = {(r["model"], r["component"]): r for r in json.loads((out / "components.json").read_text())["rows"]}
