@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from bkexp.bench.common import log_log_plot, time_fn, write_table
+from bkexp.bench.common import interleaved, log_log_plot, time_fn, write_table
 from bkexp.environment import environment
 from bkexp.ops.bk_core import available_backends, bk_core
 from bkexp.ops.testing import as_real, rel_err
@@ -142,25 +143,6 @@ def _copy_case(elements: int, device: torch.device):
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch: page faults are not bandwidth
     return lambda: dst.copy_(src)
-
-
-def interleaved_medians(fns: dict[str, Any], device: torch.device, repeat: int) -> dict[str, float]:
-    """Median seconds per call of each function, called in turn (A, B, C, A, B, C, ...) after one warm-up round."""
-    import statistics
-    import time
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def peak_bandwidth_gbs(device: torch.device, override: float | None = None) -> float | None:
@@ -352,7 +334,7 @@ def main(argv: list[str]) -> int:
                                       args.roofline_rows // args.roofline_batch, True, device, layout)[1]
                      for layout in LAYOUTS}
             cases["copy"] = _copy_case(args.roofline_rows * args.roofline_n, device)
-            times = interleaved_medians(cases, device, repeat)  # layouts and the copy in turn: alike under load
+            times = {name: statistics.median(ts) for name, ts in interleaved(cases, device=device, repeat=repeat).items()}  # layouts and the copy in turn: alike under load
             copy_s = times.pop("copy")
             roof_copy_gbs = 2 * 4 * args.roofline_rows * args.roofline_n * 4 / copy_s / 1e9
             fastest = min(times.values())

@@ -45,24 +45,24 @@ def compose_config(overrides: Sequence[str], config_dir: Path = CONF_DIR, comman
     return cfg
 
 
+# Benchmarks time the size presets as they are: the default experiment's task recipe (conf/recipe/, which
+# changes widths and drops the Transformer's MLP on MQAR at the tiny size) must not apply.
+NO_RECIPE = "~recipe"
+
+
 def build_model(name: str, size: str, vocab: int, config_dir: Path = CONF_DIR) -> torch.nn.Module:
-    """``model=<name> size=<size>`` composed from the config tree and instantiated (what a run trains)."""
+    """``model=<name> size=<size>`` composed from the config tree and instantiated (the preset, no recipe)."""
     from hydra.utils import instantiate
 
-    cfg = compose_config([f"model={name}", f"size={size}"], config_dir, "bkexp bench decode")
+    cfg = compose_config([f"model={name}", f"size={size}", NO_RECIPE], config_dir, "bkexp bench decode")
     return instantiate(cfg.model, vocab_size=vocab)
 
 
-def time_fn(fn: Callable[[], Any], *, device: str | torch.device = "cpu", warmup: int = 2, repeat: int = 5,
-            min_time_s: float = 0.0) -> dict[str, float]:
-    """Median/min wall time of ``fn()`` in seconds over ``repeat`` runs after ``warmup`` runs.
-
-    On CUDA, synchronises around each call so the time covers the kernels, not just their launch.
-    Repeats further (up to 10x ``repeat``) until at least ``min_time_s`` has been measured.
-    """
+def _timer(device: str | torch.device) -> Callable[[Callable[[], Any]], float]:
+    """Seconds of one call; on CUDA synchronised around it, so the time covers the kernels, not their launch."""
     cuda = torch.device(device).type == "cuda"
 
-    def once() -> float:
+    def once(fn: Callable[[], Any]) -> float:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -71,12 +71,37 @@ def time_fn(fn: Callable[[], Any], *, device: str | torch.device = "cpu", warmup
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
+    return once
+
+
+def time_fn(fn: Callable[[], Any], *, device: str | torch.device = "cpu", warmup: int = 2, repeat: int = 5,
+            min_time_s: float = 0.0) -> dict[str, float]:
+    """Median/min wall time of ``fn()`` in seconds over ``repeat`` runs after ``warmup`` runs.
+
+    Repeats further (up to 10x ``repeat``) until at least ``min_time_s`` has been measured.
+    """
+    once = _timer(device)
     for _ in range(warmup):
-        once()
-    times = [once() for _ in range(repeat)]
+        once(fn)
+    times = [once(fn) for _ in range(repeat)]
     while sum(times) < min_time_s and len(times) < 10 * repeat:
-        times.append(once())
+        times.append(once(fn))
     return {"median_s": statistics.median(times), "min_s": min(times), "n": len(times)}
+
+
+def interleaved(fns: dict[Any, Callable[[], Any]], *, device: str | torch.device = "cpu", warmup: int = 1,
+                repeat: int = 5) -> dict[Any, list[float]]:
+    """Seconds per call of each function, called in turn (A, B, C, A, B, C, ...) after ``warmup`` rounds: on a
+    machine shared with other processes the load drifts, and interleaving lets every function see the same drift."""
+    once = _timer(device)
+    for _ in range(warmup):
+        for fn in fns.values():
+            once(fn)
+    times: dict[Any, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            times[name].append(once(fn))
+    return times
 
 
 def write_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], out_dir: Path, stem: str,

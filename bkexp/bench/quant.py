@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from bkexp.bench.common import time_fn, write_table
+from bkexp.bench.common import interleaved, write_table
 from bkexp.environment import environment
 from bkexp.models import LanguageModel
 from bkexp.models.ffn import MLP
@@ -102,14 +102,8 @@ def parse_shape(text: str, flag: str) -> tuple[int, int]:
 
 
 def interleaved_times(forwards: dict[str, Any], device: torch.device, repeat: int) -> dict[str, dict[str, float]]:
-    """Median/min seconds per variant, timing the variants round-robin: on a machine shared with other
-    processes the load drifts, and interleaving lets every variant see the same drift."""
-    for forward in forwards.values():
-        time_fn(forward, device=device, warmup=2, repeat=1)
-    samples: dict[str, list[float]] = {name: [] for name in forwards}
-    for _ in range(repeat):
-        for name, forward in forwards.items():
-            samples[name].append(time_fn(forward, device=device, warmup=0, repeat=1)["median_s"])
+    """Median/min seconds per variant, the variants timed in turn (see ``interleaved``)."""
+    samples = interleaved(forwards, device=device, warmup=2, repeat=repeat)
     return {name: {"median_s": statistics.median(t), "min_s": min(t)} for name, t in samples.items()}
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 import bkexp.models.mixers.bk as bk_module
-from bkexp.bench.common import CONF_DIR, MODELS, compose_config, log_log_plot, model_list, write_table
+from bkexp.bench.common import (CONF_DIR, MODELS, NO_RECIPE, compose_config, interleaved, log_log_plot,
+                                model_list, write_table)
 from bkexp.environment import environment
 from bkexp.models.ffn import MLP
 from bkexp.train.module import build_optimizer, split_weight_decay
@@ -85,9 +85,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def build(name: str, args: argparse.Namespace, n: int) -> tuple[torch.nn.Module, Callable[..., Any]]:
-    """The model and its optimizer factory as ``python train.py model=<name> size=<size> seq_len=<n>`` builds them."""
-    cfg = compose_config([f"model={name}", f"size={args.size}", f"seq_len={n}", *args.override], args.config_dir,
-                         "bkexp bench train-step")
+    """The model and its optimizer factory as ``python train.py model=<name> size=<size> seq_len=<n>`` builds them
+    (the size preset itself: no task recipe)."""
+    cfg = compose_config([f"model={name}", f"size={args.size}", f"seq_len={n}", NO_RECIPE, *args.override],
+                         args.config_dir, "bkexp bench train-step")
     torch.manual_seed(0)
     return instantiate(cfg.model, vocab_size=args.vocab), instantiate(cfg.optimizer)
 
@@ -118,24 +119,6 @@ def train_step_fn(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batc
     return step
 
 
-def interleaved(fns: dict[Any, Callable[[], Any]], warmup: int, repeat: int,
-                device: torch.device = torch.device("cpu")) -> dict[Any, list[float]]:
-    """Seconds per call of each function, calling them in turn (A, B, C, A, B, C, ...); CUDA is synchronised."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[Any, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for n in args.n:
@@ -147,7 +130,7 @@ def step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             fns[name] = train_step_fn(model, build_optimizer(factory, split_weight_decay(model)), batch, n, args.vocab,
                                       args.precision)
             params[name] = model.param_counts()["non_embedding"]
-        times = interleaved(fns, args.warmup, args.repeat, args.device)
+        times = interleaved(fns, device=args.device, warmup=args.warmup, repeat=args.repeat)
         for name, ts in times.items():
             median = statistics.median(ts)
             rows.append({"model": name, "n": n, "batch": batch, "step_ms": median * 1e3,
@@ -241,7 +224,7 @@ def component_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 bk_module.bk_core = capture.fn
             fns[(name, "BK-Core op")] = _fwd_bwd(capture.fn, *capture.args, **capture.kwargs)
             shapes[(name, "BK-Core op")] = d
-    times = interleaved(fns, args.warmup, args.repeat, args.device)
+    times = interleaved(fns, device=args.device, warmup=args.warmup, repeat=args.repeat)
     medians = {key: statistics.median(ts) for key, ts in times.items()}
     rows = []
     for (model, component), median in medians.items():
