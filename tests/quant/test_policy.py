@@ -37,7 +37,9 @@ EXPECTED_LINEARS_PER_BLOCK = {
 
 def build(model: str, *overrides: str) -> tuple[nn.Module, object]:
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={model}", "model.d_model=32", "model.n_layers=1", *overrides])
+        # ~recipe: the size preset's model (the default MQAR recipe drops the Transformer's MLP)
+        cfg = compose("train", overrides=[f"model={model}", "model.d_model=32", "model.n_layers=1", "~recipe",
+                                          *overrides])
     torch.manual_seed(0)
     return instantiate(cfg.model, vocab_size=VOCAB), cfg
 
