@@ -124,8 +124,9 @@ def run_raw(cfg: Any, datamodule: Any) -> tuple[list[float], list[float], float]
     steps = int(cfg.trainer.max_steps)
     starts, losses = [], []
     done = 0
+    loader = datamodule.train_dataloader()  # built once, as Lightning does: its sampler reshuffles every epoch
     while done < steps:
-        for batch in datamodule.train_dataloader():
+        for batch in loader:
             starts.append(time.perf_counter())
             logits = model(batch["input_ids"])
             loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)

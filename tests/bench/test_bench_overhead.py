@@ -25,6 +25,9 @@ def test_bkexp_and_raw_loop_give_equal_losses_and_write_tables(tmp_path: Path) -
         assert row["raw_step_ms"] > 0 and row["bkexp_step_ms"] > 0 and row["raw_peak_mb"] > 0
     steps = list(csv.DictReader((out / "steps.csv").open()))
     assert len(steps) == 2 * 2 * 6
+    # 256 examples at the default recipe's batch of 128: steps 3-6 are in later epochs, which both loops
+    # must shuffle alike (a raw loop that rebuilt its loader every epoch repeated the first epoch's order).
+    assert rows["transformer"]["batch"] == 128
     # The losses really move (training happened) and both loops saw the same ones, step by step.
     bk = [r for r in steps if r["model"] == "bk" and r["round"] == "0"]
     assert float(bk[0]["raw_loss"]) != float(bk[-1]["raw_loss"])
