@@ -140,11 +140,13 @@ class BkexpLM(TemplateLM):
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, with ``do_sample``) continuations through bkexp.infer's prefill/step decoding, cut
-        at the first ``until`` string; the context keeps its last ``max_length`` tokens."""
-        from bkexp.infer import Sampling, generate
+        at the first ``until`` string; the context keeps its last ``max_length`` tokens. Requests with the same
+        generation settings are decoded together, ``batch_size`` prompts of one length per batch."""
+        from bkexp.infer import Sampling, cut_at_until, generate, until_stop
 
-        out = []
-        for request in requests:
+        groups: dict[tuple[tuple[str, ...], int, Sampling], list[int]] = {}
+        prompts: list[list[int]] = []
+        for i, request in enumerate(requests):
             context, gen_kwargs = request.args
             kwargs = dict(gen_kwargs or {})
             until = kwargs.pop("until", None) or []
@@ -153,17 +155,14 @@ class BkexpLM(TemplateLM):
             sample = bool(kwargs.pop("do_sample", False))
             sampling = Sampling(temperature=float(kwargs.pop("temperature", 1.0)) if sample else 0.0,
                                 top_k=kwargs.pop("top_k", None), top_p=float(kwargs.pop("top_p", 1.0)))
-            prompt = (self.tok_encode(context) if context else [self.prefix_token_id])[-self.max_length:]
-
-            def stop(tokens: list[int]) -> bool:
-                text = self.tok_decode(tokens)
-                return any(u in text for u in until)
-
-            tokens = generate(self.model, [prompt], max_new, sampling, stop=stop if until else None)[0]
-            text = self.tok_decode(tokens)
-            for u in until:
-                text = text.split(u, 1)[0]
-            out.append(text)
+            groups.setdefault((tuple(until), max_new, sampling), []).append(i)
+            prompts.append((self.tok_encode(context) if context else [self.prefix_token_id])[-self.max_length:])
+        out = [""] * len(requests)
+        for (until, max_new, sampling), indices in groups.items():
+            continuations = generate(self.model, [prompts[i] for i in indices], max_new, sampling,
+                                     stop=until_stop(self.tokenizer, until), batch_size=self._batch_size)
+            for i, tokens in zip(indices, continuations, strict=True):
+                out[i] = cut_at_until(self.tok_decode(tokens), until)
         return out
 
     def get_model_info(self) -> dict[str, Any]:

@@ -92,6 +92,26 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(word_run: Path
     assert cut == expected.split(stop, 1)[0]
 
 
+def test_generate_until_batches_requests_and_keeps_their_order(word_run: Path):
+    """Requests of several lengths and two settings, decoded in batches of 2, each equal to its own greedy
+    reference (full forward, one token at a time) and returned in request order."""
+    run = load_run(word_run, "best", (), torch.device("cpu"))
+    lm = BkexpLM(model=run.model, tokenizer=run.tokenizer, max_length=32, batch_size=2, device="cpu")
+    contexts = ["The game was released in", "The game", "It was", "The game was released in", "It was the"]
+    budgets = [4, 6, 4, 6, 4]
+
+    def greedy(context: str, steps: int) -> str:
+        ids = run.tokenizer.encode(context)
+        with torch.no_grad():
+            for _ in range(steps):
+                ids.append(int(run.model(torch.tensor(ids)[None])[0, -1].argmax()))
+        return run.tokenizer.decode(ids[len(run.tokenizer.encode(context)):])
+
+    outs = lm.generate_until([Request(c, {"max_gen_toks": k}) for c, k in zip(contexts, budgets)])
+    assert outs == [greedy(c, k) for c, k in zip(contexts, budgets)]
+    assert outs[0] != outs[3]  # same context, different budgets: two groups, not one cached answer
+
+
 def test_bad_task_files_are_refused(tmp_path: Path):
     with pytest.raises(ValueError, match="task kind 'essay'; valid: multiple_choice, rolling"):
         write_local_task(tmp_path, "t", "essay", tmp_path / "x.jsonl")
