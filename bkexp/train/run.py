@@ -48,6 +48,21 @@ def job_identity() -> dict[str, Any]:
             "sweep": sweep, "multirun": multirun}
 
 
+def applied_recipe(runtime: Any) -> str | None:
+    """The ``conf/recipe/`` option the run composed (``runtime``: ``HydraConfig.get().runtime``), else None.
+
+    Hydra records an optional group's choice even when no config of that name exists (``dataset=wikitext2``
+    gives ``recipe: wikitext2_tiny_transformer``), so the choice counts only where its file is in a config source.
+    """
+    name = (runtime.choices or {}).get("recipe")
+    if not name:
+        return None
+    for source in runtime.config_sources or []:
+        if source.get("schema") == "file" and (Path(source.path) / "recipe" / f"{name}.yaml").is_file():
+            return str(name)
+    return None
+
+
 def should_raise(cfg: DictConfig, identity: dict[str, Any]) -> bool:
     flag = cfg.get("continue_on_failure")
     continue_on_failure = identity["multirun"] if flag is None else bool(flag)
@@ -74,6 +89,7 @@ def run(cfg: DictConfig) -> float | None:
         model=cfg.model.get("name"), dataset=cfg.dataset.get("name"), seq_len=cfg.get("seq_len"),
         bits=cfg.get("bits"), seed=cfg.get("seed"),
         hardware=HydraConfig.get().runtime.choices.get("hardware") if HydraConfig.initialized() else None,
+        recipe=applied_recipe(HydraConfig.get().runtime) if HydraConfig.initialized() else None,
         overrides=identity["overrides"], sweep=identity["sweep"], metrics={},
     )
     loggers: list[Logger] = []

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from runhelpers import compose_train
+from runhelpers import CONF, MQAR_TINY, TINY, compose_train, read_summary
 from testpaths import REPO_ROOT
 
 
@@ -44,6 +44,33 @@ def test_the_recipe_applies_to_mqar_at_the_tiny_size_only(tmp_path: Path) -> Non
     assert experiment.seq_len == 256 and experiment.model.ffn is not None
 
 
+@pytest.mark.parametrize("overrides,recipe", [
+    ([], "mqar_tiny_transformer"), (["model=mamba"], "mqar_tiny_mamba"), (["~recipe"], None),
+    # Hydra records these choices although conf/recipe/ has no such file: nothing was applied
+    (["dataset=wikitext2"], None), (["size=small"], None), (["model=bk_seed"], None),
+])
+def test_the_applied_recipe_is_the_one_whose_file_exists(overrides: list[str], recipe: str | None) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from bkexp.train.run import applied_recipe
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    assert cfg.hydra.runtime.choices.get("recipe") is not None or overrides == ["~recipe"]
+    assert applied_recipe(cfg.hydra.runtime) == recipe
+
+
+def test_summary_json_names_the_recipe_the_run_applied(train) -> None:
+    applied = train(*[o for o in TINY if o != "~recipe"], *MQAR_TINY)  # the recipe, shrunk by the overrides
+    summary = read_summary(applied)
+    assert summary["status"] == "ok" and summary["recipe"] == "mqar_tiny_transformer"
+    assert summary["config"]["model"]["ffn"] is None  # what the recipe changed is in the resolved config
+    plain = train(*TINY, *MQAR_TINY)
+    assert read_summary(plain)["recipe"] is None and read_summary(plain)["config"]["model"]["ffn"] is not None
+
+
 @pytest.mark.slow  # the whole default experiment: about a minute on 2 cores
 def test_python_train_py_learns_the_default_task(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
@@ -54,6 +81,7 @@ def test_python_train_py_learns_the_default_task(tmp_path: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     metrics = summary["metrics"]
     assert summary["status"] == "ok" and summary["model"] == "transformer" and summary["dataset"] == "mqar"
+    assert summary["recipe"] == "mqar_tiny_transformer"
     chance = 1 / 16  # one of the 16 value tokens
     assert metrics["test/acc"] >= 0.9, metrics  # recall: the induction circuit formed (the plateau is 0.25-0.37)
     assert metrics["test/loss"] < 0.5, metrics  # ln(4) = 1.39 is "one of the 4 values in the context"
