@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runhelpers import MQAR_TINY, TINY, read_summary
+from runhelpers import MQAR_TINY, TINY, compose_train, read_summary
 from testpaths import WIKITEXT2_DIR
 
 from bkexp.data import ByteTokenizer, IdTokenizer, PretrainedTokenizer, WordTokenizer, load_tokenizer
@@ -18,6 +18,7 @@ from bkexp.rundir import (
     atomic_save_figure,
     atomic_write_json,
     atomic_write_text,
+    build_run_model,
     find_run_dirs,
     load_checkpoint_file,
 )
@@ -85,6 +86,17 @@ def test_a_truncated_checkpoint_gives_one_line_with_its_path(tmp_path: Path) -> 
     assert "\n" not in str(info.value)
 
 
+def _test_loss(model: torch.nn.Module, datamodule) -> float:
+    losses, count = 0.0, 0
+    with torch.no_grad():
+        for batch in datamodule.test_dataloader():
+            logits = model(batch["input_ids"])
+            mask = batch["labels"] != -100
+            losses += float(torch.nn.functional.cross_entropy(logits[mask], batch["labels"][mask], reduction="sum"))
+            count += int(mask.sum())
+    return losses / count
+
+
 def test_a_trained_run_is_rebuilt_exactly(train, tmp_path: Path) -> None:
     run_dir = train(*TINY, *MQAR_TINY)
     summary = read_summary(run_dir)
@@ -105,14 +117,7 @@ def test_a_trained_run_is_rebuilt_exactly(train, tmp_path: Path) -> None:
     model = run.build_model("best")
     assert not model.training
     dm = run.build_datamodule(stage="test")
-    losses, count = 0.0, 0
-    with torch.no_grad():
-        for batch in dm.test_dataloader():
-            logits = model(batch["input_ids"])
-            mask = batch["labels"] != -100
-            losses += float(torch.nn.functional.cross_entropy(logits[mask], batch["labels"][mask], reduction="sum"))
-            count += int(mask.sum())
-    assert losses / count == pytest.approx(summary["metrics"]["test/loss"], rel=1e-5)
+    assert _test_loss(model, dm) == pytest.approx(summary["metrics"]["test/loss"], rel=1e-5)
     # Overrides: an existing key changes, a mistyped one is an error naming it, +key adds one.
     assert run.config(["dataset.batch_size=7"]).dataset.batch_size == 7
     with pytest.raises(RunDirError, match="no key 'dataset.batchsize'"):
@@ -125,15 +130,21 @@ def test_a_trained_run_is_rebuilt_exactly(train, tmp_path: Path) -> None:
     assert run.config().flags._target_ == "bkexp.techniques.Flags"
 
 
-def _test_loss(model: torch.nn.Module, datamodule) -> float:
-    losses, count = 0.0, 0
-    with torch.no_grad():
-        for batch in datamodule.test_dataloader():
-            logits = model(batch["input_ids"])
-            mask = batch["labels"] != -100
-            losses += float(torch.nn.functional.cross_entropy(logits[mask], batch["labels"][mask], reduction="sum"))
-            count += int(mask.sum())
-    return losses / count
+@pytest.mark.parametrize("flag", ["act", "koopman"])
+def test_a_flag_run_recorded_before_the_staged_model_builds_it(flag: str, tmp_path: Path) -> None:
+    """Runs recorded before bkexp/models/staged.py: conf/flags/<flag>.yaml put the staged keys on the plain class."""
+    from omegaconf import OmegaConf
+
+    from bkexp.models import StagedLanguageModel
+
+    cfg = compose_train([f"flags={flag}", "model.d_model=16", "model.n_layers=2", "flags.koopman_dim=4"], tmp_path)
+    current = build_run_model(cfg.model, None, 16)
+    cfg.model._target_ = "bkexp.models.LanguageModel"  # as those runs' .hydra/config.yaml has it
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    model = build_run_model(RunDir(tmp_path).config().model, None, 16)
+    assert type(model) is StagedLanguageModel and getattr(model.settings, flag) is True
+    model.load_state_dict(current.state_dict(), strict=True)  # the staged model's parameters, names unchanged
 
 
 @pytest.mark.parametrize("method", ["qat", "ptq"])
