@@ -23,9 +23,14 @@ def _imports() -> dict[str, set[str]]:
         if rel == Path("__init__.py"):
             continue
         src = rel.parts[0].removesuffix(".py")
+        package = ("bkexp", *rel.parts[:-1])  # what a relative import starts from
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(package[:len(package) - node.level + 1]) if node.level else ""
+                module = ".".join(filter(None, [base, node.module]))
+                # ``from bkexp import train`` imports the subpackage named after ``import``
+                names = [f"{module}.{a.name}" for a in node.names] if module == "bkexp" else [module]
             for name in names:
                 parts = name.split(".")
                 if parts[0] == "bkexp" and len(parts) > 1 and parts[1] != src:
