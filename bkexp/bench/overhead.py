@@ -1,6 +1,9 @@
 """``bkexp bench overhead``: bkexp's training step against a raw PyTorch loop on the same model, data and seed.
 
-The two loops train the same composed run config (``model=... size=... seq_len=...`` plus ``--override``):
+The two loops train the same composed run config (``model=... size=... seq_len=...`` plus ``--override``), as
+``python train.py`` would build it: on the default MQAR task at the tiny size that includes the default
+experiment's recipe (conf/recipe/: d_model 64, two layers, batch 128, the Transformer without MLP), which the
+``d_model``/``n_layers``/``batch`` columns show; ``--override ~recipe`` times the size preset itself.
 
 - ``bkexp``: ``LMTask`` in a Lightning ``Trainer`` built from the run's trainer config, with the run's
   callbacks (checkpointing left out: it runs after the last step) and loggers (writing under a temporary
@@ -42,7 +45,7 @@ from bkexp.environment import environment
 from bkexp.memory import peak_memory_mb, reset_peak_memory
 from bkexp.train.module import LMTask, build_optimizer, split_weight_decay
 
-COLUMNS = ["model", "size", "seq_len", "batch", "steps", "raw_step_ms", "bkexp_step_ms", "overhead_ms",
+COLUMNS = ["model", "size", "d_model", "n_layers", "seq_len", "batch", "steps", "raw_step_ms", "bkexp_step_ms", "overhead_ms",
            "overhead_pct", "raw_peak_mb", "bkexp_peak_mb", "max_loss_diff", "losses_equal"]
 IGNORE_INDEX = -100
 
@@ -172,7 +175,8 @@ def compare(model: str, args: argparse.Namespace) -> tuple[dict[str, Any], list[
     raw_ms = statistics.median(p["raw_ms"] for p in timed)
     overhead = statistics.median(p["diff_ms"] for p in timed)
     batch = int(cfg.dataset.get("batch_size", 0))
-    row = {"model": model, "size": args.size, "seq_len": args.seq_len, "batch": batch, "steps": len(timed),
+    row = {"model": model, "size": args.size, "d_model": int(cfg.model.d_model), "n_layers": int(cfg.model.n_layers),
+           "seq_len": args.seq_len, "batch": batch, "steps": len(timed),
            "raw_step_ms": raw_ms, "bkexp_step_ms": statistics.median(p["bkexp_ms"] for p in timed),
            "overhead_ms": overhead, "overhead_pct": 100.0 * overhead / raw_ms,
            "raw_peak_mb": max(peaks["raw"]), "bkexp_peak_mb": max(peaks["bkexp"]),

@@ -28,6 +28,7 @@ def test_bkexp_and_raw_loop_give_equal_losses_and_write_tables(tmp_path: Path) -
     # 256 examples at the default recipe's batch of 128: steps 3-6 are in later epochs, which both loops
     # must shuffle alike (a raw loop that rebuilt its loader every epoch repeated the first epoch's order).
     assert rows["transformer"]["batch"] == 128
+    assert (rows["transformer"]["d_model"], rows["transformer"]["n_layers"]) == (64, 2)  # the recipe, as shown
     # The losses really move (training happened) and both loops saw the same ones, step by step.
     bk = [r for r in steps if r["model"] == "bk" and r["round"] == "0"]
     assert float(bk[0]["raw_loss"]) != float(bk[-1]["raw_loss"])
