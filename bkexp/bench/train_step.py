@@ -54,7 +54,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary size (embedding and LM head; default 8192)")
     p.add_argument("--repeat", type=int, default=5, help="timed steps per model and N (median; default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--baseline", default="transformer", help="model the vs_ column divides by (default transformer)")
+    p.add_argument("--baseline", default="transformer",
+                   help="model the vs_ column divides by; no vs_ column when it is not among --models "
+                        "(default transformer)")
     p.add_argument("--components", action="store_true", help="also time each sublayer of one block (components.*)")
     p.add_argument("--components-only", action="store_true",
                    help="only the per-layer table (implies --components; no training steps, no train_step.*)")
@@ -76,7 +78,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         p.error(f"--n must be comma separated integers, got {args.n!r}")
     if any(n < 2 for n in args.n) or args.tokens < 1 or args.repeat < 1 or args.vocab < 2:
         p.error("need every N >= 2, --tokens >= 1, --repeat >= 1 and --vocab >= 2")
-    if args.baseline not in args.models:
+    if args.baseline not in MODELS:
+        p.error(f"unknown --baseline {args.baseline!r}; valid: {', '.join(MODELS)}")
+    if args.baseline not in args.models:  # a valid model that was not timed: nothing to divide by
         args.baseline = None
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device.type == "cuda" and not torch.cuda.is_available():

@@ -44,6 +44,10 @@ def test_bad_model_is_refused_with_the_valid_ones(capsys) -> None:
         bkexp_main(["bench", "train-step", "--models", "bk,gpt"])
     err = capsys.readouterr().err
     assert "gpt" in err and "transformer, bk, mamba" in err
+    with pytest.raises(SystemExit):  # a mistyped baseline is an error, not a table without its ratio column
+        bkexp_main(["bench", "train-step", "--baseline", "transfomer"])
+    err = capsys.readouterr().err
+    assert "--baseline 'transfomer'" in err and "transformer, bk, mamba" in err
 
 
 def test_components_only_writes_the_per_layer_table_alone(tmp_path: Path) -> None:
