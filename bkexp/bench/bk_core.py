@@ -334,7 +334,9 @@ def main(argv: list[str]) -> int:
                                       args.roofline_rows // args.roofline_batch, True, device, layout)[1]
                      for layout in LAYOUTS}
             cases["copy"] = _copy_case(args.roofline_rows * args.roofline_n, device)
-            times = {name: statistics.median(ts) for name, ts in interleaved(cases, device=device, repeat=repeat).items()}  # layouts and the copy in turn: alike under load
+            # the layouts and the copy timed in turn, so a change of load hits them alike
+            times = {name: statistics.median(ts)
+                     for name, ts in interleaved(cases, device=device, repeat=repeat).items()}
             copy_s = times.pop("copy")
             roof_copy_gbs = 2 * 4 * args.roofline_rows * args.roofline_n * 4 / copy_s / 1e9
             fastest = min(times.values())

@@ -45,8 +45,8 @@ from bkexp.environment import environment
 from bkexp.memory import peak_memory_mb, reset_peak_memory
 from bkexp.train.module import LMTask, build_optimizer, split_weight_decay
 
-COLUMNS = ["model", "size", "d_model", "n_layers", "seq_len", "batch", "steps", "raw_step_ms", "bkexp_step_ms", "overhead_ms",
-           "overhead_pct", "raw_peak_mb", "bkexp_peak_mb", "max_loss_diff", "losses_equal"]
+COLUMNS = ["model", "size", "d_model", "n_layers", "seq_len", "batch", "steps", "raw_step_ms", "bkexp_step_ms",
+           "overhead_ms", "overhead_pct", "raw_peak_mb", "bkexp_peak_mb", "max_loss_diff", "losses_equal"]
 IGNORE_INDEX = -100
 
 
