@@ -119,6 +119,8 @@ def model_card(summary: dict[str, Any], config: dict[str, Any], folder_hint: str
         ("dataset", f"{dataset} ({_describe_source(source)})"),
         ("tokenizer", _fmt(tokenizer.get("name"))),
         ("sequence length", _fmt(summary.get("seq_len"))),
+        # the defaults `python train.py` applied beyond the overrides in the command (the default MQAR experiment)
+        ("recipe (conf/recipe/)", str(summary.get("recipe") or "none")),
         ("training tokens seen", _fmt((summary.get("tokens") or {}).get("train"))),
         ("optimizer steps", _fmt(summary.get("steps"))),
         ("training split tokens", _fmt((splits.get("train") or {}).get("tokens"))),

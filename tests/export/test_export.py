@@ -78,7 +78,8 @@ def test_model_card_is_generated_from_the_summary(trained: Path, tmp_path: Path)
     text = card.text
     for expected in (f"{summary['params']['total']:,}", f"{summary['params']['non_embedding']:,}",
                      f"{summary['tokens']['train']:,}", "| causality checked before training | yes |",
-                     f"torch {summary['env']['torch']}", "python train.py ", "seq_len=32", "| weight bits | 8 |"):
+                     f"torch {summary['env']['torch']}", "python train.py ", "seq_len=32", "| weight bits | 8 |",
+                     "| recipe (conf/recipe/) | none |"):
         assert expected in text, expected
 
 
