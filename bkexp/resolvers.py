@@ -1,4 +1,6 @@
-"""OmegaConf resolvers the config tree uses; registered on import (by ``bkexp.train`` and ``bkexp.rundir``)."""
+"""``${bkexp.dirname:...}``, the sweep-job directory resolver of conf/hydra; registered on import (by ``bkexp.train``
+and ``bkexp.rundir``). The config tree's other resolver, ``${bkexp.flags_ablation:}``, is the technique registry's
+(``bkexp.techniques``)."""
 
 from __future__ import annotations
 
