@@ -80,6 +80,16 @@ def _saved_hydra_overrides(hydra_yaml: Path) -> list[str]:
     return [str(o) for o in overrides.get("hydra") or [] if not str(o).startswith(HYDRA_SKIP)]
 
 
+def _predates_recipe(hydra_cfg: dict[str, Any] | None, overrides: list[str]) -> list[str]:
+    """``["~recipe"]`` for a run composed before conf/train.yaml had the ``recipe`` group (its recorded choices lack
+    it and no override names it): recomposed today it would get the default MQAR recipe, another model than its
+    checkpoint's."""
+    choices = (((hydra_cfg or {}).get("hydra") or {}).get("runtime") or {}).get("choices")
+    if not isinstance(choices, dict) or "recipe" in choices or any(_key(o) == "recipe" for o in overrides):
+        return []
+    return ["~recipe"]
+
+
 def expand_argv(argv: list[str]) -> list[str]:
     """The command line Hydra should see: path values quoted, ``resume=<dir>`` turned into the run's own."""
     args = quote_path_overrides(argv[1:])
@@ -89,15 +99,20 @@ def expand_argv(argv: list[str]) -> list[str]:
     target = Path(unquote(resume[-1].partition("=")[2])).expanduser().resolve()
     given = [a for a in args if _key(a) != "resume" and a not in ("-m", "--multirun")]
     if (target / "multirun.yaml").is_file():
-        saved = yaml.safe_load((target / "multirun.yaml").read_text())["hydra"]["overrides"]
+        record = yaml.safe_load((target / "multirun.yaml").read_text())
+        saved = record["hydra"]["overrides"]
         hydra_saved = [str(o) for o in saved.get("hydra") or [] if not str(o).startswith(HYDRA_SKIP)]
-        return [argv[0], "-m", *_merge([str(o) for o in saved.get("task") or []], given), *hydra_saved,
+        task = _merge([str(o) for o in saved.get("task") or []], given)
+        return [argv[0], "-m", *task, *_predates_recipe(record, task), *hydra_saved,
                 f"hydra.sweep.dir={quote(str(target))}", f"resume={quote(str(target))}"]
     if (target / ".hydra" / "overrides.yaml").is_file():
         saved = yaml.safe_load((target / ".hydra" / "overrides.yaml").read_text()) or []
-        hydra_saved = [o for o in _saved_hydra_overrides(target / ".hydra" / "hydra.yaml")
+        hydra_yaml = target / ".hydra" / "hydra.yaml"
+        hydra_saved = [o for o in _saved_hydra_overrides(hydra_yaml)
                        if not o.startswith("hydra/launcher")]  # one job resumes in this process
-        return [argv[0], *_merge([str(o) for o in saved], given), *hydra_saved,
+        task = _merge([str(o) for o in saved], given)
+        record = yaml.safe_load(hydra_yaml.read_text()) if hydra_yaml.is_file() else None
+        return [argv[0], *task, *_predates_recipe(record, task), *hydra_saved,
                 f"hydra.run.dir={quote(str(target))}", "hydra.output_subdir=null", f"resume={quote(str(target))}"]
     raise SystemExit(f"resume={target}: neither a run directory (no .hydra/overrides.yaml) nor a sweep directory "
                      "(no multirun.yaml) written by `python train.py`")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runhelpers import MQAR_TINY, TINY, data_overrides, read_summary
+from runhelpers import MQAR_TINY, TINY, compose_train, data_overrides, read_summary
 from testpaths import REPO_ROOT
 
 # 24 training examples in batches of 4: an epoch is 6 steps, so step 5 is mid-epoch.
@@ -227,3 +227,33 @@ def test_slurm_requeue_signal_path(tmp_path):
     assert checkpoint_step(hpc) == 3
     summary = read_summary(run_dir)
     assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM" and summary["step"] == 4
+
+
+def test_a_run_composed_before_the_recipe_group_resumes_without_it(tmp_path):
+    """Resuming recomposes from the saved overrides with today's tree: a run recorded before conf/recipe/ must not
+    get the default MQAR recipe (another model than its checkpoint's); one recorded with it keeps it."""
+    import yaml
+
+    from bkexp.train.resume import expand_argv
+
+    run = tmp_path / "old"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model=bk"]))
+    choices = {"model": "bk", "size": "tiny", "dataset": "mqar"}
+
+    def resumed(target: Path, record: Path, **extra) -> list[str]:
+        """``resume=target`` with Hydra's ``record`` (hydra.yaml or multirun.yaml) holding these choices."""
+        record.write_text(yaml.safe_dump({"hydra": {"overrides": {"hydra": [], "task": ["model=bk"]},
+                                                    "runtime": {"choices": {**choices, **extra}}}}))
+        return expand_argv(["train.py", f"resume={target}"])
+
+    argv = resumed(run, run / ".hydra" / "hydra.yaml")
+    assert argv.count("~recipe") == 1
+    cfg = compose_train([a for a in argv[1:] if not a.startswith(("hydra.", "resume="))], tmp_path)
+    plain = compose_train(["~recipe", "model=bk"], tmp_path)
+    assert (cfg.seq_len, cfg.model.d_model) == (plain.seq_len, plain.model.d_model) == (128, 128)  # not 16, 64
+    assert "~recipe" not in resumed(run, run / ".hydra" / "hydra.yaml", recipe="mqar_tiny_bk")
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    assert resumed(sweep, sweep / "multirun.yaml").count("~recipe") == 1
+    assert "~recipe" not in resumed(sweep, sweep / "multirun.yaml", recipe="mqar_tiny_bk")
