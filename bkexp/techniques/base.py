@@ -125,8 +125,9 @@ class ModelTechnique(Technique):
         return {f"model.{key}": value for key, value in self.model_kwargs().items()}
 
 
-PLAIN_MODEL = "bkexp.models.LanguageModel"
+PLAIN_MODEL = "bkexp.models.LanguageModel"  # what conf/model/*.yaml build; a staged technique replaces it
 STAGED_MODEL = "bkexp.models.StagedLanguageModel"  # the plain LM run stage by stage (bkexp/models/staged.py)
+# Already staged (the flag files name it, or a user wrote the module path): kept, not refused as a foreign class.
 STAGED_TARGETS = (STAGED_MODEL, "bkexp.models.staged.StagedLanguageModel")
 
 
