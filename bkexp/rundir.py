@@ -172,7 +172,7 @@ class RunDir:
             raise RunDirError(f"{path}: cannot be read as YAML ({type(err).__name__}: {err})") from None
         if "paths" in cfg:
             cfg.paths.output_dir = str(self.path)
-        _apply_techniques(cfg)
+        _apply_techniques(cfg, path)
         for key, value, add in parse_overrides(overrides):
             if not add and OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
                 raise RunDirError(f"override {key}={value!r}: the run's config has no key {key!r} "
@@ -352,12 +352,16 @@ def load_model_weights(model: torch.nn.Module, ckpt: dict[str, Any], path: str |
                           f"{str(err).splitlines()[0]} ...") from None
 
 
-def _apply_techniques(cfg: DictConfig) -> None:
-    """The config keys a run's optimization flags set before building (as ``bkexp.train.run`` does)."""
+def _apply_techniques(cfg: DictConfig, path: Path) -> None:
+    """The config keys a run's optimization flags set before building (as ``bkexp.train.run`` does); flags
+    that cannot be applied (an edited or foreign config) are a RunDirError naming the file."""
     if cfg.get("flags") is None or "model" not in cfg:
         return
-    from bkexp.techniques import Techniques
+    from bkexp.techniques import FlagError, Techniques
 
     if cfg.flags.get("_target_") in LEGACY_FLAGS_TARGETS:  # runs recorded before bkexp.techniques existed
         cfg.flags._target_ = "bkexp.techniques.Flags"
-    Techniques.from_config(cfg).configure(cfg)
+    try:
+        Techniques.from_config(cfg).configure(cfg)
+    except FlagError as err:
+        raise RunDirError(f"{path}: its optimization flags cannot be applied: {err}") from err

@@ -239,3 +239,16 @@ def test_checkpoint_step_reads_the_step_and_names_unusable_files(tmp_path: Path)
     (tmp_path / "cut.ckpt").write_bytes((tmp_path / "ok.ckpt").read_bytes()[:40])
     with pytest.raises(RunDirError, match="cut.ckpt: truncated or corrupt"):
         checkpoint_step(tmp_path / "cut.ckpt")
+
+
+def test_a_config_whose_flags_cannot_be_applied_is_a_run_dir_error_naming_the_file(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"
+    cfg = compose_train([*TINY, *MQAR_TINY], run)
+    cfg.flags.act = "maybe"  # an edited config.yaml: not a boolean
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    with pytest.raises(RunDirError, match=r"config\.yaml: its optimization flags cannot be applied: "
+                                          r"flags\.act must be true or false, got 'maybe'"):
+        RunDir(run).config()
