@@ -223,12 +223,13 @@ def _plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         fast = [r for r in rs if r.get("speedup_vs_torch_fwd_bwd")]
         if fast:
             speedup.append((name, [r["n"] for r in fast], [r["speedup_vs_torch_fwd_bwd"] for r in fast], style))
-    return [
-        log_log_plot(out_dir / "time_per_token.png", timing, "sequence length N", "µs per token (all channels)",
-                     "BK-Core and causal SDPA: time per token"),
-        log_log_plot(out_dir / "speedup_vs_torch.png", speedup, "sequence length N",
-                     "speedup over the torch backend (fwd+bwd)", "Speedup over the pure-PyTorch BK-Core backend"),
-    ]
+    plots = [log_log_plot(out_dir / "time_per_token.png", timing, "sequence length N", "µs per token (all channels)",
+                          "BK-Core and causal SDPA: time per token")]
+    if speedup:  # only when the torch backend was timed beside another one (an empty plot says nothing)
+        plots.append(log_log_plot(out_dir / "speedup_vs_torch.png", speedup, "sequence length N",
+                                  "speedup over the torch backend (fwd+bwd)",
+                                  "Speedup over the pure-PyTorch BK-Core backend"))
+    return plots
 
 
 def main(argv: list[str]) -> int:

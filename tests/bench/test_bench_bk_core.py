@@ -75,3 +75,12 @@ def test_bad_arguments_name_the_value(capsys) -> None:
     with pytest.raises(SystemExit):
         bkexp_main(["bench", "bk-core", "--layouts", "rows/diagonal"])
     assert "rows/diagonal" in capsys.readouterr().err
+
+
+def test_without_the_torch_backend_no_empty_speedup_plot_is_written(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bk"
+    argv = ["bench", "bk-core", "--n", "32", "--channels", "64", "--batch", "1", "--backends", "cpu",
+            "--repeat", "1", "--out", str(out)]
+    assert bkexp_main(argv) == 0
+    assert (out / "time_per_token.png").stat().st_size > 0 and not (out / "speedup_vs_torch.png").exists()
+    assert "speedup_vs_torch.png" not in capsys.readouterr().out
