@@ -168,76 +168,6 @@ def _softplus_into(x, out, y, bits, mantissa):
     raise NotImplementedError("_softplus_into is compiled by numba; call it from a jitted function")
 
 
-@overload(_softplus_into, jit_options={"fastmath": {"nsz", "arcp", "contract", "afn"}, "error_model": "numpy"})
-def _softplus_into_impl(x, out, y, bits, mantissa):
-    if x.dtype == types.float32:
-        # Each loop computes both sides of every select, so that all of them vectorise.
-        def softplus_float32(x, out, y, bits, mantissa):
-            _exp_into(x, y, bits)
-            for i in range(x.size):
-                out[i] = _ONE + y[i]  # u, read back as bits below
-            u_bits = out.view(np.int32)
-            m_float = mantissa.view(np.float32)
-            e_float = bits.view(np.float32)
-            for i in range(x.size):
-                mantissa[i] = (u_bits[i] & _MANTISSA_MASK) | _ONE_BITS
-                bits[i] = (u_bits[i] >> _MANTISSA_BITS) - _EXP_BIAS
-            for i in range(x.size):
-                e_float[i] = np.float32(bits[i])  # in place: the exponent as a float
-            for i in range(x.size):
-                m = m_float[i]
-                e = e_float[i]
-                half_m = m * _HALF
-                e_up = e + _ONE
-                big = m > _SQRT2
-                m = half_m if big else m
-                e = e_up if big else e
-                s = (m - _ONE) / (m + _ONE)
-                s2 = s * s
-                log_m = (s + s) * (_ONE + s2 * (_T3 + s2 * (_T5 + s2 * (_T7 + s2 * _T9))))
-                m_float[i] = e * _LN2_HI + (e * _LN2_LO + log_m)  # log(u)
-            for i in range(x.size):
-                u = out[i]
-                ratio = m_float[i] * (y[i] / (u - _ONE))
-                value = y[i] if u == _ONE else ratio
-                value = x[i] if x[i] > _SOFTPLUS_THRESHOLD else value
-                out[i] = x[i] if x[i] != x[i] else value  # NaN in, NaN out
-        return softplus_float32
-
-    def softplus_libm(x, out, y, bits, mantissa):
-        for i in range(x.size):
-            out[i] = x[i] if x[i] > _SOFTPLUS_THRESHOLD else math.log1p(math.exp(x[i]))
-    return softplus_libm
-
-
-@njit(cache=True)
-def _block_span(block, nd, group_size, per_group, width):
-    """(batch index, group, first channel, channel count) of ``block``; blocks never straddle groups."""
-    per_batch = (nd // group_size) * per_group
-    ib = block // per_batch
-    rest = block % per_batch
-    group = rest // per_group
-    c0 = group * group_size + (rest % per_group) * width
-    return ib, group, c0, min(width, (group + 1) * group_size - c0)
-
-
-# softplus(x) = log1p(exp(x)) = x for x > 20 (PyTorch's threshold). log1p(y) = log(u) * y / (u - 1) with
-# u = fl(1 + y) (exact to a few ulps because u - 1 is exact), log(u) = e ln 2 + log(m) for u = m 2^e,
-# m in [sqrt(1/2), sqrt(2)), log(m) = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172, by its series to s^9
-# (truncation < 1e-9 relative).
-_SOFTPLUS_THRESHOLD = _F32(20.0)
-_SQRT2 = _F32(math.sqrt(2.0))
-_T3, _T5, _T7, _T9 = (_F32(1.0 / k) for k in (3, 5, 7, 9))
-_MANTISSA_MASK = np.int32((1 << 23) - 1)
-_ONE_BITS = np.int32(127 << 23)
-
-
-def _softplus_into(x, out, y, bits, mantissa):
-    """``out[i] = softplus(x[i])`` for 1-d arrays; ``y``, ``bits``, ``mantissa`` are scratch of x's size
-    (``y`` of x's dtype, the others int32) (numba only)."""
-    raise NotImplementedError("_softplus_into is compiled by numba; call it from a jitted function")
-
-
 @overload(_softplus_into, jit_options={"fastmath": {"nsz", "arcp", "contract", "afn"}})
 def _softplus_into_impl(x, out, y, bits, mantissa):
     if x.dtype == types.float32:
@@ -270,17 +200,6 @@ def _softplus_into_impl(x, out, y, bits, mantissa):
         for i in range(x.size):
             out[i] = x[i] if x[i] > _SOFTPLUS_THRESHOLD else math.log1p(math.exp(x[i]))
     return softplus_libm
-
-
-@njit(cache=True)
-def _block_span(block, nd, group_size, per_group, width):
-    """(batch index, group, first channel, channel count) of ``block``; blocks never straddle groups."""
-    per_batch = (nd // group_size) * per_group
-    ib = block // per_batch
-    rest = block % per_batch
-    group = rest // per_group
-    c0 = group * group_size + (rest % per_group) * width
-    return ib, group, c0, min(width, (group + 1) * group_size - c0)
 
 
 @njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
