@@ -22,6 +22,26 @@ from bkexp.ops.selective_scan.cpu import _FASTMATH, _exp_into  # the shared vect
 CHUNK = 64  # positions per work item
 
 
+@njit(fastmath=_FASTMATH, error_model="numpy", cache=True)
+def _pre_activation(xb, w_t, bias, has_bias, t0, t1, out):
+    """out[t - t0] = the conv (plus bias) at positions t0 .. t1 - 1 of one sequence ``xb`` (l, d), in the one
+    summation order the forward and the backward's recomputation share (so both round alike)."""
+    nd = xb.shape[1]
+    nk = w_t.shape[0]
+    for t in range(t0, t1):
+        r = t - t0
+        for c in range(nd):
+            out[r, c] = xb[t, c] * w_t[nk - 1, c]
+        for tap in range(nk - 1):
+            s = t - (nk - 1) + tap
+            if s >= 0:
+                for c in range(nd):
+                    out[r, c] += xb[s, c] * w_t[tap, c]
+        if has_bias:
+            for c in range(nd):
+                out[r, c] += bias[c]
+
+
 @njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
 def _conv_forward(x, w_t, bias, has_bias, silu, chunk, out):
     """x, out: (b, l, d); w_t: (w, d), tap j multiplies x[t - (w - 1) + j]; bias: (d,) (dummy unless has_bias)."""
@@ -39,18 +59,7 @@ def _conv_forward(x, w_t, bias, has_bias, silu, chunk, out):
         bits = np.empty(chunk * nd, np.int32)
         one = np.ones(1, x.dtype)[0]
         xb = x[ib]
-        for t in range(t0, t1):
-            r = t - t0
-            for c in range(nd):
-                acc[r, c] = xb[t, c] * w_t[nk - 1, c]
-            for tap in range(nk - 1):
-                s = t - (nk - 1) + tap
-                if s >= 0:
-                    for c in range(nd):
-                        acc[r, c] += xb[s, c] * w_t[tap, c]
-            if has_bias:
-                for c in range(nd):
-                    acc[r, c] += bias[c]
+        _pre_activation(xb, w_t, bias, has_bias, t0, t1, acc)
         flat = acc.reshape(chunk * nd)
         if silu:  # silu(s) = s / (1 + exp(-s))
             for i in range(m):
@@ -86,18 +95,7 @@ def _conv_backward(x, w_t, bias, has_bias, silu, chunk, dout, dx, dw_part, dbias
         gb = dout[ib]
         if silu:
             pre = np.empty((span, nd), x.dtype)
-            for t in range(t0, t2):
-                r = t - t0
-                for c in range(nd):
-                    pre[r, c] = xb[t, c] * w_t[nk - 1, c]
-                for tap in range(nk - 1):
-                    s = t - (nk - 1) + tap
-                    if s >= 0:
-                        for c in range(nd):
-                            pre[r, c] += xb[s, c] * w_t[tap, c]
-                if has_bias:
-                    for c in range(nd):
-                        pre[r, c] += bias[c]
+            _pre_activation(xb, w_t, bias, has_bias, t0, t2, pre)  # recomputed, not stored
             flat_pre = pre.reshape(span * nd)
             for i in range(m):
                 neg[i] = -flat_pre[i]
