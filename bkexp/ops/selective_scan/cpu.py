@@ -202,6 +202,20 @@ def _softplus_into_impl(x, out, y, bits, mantissa):
     return softplus_libm
 
 
+@njit(fastmath=_FASTMATH, error_model="numpy", cache=True)
+def _biased_delta(delta, ib, t0, t1, c0, c1, bias_blk, has_bias, out):
+    """out = delta[ib, t0:t1, c0:c1] (+ bias_blk), flattened position by position: softplus' input for a chunk."""
+    nc = c1 - c0
+    for t in range(t0, t1):
+        d_in = delta[ib, t, c0:c1]
+        row = out[(t - t0) * nc:(t - t0 + 1) * nc]
+        if has_bias:
+            for c in range(nc):
+                row[c] = d_in[c] + bias_blk[c]
+        else:
+            row[:] = d_in
+
+
 @njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
 def _scan_forward(u, delta, z, A_t, Bk, Ck, D, bias, flags, group_size, width, out, dt_out, pre_out, checkpoints,
                   every, last):
@@ -252,14 +266,7 @@ def _scan_forward(u, delta, z, A_t, Bk, Ck, D, bias, flags, group_size, width, o
             if save:
                 for k in range(ns):
                     checkpoints[ib, j, k, c0:c1] = h[k * nc:(k + 1) * nc]
-            for t in range(t0, t1):
-                d_in = delta[ib, t, c0:c1]
-                row = raw[(t - t0) * nc:(t - t0 + 1) * nc]
-                if has_bias:
-                    for c in range(nc):
-                        row[c] = d_in[c] + bias_blk[c]
-                else:
-                    row[:] = d_in
+            _biased_delta(delta, ib, t0, t1, c0, c1, bias_blk, has_bias, raw)
             if softplus:
                 _softplus_into(raw[:m], dts[:m], scratch[:m], bits[:m], mantissa[:m])
             else:
@@ -434,14 +441,7 @@ def _scan_backward(u, delta, dt_in, z, pre, A_t, Bk, Ck, D, bias, flags, group_s
                         dD_blk[c] += g[c] * x[c]
                 du[ib, t, c0:c1] = sum_du
             if softplus:  # d softplus(x)/dx = sigmoid(x) = e / (1 + e), e = exp(x); 1 above the threshold
-                for t in range(t0, t1):
-                    d_in = delta[ib, t, c0:c1]
-                    row = zs[(t - t0) * nc:(t - t0 + 1) * nc]
-                    if has_bias:
-                        for c in range(nc):
-                            row[c] = d_in[c] + bias_blk[c]
-                    else:
-                        row[:] = d_in
+                _biased_delta(delta, ib, t0, t1, c0, c1, bias_blk, has_bias, zs)  # softplus' input again
                 _exp_into(zs[:m], gate[:m], bits[:m])
                 for i in range(m):
                     slope = gate[i] / (one + gate[i])
