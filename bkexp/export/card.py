@@ -17,7 +17,7 @@ TEMPLATE = """---
 
 {{ description }}
 
-Trained with [bkexp](https://github.com/) (`python train.py {{ overrides }}`), exported from run `{{ run }}`
+Trained with bkexp (`python train.py {{ overrides }}`), exported from run `{{ run }}`
 (checkpoint `{{ checkpoint }}`).
 
 ## Model

@@ -81,6 +81,7 @@ def test_model_card_is_generated_from_the_summary(trained: Path, tmp_path: Path)
                      f"torch {summary['env']['torch']}", "python train.py ", "seq_len=32", "| weight bits | 8 |",
                      "| recipe (conf/recipe/) | none |"):
         assert expected in text, expected
+    assert "](https://github.com/)" not in text  # no link to a placeholder address
 
 
 def test_cli_exports_and_push_refuses_offline_without_touching_the_network(trained: Path, tmp_path: Path,
