@@ -281,6 +281,7 @@ def collect_runs(dirs: Sequence[str | os.PathLike]) -> RunSet:
             "run_dir": str(summary["_run_dir"]),
             "status": str(summary.get("status")),
             "error": summary.get("error"),
+            "recipe": summary.get("recipe"),  # the conf/recipe/ settings the run composed, if any
         }
         for key in [*IDENTITY_KEYS, *[k for k in swept if k not in IDENTITY_KEYS]]:
             row[key] = _hashable(_key_value(summary, flat_config, key))
@@ -302,7 +303,7 @@ def collect_runs(dirs: Sequence[str | os.PathLike]) -> RunSet:
 
     frame = pd.DataFrame(rows)
     # Keys stay Python objects: a None (failed run) must not turn seq_len 128 into 128.0 in labels and the CSV.
-    key_columns = ["run_dir", "status", "error", *IDENTITY_KEYS, *swept, "sweep.dir", "sweep.job_num",
+    key_columns = ["run_dir", "status", "error", "recipe", *IDENTITY_KEYS, *swept, "sweep.dir", "sweep.job_num",
                    *(f"config.{k}" for k in config_keys)]
     for column in dict.fromkeys(key_columns):
         if column in frame.columns:

@@ -173,9 +173,9 @@ def format_cell(cell: Cell | None) -> str:
 
 
 def summary_frame(runs: RunSet) -> pd.DataFrame:
-    """One row per run: where, status/error, identity and swept keys, varying config keys, then all metrics."""
+    """One row per run: where, status/error, recipe, identity and swept keys, varying config keys, then all metrics."""
     frame = runs.frame
-    first = ["run_dir", "status", "error", *IDENTITY_KEYS]
+    first = ["run_dir", "status", "error", "recipe", *IDENTITY_KEYS]
     first += [k for k in runs.swept_keys if k not in first]
     first += ["sweep.dir", "sweep.job_num", *runs.config_keys]
     rest = sorted(c for c in frame.columns if c not in first)

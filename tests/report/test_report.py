@@ -58,6 +58,7 @@ def write_run(run_dir: Path, sweep_dir: Path | None, job_num: int, model: str, s
         "status": "failed" if error else "ok", "error": error, "traceback": "Traceback ...\n" if error else None,
         "model": model, "dataset": "wikitext2", "seq_len": seq_len, "bits": bits or 32,
         "seed": seed, "quant": {"method": "none"}, "overrides": overrides,
+        "recipe": "mqar_tiny_transformer" if model == "transformer" else None,
         "sweep": ({"dir": str(sweep_dir), "job_num": job_num, "override_dirname": ",".join(overrides)}
                   if sweep_dir else None),
         "params": {"total": 1000, "non_embedding": 600, "embedding": 400}, "state_size": 64,
@@ -154,6 +155,8 @@ def test_summary_csv_has_one_row_per_run_with_keys_and_metrics(sweep: Path) -> N
     assert failed["metrics.val/ppl"] == ""
     ok = by_key[("transformer", 256, 1)]
     assert ok["status"] == "ok"
+    assert list(rows[0])[:4] == ["run_dir", "status", "error", "recipe"]  # what a reader needs before the numbers
+    assert ok["recipe"] == "mqar_tiny_transformer" and by_key[("bk", 256, 1)]["recipe"] == ""  # none applied
     assert float(ok["throughput.train_tokens_per_sec"]) == pytest.approx(measured("transformer", 256, 1)["tps"])
 
 
