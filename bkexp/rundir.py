@@ -289,11 +289,19 @@ def build_run_model(model_cfg: Any, quant_cfg: Any | None, vocab_size: int) -> t
     ``model_cfg`` is the run's ``model`` config, ``quant_cfg`` its ``quant`` config (``None``: float model).
     The quantization layers are installed as training did (``QuantSpec.prepare``) and switched on as the test
     did (``QuantSpec.finalize``: QAT quantizes throughout, PTQ from the test on). Parameter names do not change,
-    so the weights of a checkpoint or an export load strictly afterwards. Used by :meth:`RunDir.build_model`
-    and ``bkexp.export.from_pretrained``.
+    so the weights of a checkpoint or an export load strictly afterwards. A model config saved before
+    ``bkexp/models/staged.py`` (``LanguageModel`` with staged keywords) builds the staged model. Used by
+    :meth:`RunDir.build_model` and ``bkexp.export.from_pretrained``.
     """
     from hydra.utils import instantiate
 
+    from bkexp.models.staged import STAGED_KEYS
+    from bkexp.techniques.base import PLAIN_MODEL, STAGED_MODEL
+
+    if str(model_cfg.get("_target_")) == PLAIN_MODEL and STAGED_KEYS & set(model_cfg.keys()):
+        # Saved before staged execution left the plain model, which then took the techniques' keywords.
+        plain = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else model_cfg
+        model_cfg = {**plain, "_target_": STAGED_MODEL}
     model = instantiate(model_cfg, vocab_size=vocab_size)
     if quant_cfg is not None:
         spec = instantiate(quant_cfg)

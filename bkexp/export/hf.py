@@ -28,21 +28,10 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 MODEL_TYPE = "bkexp"
-LEGACY_TARGET = "bkexp.models.LanguageModel"  # folders exported before bkexp/models/staged.py may name it with staged keys
 
 
 class ExportError(ValueError):
     """A run that cannot be exported, or a folder that is not a bkexp export; the message says why."""
-
-
-def _model_config(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    """The exported model config, updated where bkexp has since moved a class."""
-    from bkexp.models.staged import STAGED_KEYS
-
-    if model_cfg.get("_target_") == LEGACY_TARGET and STAGED_KEYS & set(model_cfg):
-        # Exported before staged execution left the plain model: LanguageModel then took the techniques' keys.
-        model_cfg = {**model_cfg, "_target_": "bkexp.models.StagedLanguageModel"}
-    return model_cfg
 
 
 def export_run(run_dir: str | Path, out: str | Path, which: str = "best", overwrite: bool = False) -> Path:
@@ -124,7 +113,7 @@ def from_pretrained(folder: str | Path, device: str = "cpu") -> Any:
     from bkexp.rundir import build_run_model
 
     config = read_config(folder)
-    model = build_run_model(_model_config(config["model"]), config.get("quant"), int(config["vocab_size"]))
+    model = build_run_model(config["model"], config.get("quant"), int(config["vocab_size"]))
     missing, unexpected = load_model(model, str(Path(folder) / WEIGHTS_FILE), strict=True, device=device)
     if missing or unexpected:  # strict=True raises first; kept so the contract is visible here
         raise ExportError(f"{folder}: missing keys {missing}, unexpected keys {unexpected}")
