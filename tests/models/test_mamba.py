@@ -141,6 +141,28 @@ def test_fused_kernels_match_pytorch_mixer(dtype, tol) -> None:
         assert_rel_close(results["cpu"][2][k], grad, tol, f"d{k}")
 
 
+def test_split_in_proj_matches_the_module_call_and_keeps_its_hooks() -> None:
+    """A plain in_proj runs as two matmuls on its weight halves; the output and every gradient equal the
+    ``in_proj(x).chunk(2)`` path (float64), which a module with a forward hook still takes (the hook fires)."""
+    torch.manual_seed(0)
+    m = MambaMixer(24, d_state=4, bias=True, backend="ref").double()
+    x = torch.randn(2, 9, 24, dtype=torch.float64)
+    results = []
+    for hooked in (False, True):
+        calls = []
+        handle = m.in_proj.register_forward_hook(lambda mod, args, out: calls.append(1)) if hooked else None
+        m.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_()
+        out = m(leaf)
+        (out * torch.cos(torch.arange(out.numel(), dtype=torch.float64)).view_as(out)).sum().backward()
+        results.append((out.detach(), leaf.grad, m.in_proj.weight.grad, m.in_proj.bias.grad))
+        assert len(calls) == (1 if hooked else 0)
+        if handle is not None:
+            handle.remove()
+    for split, joint in zip(*results):
+        torch.testing.assert_close(split, joint, rtol=1e-12, atol=1e-14)
+
+
 def test_state_size_is_constant_in_sequence_length() -> None:
     m = MambaMixer(32, d_state=16, d_conv=4, expand=2)
     assert m.state_size(1) == m.state_size(100_000) == 64 * 16 + 64 * 3

@@ -94,6 +94,22 @@ class MambaMixer(Mixer):
     def forward(self, hidden_states: Tensor) -> Tensor:
         return self._forward(hidden_states, keep_state=False)[0]
 
+    def _in_proj(self, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
+        """``in_proj(hidden_states).chunk(2, dim=-1)``: x and z, (..., d_inner) each.
+
+        A plain ``nn.Linear`` runs as two matmuls on the halves of its weight instead: x and z then come out
+        contiguous (the conv and scan kernels vectorise only over contiguous channels; a strided half of the
+        joint output made the conv 3x slower) and the backward adds two input gradients instead of
+        concatenating the halves' gradients into a fresh (b, l, 2 d_inner) tensor. Anything else in that slot
+        (a quantized Linear, a module with hooks, e.g. pruning's) is called as a module.
+        """
+        proj = self.in_proj
+        if type(proj) is not nn.Linear or proj._forward_hooks or proj._forward_pre_hooks:
+            return proj(hidden_states).chunk(2, dim=-1)
+        w_x, w_z = proj.weight.chunk(2, dim=0)
+        b_x, b_z = proj.bias.chunk(2, dim=0) if proj.bias is not None else (None, None)
+        return F.linear(hidden_states, w_x, b_x), F.linear(hidden_states, w_z, b_z)
+
     def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``dt`` (before its bias), ``B``, ``C`` from the conv output ``x`` (..., d_inner); and ``A``."""
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -103,7 +119,7 @@ class MambaMixer(Mixer):
     def _forward(self, hidden_states: Tensor, keep_state: bool) -> tuple[Tensor, dict[str, Tensor] | None]:
         # Activations stay position-major (b, l, channels); the scan receives (b, channels, l) *views*
         # of them (its documented layout), which is the layout the CPU kernel walks, so nothing is copied.
-        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (b, l, d_inner) each
+        x, z = self._in_proj(hidden_states)  # (b, l, d_inner) each
         conv_in = x
         name = resolve_backend(self.backend, hidden_states.device)
         self._backend_used = name
@@ -134,7 +150,7 @@ class MambaMixer(Mixer):
     def step(self, x: Tensor, state: dict[str, Tensor], position: int) -> Tensor:
         """One position (mamba_ssm's ``Mamba.step``). The state is ``{"conv": (b, d_inner, d_conv - 1)`` -- the
         last conv inputs, oldest first -- ``, "ssm": (b, d_inner, d_state)}``, both of constant size."""
-        x, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # (b, d_inner) each
+        x, z = self._in_proj(x[:, 0])  # (b, d_inner) each
         window = torch.cat([state["conv"], x.unsqueeze(-1)], dim=-1)  # (b, d_inner, d_conv), newest last
         state["conv"] = window[..., 1:]
         weight = self.conv1d.weight[:, 0, :]
