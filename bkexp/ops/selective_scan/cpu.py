@@ -11,9 +11,10 @@ Layout and parallelism: channels are cut into blocks of up to ``CHANNEL_BLOCK`` 
 B/C group; each thread steps whole blocks through time. Per-position vectors (``u``, ``delta``, ``z``,
 gradients) are passed position-major ``(batch, l, d)`` -- which is how the Mamba mixer holds them, so its
 ``(b, d, l)`` views reach the kernel without a copy -- and the block's state is ``(n, channels)``, so every
-inner loop runs over contiguous channels and vectorises, including the decays ``exp(delta A)``, the gate
-``sigmoid(z)`` and ``softplus``, which use a vectorisable exp and log (``_exp_into``, ``_softplus_into``;
-scalar libm calls would cost most of the time otherwise).
+inner loop runs over contiguous channels and vectorises, including the decays ``exp(delta A)`` (``_exp``,
+computed in registers inside the scan's loops), the gate ``sigmoid(z)`` and ``softplus``, which use a
+vectorisable exp and log (``_exp_into``, ``_softplus_into``; scalar libm calls would cost most of the time
+otherwise).
 
 Memory stays O(b·d·l): the forward stores the state only every ``CHECKPOINT`` positions (plus ``delta'``
 when it differs from ``delta`` and the pre-gate output when there is a gate); the backward walks each block from the last chunk to the first,
@@ -106,49 +107,39 @@ def _block_span(block, nd, group_size, per_group, width):
     return ib, group, c0, min(width, (group + 1) * group_size - c0)
 
 
-def _exp_parts(x):
-    """First half of ``exp(x)`` for one element: (polynomial part, int32 bits of the power of two) (numba only)."""
-    raise NotImplementedError("_exp_parts is compiled by numba; call it from a jitted function")
+def _exp(x):
+    """``exp(x)`` of one float (numba only): ``_exp_into``'s float32 function for one element (inlined, it takes
+    the caller's fast-math flags: in the scan kernels, with reassociation, its error is below 4e-7)."""
+    raise NotImplementedError("_exp is compiled by numba; call it from a jitted function")
 
 
-def _exp_finish(x, poly, scale):
-    """``exp(x)`` from ``_exp_parts(x)``'s polynomial and its power of two read back as a float (numba only)."""
-    raise NotImplementedError("_exp_finish is compiled by numba; call it from a jitted function")
+_EXP_BIAS_F = _F32(127.0)
+_TWO_23 = _F32(2.0 ** 23)
 
 
-# The same float32 exp as _exp_into, split per element so the scan can compute its decays in the loops that
-# use them (no separate pass that writes the exponents and the decays out and reads them back); float64
-# takes libm exp in the first half.
-@overload(_exp_parts, inline="always", jit_options={"fastmath": {"nsz", "arcp", "contract", "afn"}})
-def _exp_parts_impl(x):
+# The scan computes its decays in the loops that use them, all in registers: the power of two is built as
+# the float (k + 127) * 2^23 (exact: k + 127 is an integer in [1, 254]), converted to int32 and reinterpreted
+# as a float (a scalar view is a register bitcast), so no pass writes exponents or decays to memory and
+# reads them back. float64 takes libm exp.
+@overload(_exp, inline="always", jit_options={"fastmath": {"nsz", "arcp", "contract", "afn"}})
+def _exp_impl(x):
     if x == types.float32:
-        def parts_float32(x):
-            exponent = np.floor(min(max(x * _LOG2E, _MIN_EXP2), _MAX_EXP2) + _HALF)
+        def exp_float32(x):
+            s = x * _LOG2E
+            exponent = np.floor(min(max(s, _MIN_EXP2), _MAX_EXP2) + _HALF)
             r = x - exponent * _LN2_HI
             r = r - exponent * _LN2_LO
             poly = _ONE + r * (_ONE + r * (_P2 + r * (_P3 + r * (_P4 + r * (_P5 + r * (_P6 + r * _P7))))))
-            return poly, (np.int32(exponent) + _EXP_BIAS) << _MANTISSA_BITS
-        return parts_float32
-
-    def parts_libm(x):
-        return math.exp(x), np.int32(0)
-    return parts_libm
-
-
-@overload(_exp_finish, inline="always", jit_options={"fastmath": {"nsz", "arcp", "contract", "afn"}})
-def _exp_finish_impl(x, poly, scale):
-    if x == types.float32:
-        def finish_float32(x, poly, scale):
-            s = x * _LOG2E
+            scale = np.int32((exponent + _EXP_BIAS_F) * _TWO_23).view(np.float32)
             value = poly * scale
             value = _ZERO if s < _MIN_EXP2 else value
-            value = _INF if s > _MAX_EXP2 else value
-            return x if x != x else value  # NaN in, NaN out
-        return finish_float32
+            # NaN in, NaN out without a test: r, the polynomial and value are NaN, and both tests are false.
+            return _INF if s > _MAX_EXP2 else value
+        return exp_float32
 
-    def finish_libm(x, poly, scale):
-        return poly
-    return finish_libm
+    def exp_libm(x):
+        return math.exp(x)
+    return exp_libm
 
 
 # softplus(x) = log1p(exp(x)) = x for x > 20 (PyTorch's threshold). log1p(y) = log(u) * y / (u - 1) with
@@ -240,24 +231,23 @@ def _scan_forward(u, delta, z, A_t, Bk, Ck, D, bias, flags, group_size, width, o
     for block in prange(n_blocks):
         ib, group, c0, nc = _block_span(block, nd, group_size, per_group, width)
         c1 = c0 + nc
-        # Inner loops index block-local slices with the loop counter only: an offset index (c0 + c)
-        # makes numba emit a negative-index check per element, which stops vectorisation.
-        A_blk = np.empty(ns * nc, u.dtype)
+        # Inner loops index block-local arrays with loop counters only ([k, c], not [c0 + c] or [k * nc + c]):
+        # numba emits a negative-index check for any index it cannot prove non-negative, which costs a
+        # select per element in the hottest loops.
+        A_blk = np.empty((ns, nc), u.dtype)
         for k in range(ns):
-            A_blk[k * nc:(k + 1) * nc] = A_t[k, c0:c1]
-        D_blk = D[c0:c1] if has_D else A_blk[:nc]
-        bias_blk = bias[c0:c1] if has_bias else A_blk[:nc]
-        h = np.zeros(ns * nc, u.dtype)
-        decay = np.empty(ns * nc, u.dtype)
-        bits = np.empty(max(ns, every) * nc, np.int32)
-        scale = bits.view(np.float32)  # the powers of two that _exp_parts writes, as floats
+            A_blk[k] = A_t[k, c0:c1]
+        D_blk = D[c0:c1] if has_D else A_blk[0]
+        bias_blk = bias[c0:c1] if has_bias else A_blk[0]
+        h = np.zeros((ns, nc), u.dtype)
+        bits = np.empty(every * nc, np.int32)  # scratch of _exp_into / _softplus_into
         drive = np.empty(nc, u.dtype)
         raw = np.empty(every * nc, u.dtype)  # chunk buffers, (positions, channels) flattened
         dts = np.empty(every * nc, u.dtype)
         ys = np.empty(every * nc, u.dtype)
         scratch = np.empty(every * nc, u.dtype)
         mantissa = np.empty(every * nc, np.int32)
-        zero = h[0]
+        zero = h[0, 0]
         one = zero + _ONE
         for j in range(n_ck):
             t0 = j * every
@@ -265,7 +255,7 @@ def _scan_forward(u, delta, z, A_t, Bk, Ck, D, bias, flags, group_size, width, o
             m = (t1 - t0) * nc
             if save:
                 for k in range(ns):
-                    checkpoints[ib, j, k, c0:c1] = h[k * nc:(k + 1) * nc]
+                    checkpoints[ib, j, k, c0:c1] = h[k]
             _biased_delta(delta, ib, t0, t1, c0, c1, bias_blk, has_bias, raw)
             if softplus:
                 _softplus_into(raw[:m], dts[:m], scratch[:m], bits[:m], mantissa[:m])
@@ -281,19 +271,12 @@ def _scan_forward(u, delta, z, A_t, Bk, Ck, D, bias, flags, group_size, width, o
                     drive[c] = dt[c] * x[c]
                     acc[c] = zero
                 for k in range(ns):
-                    base = k * nc
-                    for c in range(nc):
-                        poly, power = _exp_parts(dt[c] * A_blk[base + c])
-                        decay[base + c] = poly
-                        bits[base + c] = power
-                for k in range(ns):
                     b_tk = Bk[ib * bsB, group, t * tsB, k]
                     c_tk = Ck[ib * bsC, group, t * tsC, k]
-                    base = k * nc
                     for c in range(nc):
-                        factor = _exp_finish(dt[c] * A_blk[base + c], decay[base + c], scale[base + c])
-                        value = factor * h[base + c] + drive[c] * b_tk
-                        h[base + c] = value
+                        factor = _exp(dt[c] * A_blk[k, c])
+                        value = factor * h[k, c] + drive[c] * b_tk
+                        h[k, c] = value
                         acc[c] += value * c_tk
                 if has_D:
                     for c in range(nc):
@@ -313,7 +296,7 @@ def _scan_forward(u, delta, z, A_t, Bk, Ck, D, bias, flags, group_size, width, o
                 out[ib, t, c0:c1] = ys[(t - t0) * nc:(t - t0 + 1) * nc]
         if keep_last:
             for k in range(ns):
-                last[ib, k, c0:c1] = h[k * nc:(k + 1) * nc]
+                last[ib, k, c0:c1] = h[k]
 
 
 @njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
@@ -340,8 +323,7 @@ def _scan_backward(u, delta, dt_in, z, pre, A_t, Bk, Ck, D, bias, flags, group_s
         bias_blk = bias[c0:c1] if has_bias else A_blk[:nc]
         states = np.empty((every + 1, ns * nc), u.dtype)  # states[r] = h_{t0 + r - 1}, flattened (n, nc)
         decays = np.empty((every, ns * nc), u.dtype)  # decays[r] = exp(delta'_{t0 + r} A)
-        bits = np.empty(max(ns, every) * nc, np.int32)
-        scale = bits.view(np.float32)  # the powers of two that _exp_parts writes, as floats
+        bits = np.empty(every * nc, np.int32)  # scratch of _exp_into
         lam = np.zeros(ns * nc, u.dtype)  # dL/dh_t carried backwards through the decay
         dA_blk = np.zeros(ns * nc, u.dtype)
         drive = np.empty(nc, u.dtype)
@@ -369,16 +351,10 @@ def _scan_backward(u, delta, dt_in, z, pre, A_t, Bk, Ck, D, bias, flags, group_s
                 for c in range(nc):
                     drive[c] = dt[c] * x[c]
                 for k in range(ns):
-                    base = k * nc
-                    for c in range(nc):
-                        poly, power = _exp_parts(dt[c] * A_blk[base + c])
-                        decay[base + c] = poly
-                        bits[base + c] = power
-                for k in range(ns):
                     b_tk = Bk[ib * bsB, group, t * tsB, k]
                     base = k * nc
                     for c in range(nc):
-                        factor = _exp_finish(dt[c] * A_blk[base + c], decay[base + c], scale[base + c])
+                        factor = _exp(dt[c] * A_blk[base + c])
                         decay[base + c] = factor
                         new[base + c] = factor * old[base + c] + drive[c] * b_tk
             for t in range(t0, t1):  # dL/dy = dL/dout * silu(z); the gate's own gradient
@@ -427,13 +403,15 @@ def _scan_backward(u, delta, dt_in, z, pre, A_t, Bk, Ck, D, bias, flags, group_s
                         grad_c += new[base + c] * g[c]
                         grad_b += lam_k * drive[c]
                         sum_du[c] += lam_k * b_tk
-                        through_decay = lam_k * decay[base + c] * old[base + c]  # dL/d(delta'_t A)
-                        sum_ddelta[c] += through_decay * A_blk[base + c] + lam_k * b_tk * x[c]
+                        carried = lam_k * decay[base + c]  # lam_{t-1}'s share, carried to position t - 1
+                        through_decay = carried * old[base + c]  # dL/d(delta'_t A)
+                        sum_ddelta[c] += through_decay * A_blk[base + c]
                         dA_blk[base + c] += through_decay * dt[c]
-                        lam[base + c] = lam_k * decay[base + c]  # carried to position t - 1
+                        lam[base + c] = carried
                     dB_part[block, t * tsB, k] += grad_b
                     dC_part[block, t * tsC, k] += grad_c
-                for c in range(nc):
+                for c in range(nc):  # the drive's share of dL/d delta': sum_k lam_k B_k u = u sum_du
+                    sum_ddelta[c] += sum_du[c] * x[c]
                     sum_du[c] *= dt[c]
                 if has_D:
                     for c in range(nc):
