@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from bkexp.models.auxloss import AuxLossModule
+from bkexp.ops import moe_dispatch
 from bkexp.models.ffn import MLP
 
 
@@ -46,7 +47,14 @@ class MoEFeedForward(AuxLossModule):
     Modules are called normally, so quantized, pruned or hooked expert ``nn.Linear`` layers behave as usual.
     ``padding_flops()`` reports what the last forward spent on padding rows, so FLOP counts can show useful
     work and padding apart.
+
+    Row moves: on CPU float32/float64 (no autocast) the dispatch and combine run as compiled passes
+    (``bkexp.ops.moe_dispatch``: one parallel pass per direction for all experts, the gating, the gate
+    gradient, the padding zeros and the sum over choices fused into them), bit-identical to the PyTorch
+    ops used elsewhere (``_Dispatch``/``_Combine``), which ``compiled_moves = False`` selects.
     """
+
+    compiled_moves = True  # CPU float32/float64: the compiled row moves; False: the PyTorch ops (the reference)
 
     def __init__(self, d_model: int, n_experts: int = 4, top_k: int = 1, expansion: float = 4.0,
                  aux_loss_weight: float = 0.01, bias: bool = False, renormalize: bool | None = None,
@@ -122,14 +130,22 @@ class MoEFeedForward(AuxLossModule):
         flat = x.reshape(-1, self.d_model)
         n_tokens = flat.shape[0]
         probs, gate, expert_idx = self.route(flat)
-        groups, rows, counts = self.layout(expert_idx, block_rows)
-        self.padding_rows = sum(rows) - n_tokens * self.top_k
-
-        buffers = _Dispatch.apply(flat, groups, rows, self.top_k)
-        expert_ids = [e for e, c in enumerate(counts.tolist()) if c]
-        # Under autocast the experts return bf16/fp16 while x may be float32: gate and combine in x's dtype.
-        outputs = [self.experts[e](part).to(flat.dtype) for e, part in zip(expert_ids, buffers)]
-        out = _Combine.apply(gate.to(flat.dtype), groups, *outputs) if outputs else flat * 0
+        if self.compiled_moves and moe_dispatch.supported(flat) and n_tokens > 0:
+            # CPU float32/float64: the compiled row moves, one pass per direction (bit-identical to the below).
+            lay = moe_dispatch.Layout(expert_idx, self.n_experts, block_rows)
+            counts, rows = lay.counts, lay.rows
+            self.padding_rows = sum(rows) - n_tokens * self.top_k
+            buffers = moe_dispatch.Dispatch.apply(flat, lay)
+            outputs = [self.experts[e](part).to(flat.dtype) for e, part in zip(lay.expert_ids, buffers)]
+            out = moe_dispatch.Combine.apply(gate.to(flat.dtype), lay, *outputs)
+        else:
+            groups, rows, counts = self.layout(expert_idx, block_rows)
+            self.padding_rows = sum(rows) - n_tokens * self.top_k
+            buffers = _Dispatch.apply(flat, groups, rows, self.top_k)
+            expert_ids = [e for e, c in enumerate(counts.tolist()) if c]
+            # Under autocast the experts return bf16/fp16 while x may be float32: gate and combine in x's dtype.
+            outputs = [self.experts[e](part).to(flat.dtype) for e, part in zip(expert_ids, buffers)]
+            out = _Combine.apply(gate.to(flat.dtype), groups, *outputs) if outputs else flat * 0
 
         # Switch-Transformer load balancing; f is not differentiable, P carries the gradient to the router.
         fraction = counts.to(probs.dtype) / max(n_tokens * self.top_k, 1)

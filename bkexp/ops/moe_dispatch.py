@@ -1,0 +1,296 @@
+"""Compiled CPU row moves of a mixture-of-experts layer (numba): dispatch to the experts' buffers and combine back.
+
+``bkexp.models.moe.MoEFeedForward`` gathers each expert's (token, choice) assignments into a zero-padded buffer
+of its own, runs the expert on it, and combines the results per token with the gates. In PyTorch ops that is,
+per expert and direction, a gather, a zero fill of the padding, a scatter, a gating multiply, a batched dot for
+the gate gradient and a sum over the choices: ~30 short passes per forward+backward, each a parallel region
+(a thread wake-up under ``OMP_WAIT_POLICY=PASSIVE``) and several a fresh ``(tokens, d)`` temporary. Here each
+direction is one parallel pass over rows that touches every element once:
+
+- ``dispatch``: buffer row ``r`` of expert slot ``s`` = the token row of its assignment, or zeros (padding);
+- ``combine``: ``out[t] = sum_j gate[t, j] * y_{e(t,j)}[row(t,j)]``, the products and sums in the order
+  ``j = 0..k-1`` (as ``(y * gate)`` then ``y_0 + y_1 + ...`` in PyTorch);
+- ``combine_backward``: the gate-scaled token gradient gathered onto each buffer row (zeros on padding) and the
+  gate gradient ``<grad[t], y[row]>``, accumulated element by element from zero in the buffer's dtype (the
+  order of ``torch.bmm``'s CPU kernel for a ``(1, d) x (d, 1)`` product);
+- ``dispatch_backward``: ``grad_x[t] = sum_j g_{e(t,j)}[row(t,j)]`` in the order ``j = 0..k-1``.
+
+No fast-math (not even FMA contraction): every product and sum is rounded as PyTorch's ops round it, so the
+results are bit-identical to the PyTorch formulation (``tests/models/test_moe.py`` compares them), and each
+token's row depends on that token alone. Buffers of all experts are passed as one tuple, so the work is split
+into ``BLOCK``-row jobs across experts. Float32 and float64 only (the caller falls back to PyTorch ops for
+other dtypes and devices).
+"""
+
+from __future__ import annotations
+
+import types
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+from torch import Tensor
+
+BLOCK = 32  # buffer rows per parallel job (8 KB of float32 at d=64; 32 KB at d=256)
+PARALLEL_MIN_ELEMENTS = 1 << 16  # rows * d below which the serial variants run (a decoding step, tiny tests)
+
+
+def _dispatch(src, bufs, assign, starts, counts, job_slot, job_row, top_k):
+    """bufs[s][r] = src[assign[starts[s] + r] // top_k] for r < counts[s], else zeros."""
+    d = src.shape[1]
+    for job in prange(job_slot.shape[0]):
+        s = job_slot[job]
+        buf = bufs[s]
+        r1 = min(job_row[job] + BLOCK, buf.shape[0])
+        for r in range(job_row[job], r1):
+            if r < counts[s]:
+                t = assign[starts[s] + r] // top_k
+                for c in range(d):
+                    buf[r, c] = src[t, c]
+            else:
+                for c in range(d):
+                    buf[r, c] = 0
+
+
+def _combine(ys, gate, assign_slot, assign_row, top_k, out):
+    """out[t] = gate[t*k] * y[..] + gate[t*k + 1] * y[..] + ... (j = 0..k-1, each product rounded first)."""
+    d = out.shape[1]
+    for t in prange(out.shape[0]):
+        a = t * top_k
+        y = ys[assign_slot[a]]
+        r = assign_row[a]
+        g = gate[a]
+        for c in range(d):
+            out[t, c] = y[r, c] * g
+        for j in range(1, top_k):
+            y = ys[assign_slot[a + j]]
+            r = assign_row[a + j]
+            g = gate[a + j]
+            for c in range(d):
+                out[t, c] = out[t, c] + y[r, c] * g
+
+
+def _combine_backward(grad, ys, gate, assign, starts, counts, job_slot, job_row, top_k, need_gate, gs, grad_gate):
+    """gs[s][r] = gate[a] * grad[a // k] for the assignment a of buffer row r (zeros on padding rows);
+    grad_gate[a] = sum_c grad[a // k, c] * ys[s][r, c] from zero in order c = 0..d-1 (grad_gate zero on entry).
+
+    The gate gradients of four rows are accumulated side by side: each is a chain of dependent adds (the
+    order is fixed, so no vectorising along c), and four independent chains hide the add latency.
+    """
+    d = grad.shape[1]
+    for job in prange(job_slot.shape[0]):
+        s = job_slot[job]
+        y = ys[s]
+        g_out = gs[s]
+        r0 = job_row[job]
+        r1 = min(r0 + BLOCK, g_out.shape[0])
+        valid = min(r1, counts[s])
+        r = r0
+        if need_gate:
+            while r + 4 <= valid:
+                a0 = assign[starts[s] + r]
+                a1 = assign[starts[s] + r + 1]
+                a2 = assign[starts[s] + r + 2]
+                a3 = assign[starts[s] + r + 3]
+                t0 = a0 // top_k
+                t1 = a1 // top_k
+                t2 = a2 // top_k
+                t3 = a3 // top_k
+                acc0 = grad_gate[a0]
+                acc1 = grad_gate[a1]
+                acc2 = grad_gate[a2]
+                acc3 = grad_gate[a3]
+                for c in range(d):
+                    acc0 += grad[t0, c] * y[r, c]
+                    acc1 += grad[t1, c] * y[r + 1, c]
+                    acc2 += grad[t2, c] * y[r + 2, c]
+                    acc3 += grad[t3, c] * y[r + 3, c]
+                grad_gate[a0] = acc0
+                grad_gate[a1] = acc1
+                grad_gate[a2] = acc2
+                grad_gate[a3] = acc3
+                r += 4
+            while r < valid:
+                a = assign[starts[s] + r]
+                t = a // top_k
+                acc = grad_gate[a]
+                for c in range(d):
+                    acc += grad[t, c] * y[r, c]
+                grad_gate[a] = acc
+                r += 1
+        for r in range(r0, r1):
+            if r < valid:
+                a = assign[starts[s] + r]
+                t = a // top_k
+                g = gate[a]
+                for c in range(d):
+                    g_out[r, c] = grad[t, c] * g
+            else:
+                for c in range(d):
+                    g_out[r, c] = 0
+
+
+def _dispatch_backward(gs, assign_slot, assign_row, top_k, out):
+    """out[t] = g[row(t*k)] + g[row(t*k + 1)] + ... (j = 0..k-1)."""
+    d = out.shape[1]
+    for t in prange(out.shape[0]):
+        a = t * top_k
+        g = gs[assign_slot[a]]
+        r = assign_row[a]
+        for c in range(d):
+            out[t, c] = g[r, c]
+        for j in range(1, top_k):
+            g = gs[assign_slot[a + j]]
+            r = assign_row[a + j]
+            for c in range(d):
+                out[t, c] = out[t, c] + g[r, c]
+
+
+@njit(cache=True)
+def _layout(expert, n_experts, block_rows):
+    """Stable counting sort of the assignments by expert: ``order`` (what a stable argsort gives), ``counts``,
+    the slot (index among experts with work) and buffer row of every assignment, and each slot's rows."""
+    n = expert.shape[0]
+    counts = np.zeros(n_experts, np.int64)
+    for a in range(n):
+        counts[expert[a]] += 1
+    starts = np.zeros(n_experts, np.int64)
+    slot_of = np.full(n_experts, -1, np.int64)
+    n_slots = 0
+    total = 0
+    for e in range(n_experts):
+        starts[e] = total
+        total += counts[e]
+        if counts[e] > 0:
+            slot_of[e] = n_slots
+            n_slots += 1
+    order = np.empty(n, np.int64)
+    assign_slot = np.empty(n, np.int64)
+    assign_row = np.empty(n, np.int64)
+    fill = starts.copy()
+    for a in range(n):
+        e = expert[a]
+        order[fill[e]] = a
+        assign_slot[a] = slot_of[e]
+        assign_row[a] = fill[e] - starts[e]
+        fill[e] += 1
+    slot_count = np.empty(n_slots, np.int64)
+    slot_start = np.empty(n_slots, np.int64)
+    slot_rows = np.empty(n_slots, np.int64)
+    for e in range(n_experts):
+        s = slot_of[e]
+        if s >= 0:
+            slot_count[s] = counts[e]
+            slot_start[s] = starts[e]
+            slot_rows[s] = counts[e] if block_rows <= 0 else -(-counts[e] // block_rows) * block_rows
+    return order, counts, assign_slot, assign_row, slot_count, slot_start, slot_rows
+
+
+def _compile(fn, parallel):
+    # Each kernel twice, threaded and serial, under their own names: numba's on-disk cache is keyed by name.
+    variant = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    variant.__qualname__ = f"{fn.__qualname__}_{'parallel' if parallel else 'serial'}"
+    return njit(parallel=parallel, cache=True, error_model="numpy")(variant)
+
+
+KERNELS = {fn.__name__: {p: _compile(fn, p) for p in (False, True)}
+           for fn in (_dispatch, _combine, _combine_backward, _dispatch_backward)}
+
+
+def _kernel(name: str, elements: int):
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    parallel = threads > 1 and elements >= PARALLEL_MIN_ELEMENTS
+    if parallel:
+        numba.set_num_threads(threads)  # follow torch's thread setting so the two agree
+    return KERNELS[name][parallel]
+
+
+class Layout:
+    """Where every (token, choice) assignment goes: built once per forward from the top-k expert ids.
+
+    ``order``: assignment indices ``t*k + j`` sorted by expert, stable; ``counts``: per expert (all experts);
+    ``expert_ids``: the experts with work, one *slot* each; ``rows``: each slot's buffer rows (its count rounded
+    up to whole ``block_rows`` blocks, or the count itself when ``block_rows`` is None); ``assign_slot``,
+    ``assign_row``: each assignment's slot and row in that slot's buffer.
+    """
+
+    def __init__(self, expert_idx: Tensor, n_experts: int, block_rows: int | None) -> None:
+        self.top_k = expert_idx.shape[1]
+        flat = expert_idx.reshape(-1).cpu().numpy()
+        order, counts, self.assign_slot, self.assign_row, self.slot_count, self.slot_start, slot_rows = _layout(
+            flat, n_experts, 0 if block_rows is None else block_rows)
+        self.order = torch.from_numpy(order)
+        self.counts = torch.from_numpy(counts)
+        self.expert_ids = [e for e in range(n_experts) if counts[e]]
+        self.rows = slot_rows.tolist()
+        jobs = [(s, r) for s, rows in enumerate(self.rows) for r in range(0, rows, BLOCK)]
+        self.job_slot = np.array([s for s, _ in jobs], np.int64)
+        self.job_row = np.array([r for _, r in jobs], np.int64)
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+class Dispatch(torch.autograd.Function):
+    """Token rows -> one zero-padded buffer per expert slot; backward: each token's k buffer-row gradients summed."""
+
+    @staticmethod
+    def forward(ctx, src: Tensor, lay: Layout) -> tuple[Tensor, ...]:
+        src = src.contiguous()
+        bufs = tuple(src.new_empty(r, src.shape[1]) for r in lay.rows)
+        _kernel("_dispatch", sum(lay.rows) * src.shape[1])(
+            _np(src), tuple(_np(b) for b in bufs), _np(lay.order), lay.slot_start, lay.slot_count,
+            lay.job_slot, lay.job_row, lay.top_k)
+        ctx.lay = lay
+        ctx.shape = src.shape
+        return bufs
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        lay = ctx.lay
+        gs = tuple(g.contiguous() for g in grads)
+        out = gs[0].new_empty(ctx.shape)
+        _kernel("_dispatch_backward", out.numel())(tuple(_np(g) for g in gs), lay.assign_slot, lay.assign_row,
+                                                   lay.top_k, _np(out))
+        return out, None
+
+
+class Combine(torch.autograd.Function):
+    """Expert outputs -> token rows, ``out[t] = sum_j gate[t, j] * y_{e(t,j)}[row(t, j)]``; backward: the gated
+    token gradient on every buffer row (zeros on padding) and the gate gradient, in one pass."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, lay: Layout, *ys: Tensor) -> Tensor:
+        ys = tuple(y.contiguous() for y in ys)
+        gate = gate.contiguous()
+        out = ys[0].new_empty(gate.shape[0], ys[0].shape[1])
+        _kernel("_combine", out.numel())(tuple(_np(y) for y in ys), _np(gate).reshape(-1), lay.assign_slot,
+                                         lay.assign_row, lay.top_k, _np(out))
+        ctx.save_for_backward(gate, *ys)
+        ctx.lay = lay
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        gate, *ys = ctx.saved_tensors
+        lay = ctx.lay
+        grad = grad.contiguous()
+        need_gate = ctx.needs_input_grad[0]
+        grad_gate = gate.new_zeros(gate.numel())
+        gs = tuple(y.new_empty(y.shape) for y in ys)
+        _kernel("_combine_backward", sum(lay.rows) * grad.shape[1])(
+            _np(grad), tuple(_np(y) for y in ys), _np(gate).reshape(-1), _np(lay.order), lay.slot_start,
+            lay.slot_count, lay.job_slot, lay.job_row, lay.top_k, need_gate, tuple(_np(g) for g in gs),
+            _np(grad_gate))
+        return (grad_gate.view_as(gate) if need_gate else None), None, *gs
+
+
+def supported(x: Tensor) -> bool:
+    """Whether these kernels take ``x`` (CPU float32/float64, not under autocast)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu"))
+
+
+__all__ = ["Combine", "Dispatch", "Layout", "supported"]
