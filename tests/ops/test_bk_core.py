@@ -181,7 +181,9 @@ def _in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t[..., :1].expand(t.shape)
 
 
-LAYOUT_ROWS = (2, 66, 70)  # B, H, N: a full and a partial 64-row block per batch, a full and a partial chunk
+# B, H, N: 66 rows = eight whole 8 x 8 transpose blocks and 2 rows left, 70 positions = a full and a partial
+# chunk (64); 300 rows = two jobs of the causal kernels (152 + 148 rows, ragged blocks), 77 positions.
+LAYOUT_SHAPES = [(2, 66, 70), (1, 300, 77)]
 _LAYOUT_CASES = [(lv, lk, lg) for lv in ("rows", "planes", "strided") for lk in ("rows", "planes")
                  for lg in ("rows", "planes", "strided", "broadcast")]
 
@@ -192,9 +194,9 @@ def _layout_run(v, k, z, g_re, g_im, causal):
     return (re, im, *torch.autograd.grad((re, im), (v, k, z), (g_re, g_im))), (v, k)
 
 
-@pytest.fixture(scope="module")
-def layout_base():
-    b, h, n = LAYOUT_ROWS
+@pytest.fixture(scope="module", params=LAYOUT_SHAPES, ids=lambda shape: "x".join(map(str, shape)))
+def layout_base(request):
+    b, h, n = request.param
     gen = torch.Generator().manual_seed(11)
     v = torch.randn(b, h, n, generator=gen)
     k = 1.5 * torch.rand(b, h, n - 1, generator=gen)
@@ -233,14 +235,15 @@ def test_layout_case_matches_the_dense_reference(layout_base, mode):
     causal = MODES[mode]
     backend = "cpu" if "cpu" in FAST_BACKENDS else "torch"
     got, _ = _layout_run(_in_layout(v, "rows"), _in_layout(k, "planes"), z, g[0], g[1], causal)
-    rows = [0, 31, 63, 64, 65]  # batch 1: first, middle and last rows of the full block, both of the partial one
-    sub = [t[1:2, rows] for t in (v, k, z, g[0], g[1])]
+    h = v.shape[1]
+    rows = [r for r in (0, 31, 63, 64, 65, 151, 152, h - 1) if r < h]  # the last batch: block edges, last row
+    sub = [t[-1:, rows] for t in (v, k, z, g[0], g[1])]
     vd, kd, zd = (t.double() if not t.is_complex() else t.to(torch.complex128) for t in sub[:3])
     vd, kd, zd = (t.clone().requires_grad_() for t in (vd, kd, zd))
     re, im = reference_rows(vd, kd, zd, causal)
     want = (re, im, *torch.autograd.grad((re, im), (vd, kd, zd), (sub[3].double(), sub[4].double())))
     for name, a, e in zip(("re", "im", "dv", "dk", "dz"), got, want):
-        assert_rel_close(as_real(a[1:2, rows]), as_real(e), 1e-4, f"{backend} {mode} {name}")
+        assert_rel_close(as_real(a[-1:, rows]), as_real(e), 1e-4, f"{backend} {mode} {name}")
 
 
 def test_exact_gradient_differs_from_diagonal_only_shortcut():

@@ -1,14 +1,16 @@
 """Compiled CPU BK-Core (numba): forward and exact adjoint backward, both modes, O(N) per row.
 
 Layout: the kernels index ``(B, N, H)`` planes (real and imaginary parts in separate arrays). Each parallel job
-owns ``ROW_BLOCK`` rows of one batch and walks the sequence in chunks of ``CHUNK`` positions, stepping all its
-rows at once per position on (position, row) scratch tiles; the inner loop over rows is contiguous and
-vectorised by LLVM. The causal kernels copy every tile in and out through cache (``_stage_*``), in the order
-the array's memory runs: row by row for plain contiguous ``(B, H, N)`` rows (``_rows_contiguous``), position
-by position for a mixer's projection ``x (B, N, D) -> (B, N, H)``. So they read inputs and output gradients
-in either layout (any strides) in place (``bkexp bench bk-core --layouts``); outputs and gradients are always
-written as planes and returned as their (B, H, N) transposes, as for a mixer: a row tile costs a scalar
-transposing copy, and writing rows as well measured 1.2-1.6x slower than reading them alone. Contiguous planes keep the direct code (``_left_sweep_planes``,
+owns a block of rows of one batch (causal: up to ``ROW_BLOCK_MAX``, a whole batch where that leaves no thread
+idle, ``_row_block``; bidirectional: ``ROW_BLOCK``) and walks the sequence, stepping all its rows at once per
+position; the inner loop over rows is contiguous and vectorised by LLVM. The causal kernels read inputs and
+output gradients of any layout in place (``bkexp bench bk-core --layouts``): chunks of ``CHUNK`` positions are
+staged into (position, row) scratch tiles (``_stage_*``) in the order the array's memory runs. Plain contiguous
+``(B, H, N)`` rows (adjacent positions, ``_rows_unit``) are copied 8 rows x 8 positions at a time, transposed
+in registers by shuffles (``_transpose8``: the scalar transposing copy it replaced cost about as much as the
+recurrence); other strides element by element. Outputs and gradients are always written as planes and
+returned as their (B, H, N) transposes, as for a mixer (writing rows as well measured 1.2-1.6x slower than
+reading them alone). Contiguous planes keep the direct code (``_left_sweep_planes``,
 ``_stage_*_reversed_planes``: the generic copies measured 1.5-2x slower there), chosen per numba type by the
 ``overload``s, so a mixer's results are bit-identical to the planes-only kernels. The bidirectional kernels
 index contiguous planes directly. That needs
@@ -32,7 +34,8 @@ import numba
 import numpy as np
 import torch
 from numba import njit, prange
-from numba.extending import overload
+from llvmlite import ir
+from numba.extending import intrinsic, overload
 from torch import Tensor
 
 from .layout import to_planes
@@ -43,7 +46,51 @@ _FASTMATH = {"contract"}
 _JIT = {"cache": True, "error_model": "numpy", "fastmath": _FASTMATH}
 CHUNK = 64  # positions staged per step of a backwards sweep; also the span of working-precision z sums
 LINE = 16  # positions per block of a tile copy in the rows layout: one 64-byte line of float32
-ROW_BLOCK = 64  # rows (within one batch) stepped together by one thread; 256 bytes per plane per position
+ROW_BLOCK = 64  # rows (within one batch) per job of the bidirectional kernels; the fewest per causal job
+# Most rows per causal job: up to a whole batch's rows (the mixer's planes: a position's row of H values lies
+# together), so a job reads whole 1 KB runs per position instead of a 4 KB page's quarter at a time, which the
+# hardware prefetchers followed badly (2048 rows x N=8192: forward 3.3 -> 1.0 ns per element, backward 6.1 -> 3.2)
+ROW_BLOCK_MAX = 256
+
+
+# shufflevector masks of an 8 x 8 transpose (the unpack / shuffle / 128-bit-lane permute sequence)
+_UNPACK_LO = (0, 8, 1, 9, 4, 12, 5, 13)
+_UNPACK_HI = (2, 10, 3, 11, 6, 14, 7, 15)
+_PAIRS_LO = (0, 1, 8, 9, 4, 5, 12, 13)
+_PAIRS_HI = (2, 3, 10, 11, 6, 7, 14, 15)
+_LANES_LO = (0, 1, 2, 3, 8, 9, 10, 11)
+_LANES_HI = (4, 5, 6, 7, 12, 13, 14, 15)
+
+
+@intrinsic
+def _transpose8(typingctx, src, src_stride, dst, dst_stride, like):
+    """Copy an 8 x 8 block transposed: vector i = 8 elements at address src + i * src_stride (bytes) becomes
+    element i of the 8 vectors stored at dst + j * dst_stride (strides may be negative); ``like`` is an array
+    of the elements' dtype. LLVM has no pattern for this in a scalar loop (a scalar transposing copy cost about
+    as much as the recurrence); as 24 shuffles of whole vectors it is a few times cheaper. Values are copied
+    unchanged."""
+    sig = numba.types.void(numba.types.intp, numba.types.intp, numba.types.intp, numba.types.intp, like)
+
+    def codegen(context, builder, signature, args):
+        s, ss, d, ds, _ = args
+        item = signature.args[4].dtype.bitwidth // 8
+        vptr = ir.VectorType(context.get_value_type(signature.args[4].dtype), 8).as_pointer()
+
+        def at(base, stride, i):
+            return builder.inttoptr(builder.add(base, builder.mul(stride, ir.Constant(stride.type, i))), vptr)
+
+        def shuffle(a, c, mask):
+            return builder.shuffle_vector(a, c, ir.Constant(ir.VectorType(ir.IntType(32), 8), list(mask)))
+
+        r = [builder.load(at(s, ss, i), align=item) for i in range(8)]
+        t = [shuffle(r[i & ~1], r[i | 1], _UNPACK_HI if i & 1 else _UNPACK_LO) for i in range(8)]
+        u = [shuffle(t[i], t[i + 2], m) for i in (0, 1, 4, 5) for m in (_PAIRS_LO, _PAIRS_HI)]
+        for i in range(8):
+            builder.store(shuffle(u[i % 4], u[i % 4 + 4], _LANES_HI if i >= 4 else _LANES_LO), at(d, ds, i),
+                          align=item)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
@@ -63,10 +110,10 @@ def _left_sweep_planes(v, k, z, out_r, out_i, b, h0, nh, store_pivot):
         raise ValueError("negative row offset")
     n = v.shape[1]
     dt = v.dtype
-    prev_r = np.empty(ROW_BLOCK, dt)  # 1/L_{i-1}
-    prev_i = np.empty(ROW_BLOCK, dt)
-    shift_r = np.empty(ROW_BLOCK, dt)
-    shift_i = np.empty(ROW_BLOCK, dt)
+    prev_r = np.empty(nh, dt)  # 1/L_{i-1}
+    prev_i = np.empty(nh, dt)
+    shift_r = np.empty(nh, dt)
+    shift_i = np.empty(nh, dt)
     for h in range(nh):
         shift_r[h] = z[b, h0 + h, 0]
         shift_i[h] = -z[b, h0 + h, 1]
@@ -97,21 +144,20 @@ def _left_sweep_planes(v, k, z, out_r, out_i, b, h0, nh, store_pivot):
 
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
 def _left_sweep_staged(v, k, z, out_r, out_i, b, h0, nh, store_pivot):
-    """``_left_sweep`` for arrays of any layout: walks chunks of CHUNK positions: each chunk of v and k is staged into (position, row) scratch and each
-    chunk of output staged out, so the recurrence runs on contiguous rows whatever the arrays' layout.
+    """``_left_sweep`` for inputs of any layout: walks chunks of CHUNK positions; each chunk of v and k is staged
+    into (position, row) scratch, so the recurrence runs on contiguous rows whatever their layout, and writes the
+    outputs (planes, allocated by ``_CpuBKCore``) in place: staging them out as well cost a third of the forward.
     """
     if h0 < 0 or nh < 0:  # never true; lets LLVM vectorise h0 + h (see the module docstring)
         raise ValueError("negative row offset")
     n = v.shape[1]
     dt = v.dtype
-    s_v = np.empty((CHUNK, ROW_BLOCK), dt)
-    s_k = np.empty((CHUNK, ROW_BLOCK), dt)  # slot j holds k at position c0 - 1 + j
-    s_r = np.empty((CHUNK, ROW_BLOCK), dt)
-    s_i = np.empty((CHUNK, ROW_BLOCK), dt)
-    prev_r = np.empty(ROW_BLOCK, dt)  # 1/L_{i-1}
-    prev_i = np.empty(ROW_BLOCK, dt)
-    shift_r = np.empty(ROW_BLOCK, dt)
-    shift_i = np.empty(ROW_BLOCK, dt)
+    s_v = np.empty((CHUNK, nh), dt)
+    s_k = np.empty((CHUNK, nh), dt)  # slot j holds k at position c0 - 1 + j
+    prev_r = np.empty(nh, dt)  # 1/L_{i-1}
+    prev_i = np.empty(nh, dt)
+    shift_r = np.empty(nh, dt)
+    shift_i = np.empty(nh, dt)
     for h in range(nh):  # position 0 in the loop that sets the shift, as before staging (same FMA contraction)
         shift_r[h] = z[b, h0 + h, 0]
         shift_i[h] = -z[b, h0 + h, 1]
@@ -120,8 +166,8 @@ def _left_sweep_staged(v, k, z, out_r, out_i, b, h0, nh, store_pivot):
         d = lr * lr + li * li
         prev_r[h] = lr / d
         prev_i[h] = -li / d
-        s_r[0, h] = lr if store_pivot else prev_r[h]
-        s_i[0, h] = li if store_pivot else prev_i[h]
+        out_r[b, 0, h0 + h] = lr if store_pivot else prev_r[h]
+        out_i[b, 0, h0 + h] = li if store_pivot else prev_i[h]
     for c0 in range(0, n, CHUNK):
         c1 = min(c0 + CHUNK, n)
         m = c1 - c0
@@ -143,13 +189,11 @@ def _left_sweep_staged(v, k, z, out_r, out_i, b, h0, nh, store_pivot):
                 prev_r[h] = yr
                 prev_i[h] = yi
                 if store_pivot:
-                    s_r[j, h] = lr
-                    s_i[j, h] = li
+                    out_r[b, c0 + j, h0 + h] = lr
+                    out_i[b, c0 + j, h0 + h] = li
                 else:
-                    s_r[j, h] = yr
-                    s_i[j, h] = yi
-        _stage_out(s_r, 0, out_r, b, c0, c1, h0, nh)
-        _stage_out(s_i, 0, out_i, b, c0, c1, h0, nh)
+                    out_r[b, c0 + j, h0 + h] = yr
+                    out_i[b, c0 + j, h0 + h] = yi
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
@@ -157,7 +201,9 @@ def _stage_in(src, b, p0, p1, h0, nh, dst, q0):
     """dst[q0 + j, h] = src[b, p0 + j, h0 + h] for positions p0..p1-1, reading memory in its own order."""
     if h0 < 0 or nh < 0 or p0 < 0 or q0 < 0:  # never true; no wraparound selects (see the module docstring)
         raise ValueError("negative offset")
-    if _rows_contiguous(src):
+    if _rows_unit(src):
+        _stage_in_rows(src, b, p0, p1, h0, nh, dst, q0, 1)
+    elif _rows_contiguous(src):
         for jb in range(0, p1 - p0, LINE):
             je = min(jb + LINE, p1 - p0)
             for h in range(nh):
@@ -170,20 +216,34 @@ def _stage_in(src, b, p0, p1, h0, nh, dst, q0):
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FASTMATH)
-def _stage_out(src, q0, dst, b, p0, p1, h0, nh):
-    """dst[b, p0 + j, h0 + h] = src[q0 + j, h] for positions p0..p1-1, writing memory in its own order."""
-    if h0 < 0 or nh < 0 or p0 < 0 or q0 < 0:  # never true; no wraparound selects (see the module docstring)
-        raise ValueError("negative offset")
-    if _rows_contiguous(dst):
-        for jb in range(0, p1 - p0, LINE):
-            je = min(jb + LINE, p1 - p0)
-            for h in range(nh):
-                for j in range(jb, je):
-                    dst[b, p0 + j, h0 + h] = src[q0 + j, h]
-    else:
-        for j in range(p1 - p0):
-            for h in range(nh):
-                dst[b, p0 + j, h0 + h] = src[q0 + j, h]
+def _stage_in_rows(src, b, p0, p1, h0, nh, dst, q0, step):
+    """dst[q0 + step * j, h] = src[b, p0 + j, h0 + h] for positions p0..p1-1 (step 1 or -1), for ``src`` whose
+    positions are adjacent in memory (``_rows_unit``): 8 rows x 8 positions at a time, transposed in registers
+    (``_transpose8``); the edges that do not fill a block element by element."""
+    m = p1 - p0
+    m8 = m - m % 8
+    n8 = nh - nh % 8
+    isz = np.intp(src.itemsize)
+    sh = np.intp(src.strides[2])
+    ds = np.intp(step) * np.intp(dst.strides[0])
+    sbase = np.intp(src.ctypes.data) + np.intp(b) * np.intp(src.strides[0]) + np.intp(p0) * isz + np.intp(h0) * sh
+    dbase = np.intp(dst.ctypes.data) + np.intp(q0) * np.intp(dst.strides[0])
+    for hh in range(0, n8, 8):  # a block of rows at a time: its lines of src are read through in one go
+        for j in range(0, m8, 8):
+            _transpose8(sbase + j * isz + hh * sh, sh, dbase + j * ds + hh * isz, ds, dst)
+    for j in range(m8):
+        for h in range(n8, nh):
+            dst[q0 + step * j, h] = src[b, p0 + j, h0 + h]
+    for j in range(m8, m):
+        for h in range(nh):
+            dst[q0 + step * j, h] = src[b, p0 + j, h0 + h]
+
+
+@njit(cache=True)
+def _rows_unit(a):
+    """Whether the (B, N, H) array ``a`` has adjacent positions (contiguous rows, or any row stride): then
+    ``_stage_in_rows`` reads 8 positions of a row as one vector."""
+    return a.strides[1] == a.itemsize and a.strides[2] >= 8 * a.itemsize
 
 
 @njit(cache=True)
@@ -208,7 +268,9 @@ def _stage_in_reversed_any(src, b, p0, p1, h0, nh, dst, q0):
     """dst[q0 - j, h] = src[b, p0 + j, h0 + h] for positions p0..p1-1: ascending reads, reversed slots."""
     if h0 < 0 or nh < 0 or p0 < 0 or q0 - (p1 - p0) + 1 < 0:  # never true; no wraparound selects
         raise ValueError("negative offset")
-    if _rows_contiguous(src):
+    if _rows_unit(src):
+        _stage_in_rows(src, b, p0, p1, h0, nh, dst, q0, -1)
+    elif _rows_contiguous(src):
         m = p1 - p0
         for qb in range(q0 - m + 1, q0 + 1, LINE):
             qe = min(qb + LINE, q0 + 1)
@@ -302,19 +364,19 @@ def _causal_adjoint(k, yr, yi, gyr, gyi, dv, dk, dz, b, h0, nh):
     n = yr.shape[1]
     dt = yr.dtype
     # Slot q of a chunk [c0, c1) holds position c1 - 1 - q (y also has slot m = c1 - c0 for c0 - 1).
-    s_yr = np.empty((CHUNK + 1, ROW_BLOCK), dt)
-    s_yi = np.empty((CHUNK + 1, ROW_BLOCK), dt)
-    s_gr = np.empty((CHUNK, ROW_BLOCK), dt)
-    s_gi = np.empty((CHUNK, ROW_BLOCK), dt)
-    s_k = np.empty((CHUNK, ROW_BLOCK), dt)
-    s_dv = np.empty((CHUNK, ROW_BLOCK), dt)
-    s_dk = np.empty((CHUNK, ROW_BLOCK), dt)  # slot q holds dk at position c1 - 2 - q
-    lam_r = np.zeros(ROW_BLOCK, dt)  # lam_{i+1}, 0 past the end
-    lam_i = np.zeros(ROW_BLOCK, dt)
-    part_r = np.zeros(ROW_BLOCK, dt)  # sum of lam over the current chunk, in working precision
-    part_i = np.zeros(ROW_BLOCK, dt)
-    acc_r = np.zeros(ROW_BLOCK, np.float64)
-    acc_i = np.zeros(ROW_BLOCK, np.float64)
+    s_yr = np.empty((CHUNK + 1, nh), dt)
+    s_yi = np.empty((CHUNK + 1, nh), dt)
+    s_gr = np.empty((CHUNK, nh), dt)
+    s_gi = np.empty((CHUNK, nh), dt)
+    s_k = np.empty((CHUNK, nh), dt)
+    s_dv = np.empty((CHUNK, nh), dt)
+    s_dk = np.empty((CHUNK, nh), dt)  # slot q holds dk at position c1 - 2 - q
+    lam_r = np.zeros(nh, dt)  # lam_{i+1}, 0 past the end
+    lam_i = np.zeros(nh, dt)
+    part_r = np.zeros(nh, dt)  # sum of lam over the current chunk, in working precision
+    part_i = np.zeros(nh, dt)
+    acc_r = np.zeros(nh, np.float64)
+    acc_i = np.zeros(nh, np.float64)
     for c0 in range(((n - 1) // CHUNK) * CHUNK, -1, -CHUNK):
         c1 = min(c0 + CHUNK, n)
         m = c1 - c0
@@ -507,23 +569,24 @@ def _bidir_left_adjoint(k, yr, yi, yLr, yLi, yRr, yRi, gyr, gyi, lamRr, lamRi, d
         dz[b, h0 + h, 1] = acc_i[h]
 
 
-def _causal_forward(v, k, z, yr, yi):
-    """v, yr, yi: (B, N, H); k: (B, N-1, H), any strides; z: (B, H, 2) real and imaginary parts (C-contiguous). One dtype."""
+def _causal_forward(v, k, z, yr, yi, rb):
+    """v, yr, yi: (B, N, H); k: (B, N-1, H), any strides; z: (B, H, 2) real and imaginary parts (C-contiguous). One dtype.
+    ``rb``: rows per job (``_row_block``)."""
     nb, _, nh = v.shape
-    blocks = (nh + ROW_BLOCK - 1) // ROW_BLOCK
+    blocks = (nh + rb - 1) // rb
     for job in prange(nb * blocks):
         b = job // blocks
-        h0 = (job % blocks) * ROW_BLOCK
-        _left_sweep(v, k, z, yr, yi, b, h0, min(ROW_BLOCK, nh - h0), False)
+        h0 = (job % blocks) * rb
+        _left_sweep(v, k, z, yr, yi, b, h0, min(rb, nh - h0), False)
 
 
-def _causal_backward(k, yr, yi, gyr, gyi, dv, dk, dz):
+def _causal_backward(k, yr, yi, gyr, gyi, dv, dk, dz, rb):
     nb, _, nh = yr.shape
-    blocks = (nh + ROW_BLOCK - 1) // ROW_BLOCK
+    blocks = (nh + rb - 1) // rb
     for job in prange(nb * blocks):
         b = job // blocks
-        h0 = (job % blocks) * ROW_BLOCK
-        _causal_adjoint(k, yr, yi, gyr, gyi, dv, dk, dz, b, h0, min(ROW_BLOCK, nh - h0))
+        h0 = (job % blocks) * rb
+        _causal_adjoint(k, yr, yi, gyr, gyi, dv, dk, dz, b, h0, min(rb, nh - h0))
 
 
 def _bidirectional_forward(v, k, z, yr, yi, yLr, yLi, yRr, yRi):
@@ -567,15 +630,28 @@ KERNELS = {
 PARALLEL_MIN_ELEMENTS = 1 << 19  # rows * N below which the serial driver runs (measured crossover, 2 cores: 256 rows, N 1024-2048)
 
 
+def _row_block(batches: int, rows: int, threads: int) -> int:
+    """Rows per job of the causal kernels: a batch's rows in as few jobs of at most ROW_BLOCK_MAX as balance
+    them, split further (down to ROW_BLOCK) while the jobs would leave one of ``threads`` idle."""
+    jobs = -(-rows // ROW_BLOCK_MAX)
+    while threads > 1 and batches * jobs < 2 * threads and -(-rows // (jobs + 1)) >= ROW_BLOCK:
+        jobs += 1
+    rb = -(-rows // jobs)
+    return max(1, min(rows, -(-rb // 8) * 8))  # whole vectors per job where the rows allow
+
+
 def _kernel(name: str, v: Tensor):
-    """The threaded or serial driver for ``v``, rows (B, H, N) or planes (B, N, H) (``name`` says which)."""
+    """The threaded or serial driver for ``v``, rows (B, H, N) or planes (B, N, H) (``name`` says which), and
+    the rows per job it takes (causal kernels; None for the bidirectional ones, which use ROW_BLOCK)."""
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    rows = v.shape[1] if name.startswith("causal") else v.shape[2]
-    jobs = v.shape[0] * ((rows + ROW_BLOCK - 1) // ROW_BLOCK)
-    parallel = threads > 1 and jobs > 1 and v.numel() >= PARALLEL_MIN_ELEMENTS
+    causal = name.startswith("causal")
+    rows = v.shape[1] if causal else v.shape[2]
+    big = v.numel() >= PARALLEL_MIN_ELEMENTS and threads > 1
+    rb = _row_block(v.shape[0], rows, threads if big else 1) if causal else ROW_BLOCK
+    parallel = big and v.shape[0] * -(-rows // max(rb, 1)) > 1
     if parallel:
         numba.set_num_threads(threads)  # follow torch's thread setting so the two agree
-    return KERNELS[name][parallel]
+    return KERNELS[name][parallel], (rb if causal else None)
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -615,7 +691,8 @@ class _CpuBKCore(torch.autograd.Function):
             # a scalar transposing copy, so writing rows too measured 1.2-1.6x slower than reading them alone.
             yr = _empty_planes(b, h, n, v.dtype)
             yi = _empty_planes(b, h, n, v.dtype)
-            _kernel("causal_forward", v)(_planes(v), _planes(k), _np(z2), _planes(yr), _planes(yi))
+            kernel, rb = _kernel("causal_forward", v)
+            kernel(_planes(v), _planes(k), _np(z2), _planes(yr), _planes(yi), rb)
             ctx.save_for_backward(k, yr, yi)
             return yr, yi
         v = to_planes(v)
@@ -623,7 +700,7 @@ class _CpuBKCore(torch.autograd.Function):
         yr = torch.empty_like(v)
         yi = torch.empty_like(v)
         planes = [torch.empty_like(v) for _ in range(4)]  # 1/L and 1/R, real and imaginary
-        _kernel("bidirectional_forward", v)(_np(v), _np(k), _np(z2), _np(yr), _np(yi), *map(_np, planes))
+        _kernel("bidirectional_forward", v)[0](_np(v), _np(k), _np(z2), _np(yr), _np(yi), *map(_np, planes))
         ctx.save_for_backward(k, yr, yi, *planes)
         return yr.transpose(1, 2), yi.transpose(1, 2)
 
@@ -635,8 +712,9 @@ class _CpuBKCore(torch.autograd.Function):
             dv = _empty_planes(b, h, n, dt)
             dk = _empty_planes(b, h, n - 1, dt)
             dz = torch.empty(b, h, 2, dtype=torch.float64)
-            _kernel("causal_backward", yr)(_planes(k), _planes(yr), _planes(yi), _planes(grad_re.to(dt)),
-                                           _planes(grad_im.to(dt)), _planes(dv), _planes(dk), _np(dz))
+            kernel, rb = _kernel("causal_backward", yr)
+            kernel(_planes(k), _planes(yr), _planes(yi), _planes(grad_re.to(dt)), _planes(grad_im.to(dt)),
+                   _planes(dv), _planes(dk), _np(dz), rb)
             return dv, dk, torch.view_as_complex(dz).to(ctx.z_dtype), None
         k, yr, yi, *planes = ctx.saved_tensors
         gyr = to_planes(grad_re.to(yr.dtype))
@@ -645,7 +723,7 @@ class _CpuBKCore(torch.autograd.Function):
         dk = torch.empty_like(k)
         dz = torch.empty(yr.shape[0], yr.shape[2], 2, dtype=torch.float64)
         lam_right = [torch.empty_like(yr), torch.empty_like(yr)]
-        _kernel("bidirectional_backward", yr)(_np(k), _np(yr), _np(yi), *map(_np, planes), _np(gyr), _np(gyi),
+        _kernel("bidirectional_backward", yr)[0](_np(k), _np(yr), _np(yi), *map(_np, planes), _np(gyr), _np(gyi),
                                               *map(_np, lam_right), _np(dv), _np(dk), _np(dz))
         grad_z = torch.view_as_complex(dz).to(ctx.z_dtype)
         return dv.transpose(1, 2), dk.transpose(1, 2), grad_z, None
