@@ -1,12 +1,15 @@
 """Compiled CPU causal depthwise conv1d (numba): forward and backward, the SiLU fused into each.
 
 Layout: ``x`` and the gradients are position-major ``(b, l, d)``, so every inner loop runs over contiguous
-channels and vectorises; the taps are ``(w, d)``. Work items are (sequence, chunk of ``CHUNK`` positions),
+channels and vectorises; the taps are ``(w, d)``. (That takes C-contiguous ``(b, l, d)`` arrays: a view with
+a longer row, such as one half of a joint projection's output, compiles to numba's any-layout code, which
+does not vectorise and ran 3x slower.) Each position's row of channels is done in one go: the taps, then
+the SiLU or its derivative with the exp in registers. Work items are (sequence, chunk of ``CHUNK`` positions),
 taken by threads in parallel, so a batch of one long sequence keeps every core busy as well as many short
 ones. The backward recomputes the pre-activation of its chunk plus the ``w - 1`` positions after it (whose
 gradients reach the chunk's inputs) rather than storing it, and accumulates the tap and bias gradients per
 work item; the caller sums them, so no two threads write the same element. The SiLU and its derivative
-use the selective scan's vectorisable exp.
+use the selective scan's vectorisable exp (``_exp``).
 """
 
 from __future__ import annotations
@@ -17,63 +20,62 @@ from numba import njit, prange
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from bkexp.ops.selective_scan.cpu import _FASTMATH, _exp_into  # the shared vectorisable exp
+from bkexp.ops.selective_scan.cpu import _FASTMATH, _exp  # the shared vectorisable exp
 
 CHUNK = 64  # positions per work item
 
 
-@njit(fastmath=_FASTMATH, error_model="numpy", cache=True)
-def _pre_activation(xb, w_t, bias, has_bias, t0, t1, out):
-    """out[t - t0] = the conv (plus bias) at positions t0 .. t1 - 1 of one sequence ``xb`` (l, d), in the one
-    summation order the forward and the backward's recomputation share (so both round alike)."""
+# No reassociation: the kernels have no reductions to vectorise, and the inlined exp keeps its designed
+# accuracy (the Cody-Waite split and the polynomial are evaluated as written).
+_CONV_FASTMATH = _FASTMATH - {"reassoc"}
+
+
+@njit(fastmath=_CONV_FASTMATH, error_model="numpy", cache=True, inline="always")
+def _pre_activation(xb, w_t, bias, has_bias, t, out):
+    """out = the conv (plus bias) at position t of one sequence ``xb`` (l, d), in the one summation order the
+    forward and the backward's recomputation share (so both round alike)."""
     nd = xb.shape[1]
     nk = w_t.shape[0]
-    for t in range(t0, t1):
-        r = t - t0
-        for c in range(nd):
-            out[r, c] = xb[t, c] * w_t[nk - 1, c]
-        for tap in range(nk - 1):
-            s = t - (nk - 1) + tap
-            if s >= 0:
-                for c in range(nd):
-                    out[r, c] += xb[s, c] * w_t[tap, c]
-        if has_bias:
+    x_t = xb[t]
+    w_last = w_t[nk - 1]
+    for c in range(nd):
+        out[c] = x_t[c] * w_last[c]
+    for tap in range(nk - 1):
+        s = t - (nk - 1) + tap
+        if s >= 0:
+            x_s = xb[s]
+            w_tap = w_t[tap]
             for c in range(nd):
-                out[r, c] += bias[c]
+                out[c] += x_s[c] * w_tap[c]
+    if has_bias:
+        for c in range(nd):
+            out[c] += bias[c]
 
 
-@njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
+@njit(parallel=True, fastmath=_CONV_FASTMATH, error_model="numpy", cache=True)
 def _conv_forward(x, w_t, bias, has_bias, silu, chunk, out):
-    """x, out: (b, l, d); w_t: (w, d), tap j multiplies x[t - (w - 1) + j]; bias: (d,) (dummy unless has_bias)."""
+    """x, out: (b, l, d); w_t: (w, d), tap j multiplies x[t - (w - 1) + j]; bias: (d,) (dummy unless has_bias).
+    Position by position, one row of channels at a time: the taps, then the SiLU with the exp in registers."""
     nb, nl, nd = x.shape
-    nk = w_t.shape[0]
     n_chunks = (nl + chunk - 1) // chunk
     for item in prange(nb * n_chunks):
         ib = item // n_chunks
         t0 = (item % n_chunks) * chunk
         t1 = min(t0 + chunk, nl)
-        m = (t1 - t0) * nd
-        acc = np.empty((chunk, nd), x.dtype)
-        neg = np.empty(chunk * nd, x.dtype)
-        e = np.empty(chunk * nd, x.dtype)
-        bits = np.empty(chunk * nd, np.int32)
+        pre = np.empty(nd, x.dtype)
         one = np.ones(1, x.dtype)[0]
         xb = x[ib]
-        _pre_activation(xb, w_t, bias, has_bias, t0, t1, acc)
-        flat = acc.reshape(chunk * nd)
-        if silu:  # silu(s) = s / (1 + exp(-s))
-            for i in range(m):
-                neg[i] = -flat[i]
-            _exp_into(neg[:m], e[:m], bits[:m])
-            for i in range(m):
-                flat[i] = flat[i] / (one + e[i])
         for t in range(t0, t1):
-            r = t - t0
-            for c in range(nd):
-                out[ib, t, c] = acc[r, c]
+            row = out[ib, t]
+            _pre_activation(xb, w_t, bias, has_bias, t, pre)
+            if silu:  # silu(s) = s / (1 + exp(-s))
+                for c in range(nd):
+                    row[c] = pre[c] / (one + _exp(-pre[c]))
+            else:
+                row[:] = pre
 
 
-@njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
+@njit(parallel=True, fastmath=_CONV_FASTMATH, error_model="numpy", cache=True)
 def _conv_backward(x, w_t, bias, has_bias, silu, chunk, dout, dx, dw_part, dbias_part):
     """Gradients of ``_conv_forward``: dx (b, l, d); dw_part (items, w, d), dbias_part (items, d) per work item."""
     nb, nl, nd = x.shape
@@ -84,48 +86,46 @@ def _conv_backward(x, w_t, bias, has_bias, silu, chunk, dout, dx, dw_part, dbias
         t0 = (item % n_chunks) * chunk
         t1 = min(t0 + chunk, nl)
         t2 = min(t1 + nk - 1, nl)  # the chunk's inputs reach outputs up to t1 + w - 2
-        span = chunk + nk - 1
-        m = (t2 - t0) * nd
-        grad = np.empty((span, nd), x.dtype)  # dL/d pre-activation at t0 .. t2 - 1
-        neg = np.empty(span * nd, x.dtype)
-        e = np.empty(span * nd, x.dtype)
-        bits = np.empty(span * nd, np.int32)
+        grad = np.empty((chunk + nk - 1, nd), x.dtype)  # dL/d pre-activation at t0 .. t2 - 1
+        pre = np.empty(nd, x.dtype)
         one = np.ones(1, x.dtype)[0]
         xb = x[ib]
         gb = dout[ib]
-        if silu:
-            pre = np.empty((span, nd), x.dtype)
-            _pre_activation(xb, w_t, bias, has_bias, t0, t2, pre)  # recomputed, not stored
-            flat_pre = pre.reshape(span * nd)
-            for i in range(m):
-                neg[i] = -flat_pre[i]
-            _exp_into(neg[:m], e[:m], bits[:m])
-            for t in range(t0, t2):  # d silu(s)/ds = sigmoid(s) (1 + s (1 - sigmoid(s)))
-                r = t - t0
+        for t in range(t0, t2):
+            g_t = gb[t]
+            row = grad[t - t0]
+            if silu:  # d silu(s)/ds = sigmoid(s) (1 + s (1 - sigmoid(s))); s recomputed, not stored
+                _pre_activation(xb, w_t, bias, has_bias, t, pre)
                 for c in range(nd):
-                    sig = one / (one + e[r * nd + c])
-                    grad[r, c] = gb[t, c] * sig * (one + pre[r, c] * (one - sig))
-        else:
-            for t in range(t0, t2):
-                for c in range(nd):
-                    grad[t - t0, c] = gb[t, c]
+                    sig = one / (one + _exp(-pre[c]))
+                    row[c] = g_t[c] * sig * (one + pre[c] * (one - sig))
+            else:
+                row[:] = g_t
+        dw = dw_part[item]
+        db = dbias_part[np.int64(item) if has_bias else np.int64(0)]  # a (1, 1) dummy without a bias
+        w_last = w_t[nk - 1]
         for t in range(t0, t1):
-            r = t - t0
+            g_t = grad[t - t0]
+            dx_t = dx[ib, t]
             for c in range(nd):
-                dx[ib, t, c] = grad[r, c] * w_t[nk - 1, c]
+                dx_t[c] = g_t[c] * w_last[c]
             for tap in range(nk - 1):
                 q = t + (nk - 1) - tap  # the output that x[t] reaches through tap
                 if q < t2:
+                    g_q = grad[q - t0]
+                    w_tap = w_t[tap]
                     for c in range(nd):
-                        dx[ib, t, c] += grad[q - t0, c] * w_t[tap, c]
+                        dx_t[c] += g_q[c] * w_tap[c]
             for tap in range(nk):
                 s = t - (nk - 1) + tap
                 if s >= 0:
+                    x_s = xb[s]
+                    dw_tap = dw[tap]
                     for c in range(nd):
-                        dw_part[item, tap, c] += grad[r, c] * xb[s, c]
+                        dw_tap[c] += g_t[c] * x_s[c]
             if has_bias:
                 for c in range(nd):
-                    dbias_part[item, c] += grad[r, c]
+                    db[c] += g_t[c]
 
 
 def _position_major(t: Tensor) -> Tensor:
