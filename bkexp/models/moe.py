@@ -80,9 +80,11 @@ class MoEFeedForward(AuxLossModule):
         self.router_stats: dict[str, Tensor] = {}
         self.padding_rows = 0  # zero rows the last forward ran through the experts (block padding)
 
-    def route(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Router probabilities ``(T, E)`` (float32 or float64), top-k gates ``(T, k)`` and expert ids ``(T, k)``."""
-        logits = self.router(flat)
+    def route(self, flat: Tensor, logits: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Router probabilities ``(T, E)`` (float32 or float64), top-k gates ``(T, k)`` and expert ids ``(T, k)``
+        (from ``logits`` when the caller computed the router's output itself)."""
+        if logits is None:
+            logits = self.router(flat)
         probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         gate, expert_idx = probs.topk(self.top_k, dim=-1)
         if self.renormalize:
@@ -107,6 +109,15 @@ class MoEFeedForward(AuxLossModule):
                 rows.append(count if block_rows is None else -(-count // block_rows) * block_rows)
         return groups, rows, counts
 
+    def _router_joinable(self, flat: Tensor) -> bool:
+        """A plain bias-free ``nn.Linear`` router without hooks, in x's dtype, with an input gradient to compute,
+        on a machine where the fused router term is bit-identical to ``mm`` (anything else is called as a module)."""
+        router = self.router
+        return (type(router) is nn.Linear and router.bias is None and not router._forward_hooks
+                and not router._forward_pre_hooks and not router._backward_hooks and router.weight.dtype == flat.dtype
+                and torch.is_grad_enabled() and flat.requires_grad
+                and moe_dispatch.router_fusion_exact(self.n_experts, self.d_model, flat.dtype))
+
     def padding_flops(self) -> float:
         """Forward FLOPs the last call spent on zero padding rows (2 x multiply-adds of an expert per row)."""
         per_row = sum(p.numel() for p in self.experts[0].parameters() if p.ndim == 2)
@@ -129,13 +140,24 @@ class MoEFeedForward(AuxLossModule):
             raise ValueError(f"expected last dim d_model={self.d_model}, got input of shape {tuple(x.shape)}")
         flat = x.reshape(-1, self.d_model)
         n_tokens = flat.shape[0]
-        probs, gate, expert_idx = self.route(flat)
-        if self.compiled_moves and moe_dispatch.supported(flat) and n_tokens > 0:
+        compiled = self.compiled_moves and moe_dispatch.supported(flat) and n_tokens > 0
+        join = None
+        if compiled and self._router_joinable(flat):
+            # The router's input gradient is added in the dispatch's backward pass (see RouterJoin).
+            join = moe_dispatch.RouterJoinState()
+            logits, token = moe_dispatch.RouterJoin.apply(flat, self.router.weight, join)
+            probs, gate, expert_idx = self.route(flat, logits)
+        else:
+            probs, gate, expert_idx = self.route(flat)
+        if compiled:
             # CPU float32/float64: the compiled row moves, one pass per direction (bit-identical to the below).
             lay = moe_dispatch.Layout(expert_idx, self.n_experts, block_rows)
             counts, rows = lay.counts, lay.rows
             self.padding_rows = sum(rows) - n_tokens * self.top_k
-            buffers = moe_dispatch.Dispatch.apply(flat, lay)
+            if join is None:
+                buffers = moe_dispatch.Dispatch.apply(flat, lay)
+            else:
+                buffers = moe_dispatch.Dispatch.apply(token, lay, flat.detach(), join)
             outputs = [self.experts[e](part).to(flat.dtype) for e, part in zip(lay.expert_ids, buffers)]
             out = moe_dispatch.Combine.apply(gate.to(flat.dtype), lay, *outputs)
         else:

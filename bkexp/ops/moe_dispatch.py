@@ -147,6 +147,38 @@ def _dispatch_backward(gs, assign_slot, assign_row, top_k, out):
                 out[t, c] = out[t, c] + g[r, c]
 
 
+def _dispatch_backward_router(gs, assign_slot, assign_row, top_k, grad_logits, weight, out):
+    """out[t] = (g[row(t*k)] + ... + g[row(t*k + k-1)]) + grad_logits[t] @ weight: the dispatch's and the
+    router's input gradients in one pass. The router term is the chain ``a_0 w_0``, then a fused multiply-add
+    per further expert, in expert order (what MKL's ``mm`` gives for this shape; ``router_fusion_exact``
+    checks it on the running machine before the fused pass is used). It is built in a row of scratch per job,
+    expert by expert, so the loops over channels vectorise."""
+    n_t, d = out.shape
+    n_e = weight.shape[0]
+    for job in prange((n_t + BLOCK - 1) // BLOCK):
+        acc = np.empty(d, out.dtype)
+        for t in range(job * BLOCK, min(job * BLOCK + BLOCK, n_t)):
+            a = t * top_k
+            g = gs[assign_slot[a]]
+            r = assign_row[a]
+            for c in range(d):
+                out[t, c] = g[r, c]
+            for j in range(1, top_k):
+                g = gs[assign_slot[a + j]]
+                r = assign_row[a + j]
+                for c in range(d):
+                    out[t, c] = out[t, c] + g[r, c]
+            a0 = grad_logits[t, 0]
+            for c in range(d):
+                acc[c] = a0 * weight[0, c]
+            for e in range(1, n_e):
+                ae = grad_logits[t, e]
+                for c in range(d):
+                    acc[c] = acc[c] + ae * weight[e, c]
+            for c in range(d):
+                out[t, c] = out[t, c] + acc[c]
+
+
 @njit(cache=True)
 def _layout(expert, n_experts, block_rows):
     """Stable counting sort of the assignments by expert: ``order`` (what a stable argsort gives), ``counts``,
@@ -187,15 +219,45 @@ def _layout(expert, n_experts, block_rows):
     return order, counts, assign_slot, assign_row, slot_count, slot_start, slot_rows
 
 
-def _compile(fn, parallel):
+def _compile(fn, parallel, fastmath=False):
     # Each kernel twice, threaded and serial, under their own names: numba's on-disk cache is keyed by name.
     variant = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     variant.__qualname__ = f"{fn.__qualname__}_{'parallel' if parallel else 'serial'}"
-    return njit(parallel=parallel, cache=True, error_model="numpy")(variant)
+    return njit(parallel=parallel, cache=True, error_model="numpy", fastmath=fastmath)(variant)
 
 
 KERNELS = {fn.__name__: {p: _compile(fn, p) for p in (False, True)}
            for fn in (_dispatch, _combine, _combine_backward, _dispatch_backward)}
+# FMA contraction for the router term's multiply-adds (the kernel's other sums have no products to contract).
+KERNELS["_dispatch_backward_router"] = {p: _compile(_dispatch_backward_router, p, {"contract"}) for p in (False, True)}
+_ROUTER_EXACT: dict[tuple[int, int, torch.dtype], bool] = {}
+
+
+def router_fusion_exact(n_experts: int, d: int, dtype: torch.dtype) -> bool:
+    """Whether the fused pass's router term equals ``grad_logits.mm(weight)`` bit for bit here (checked once per
+    shape and dtype, serial and threaded kernels, on 1024 random rows): otherwise the router's input gradient
+    stays a separate ``mm`` and add."""
+    key = (n_experts, d, dtype)
+    if key not in _ROUTER_EXACT:
+        gen = torch.Generator().manual_seed(0)
+        grad_logits = torch.randn(1024, n_experts, generator=gen, dtype=dtype)
+        weight = torch.randn(n_experts, d, generator=gen, dtype=dtype)
+        ref = grad_logits.mm(weight)
+        zeros = (np.zeros((1024, d), ref.numpy().dtype),)
+        rows = np.arange(1024, dtype=np.int64)
+        exact = True
+        threads = torch.get_num_threads()
+        try:
+            # numba's OpenMP layer shares torch's pool: launch the threaded kernel at torch's thread count
+            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+            for kernel in KERNELS["_dispatch_backward_router"].values():
+                out = torch.empty_like(ref)
+                kernel(zeros, np.zeros(1024, np.int64), rows, 1, _np(grad_logits), _np(weight), _np(out))
+                exact &= torch.equal(out, ref)
+        finally:
+            torch.set_num_threads(threads)
+        _ROUTER_EXACT[key] = exact
+    return _ROUTER_EXACT[key]
 
 
 def _kernel(name: str, elements: int):
@@ -234,27 +296,78 @@ def _np(t: Tensor) -> np.ndarray:
 
 
 class Dispatch(torch.autograd.Function):
-    """Token rows -> one zero-padded buffer per expert slot; backward: each token's k buffer-row gradients summed."""
+    """Token rows -> one zero-padded buffer per expert slot; backward: each token's k buffer-row gradients summed.
+
+    With a ``RouterJoin`` (``join`` given), the autograd input is the join's ``token`` (``src`` is read as
+    data) and the backward leaves the buffers' gradients with the join, which adds the router's term in the
+    same pass.
+    """
 
     @staticmethod
-    def forward(ctx, src: Tensor, lay: Layout) -> tuple[Tensor, ...]:
-        src = src.contiguous()
-        bufs = tuple(src.new_empty(r, src.shape[1]) for r in lay.rows)
-        _kernel("_dispatch", sum(lay.rows) * src.shape[1])(
-            _np(src), tuple(_np(b) for b in bufs), _np(lay.order), lay.slot_start, lay.slot_count,
+    def forward(ctx, src: Tensor, lay: Layout, data: Tensor | None = None, join: RouterJoinState | None = None
+                ) -> tuple[Tensor, ...]:
+        rows_src = (src if data is None else data).contiguous()
+        bufs = tuple(rows_src.new_empty(r, rows_src.shape[1]) for r in lay.rows)
+        _kernel("_dispatch", sum(lay.rows) * rows_src.shape[1])(
+            _np(rows_src), tuple(_np(b) for b in bufs), _np(lay.order), lay.slot_start, lay.slot_count,
             lay.job_slot, lay.job_row, lay.top_k)
         ctx.lay = lay
-        ctx.shape = src.shape
+        ctx.shape = rows_src.shape
+        ctx.join = join
         return bufs
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
         lay = ctx.lay
         gs = tuple(g.contiguous() for g in grads)
+        if ctx.join is not None:
+            ctx.join.grads, ctx.join.lay = gs, lay
+            return gs[0].new_zeros(0), None, None, None
         out = gs[0].new_empty(ctx.shape)
         _kernel("_dispatch_backward", out.numel())(tuple(_np(g) for g in gs), lay.assign_slot, lay.assign_row,
                                                    lay.top_k, _np(out))
-        return out, None
+        return out, None, None, None
+
+
+class RouterJoinState:
+    """What a ``Dispatch`` backward hands to its ``RouterJoin``: the buffers' gradients and the layout."""
+
+    def __init__(self) -> None:
+        self.grads: tuple[Tensor, ...] | None = None
+        self.lay: Layout | None = None
+
+
+class RouterJoin(torch.autograd.Function):
+    """``logits = src @ weight.T`` (the router, as ``nn.Linear`` computes it) plus an empty ``token`` that the
+    ``Dispatch`` takes as its autograd input. The backward, which runs after both the router's and the
+    dispatch's gradients are in, writes ``grad_src`` in one pass: the dispatch's sum over choices plus
+    ``grad_logits @ weight`` (no separate router-gradient buffer and add). ``grad_weight`` is
+    ``grad_logits.T @ src``, as autograd's ``mm`` backward computes it."""
+
+    @staticmethod
+    def forward(ctx, src: Tensor, weight: Tensor, state: RouterJoinState) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(src, weight)
+        ctx.state = state
+        return torch.nn.functional.linear(src, weight), src.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, grad_logits: Tensor, _grad_token: Tensor):
+        src, weight = ctx.saved_tensors
+        state = ctx.state
+        grads, lay = state.grads, state.lay
+        state.grads = state.lay = None
+        grad_src = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_logits.t().mm(src)
+        if ctx.needs_input_grad[0]:
+            if grads is None:  # the dispatch had no gradient (e.g. only the auxiliary loss was differentiated)
+                grad_src = grad_logits.mm(weight)
+            else:
+                grad_src = grads[0].new_empty(src.shape)
+                _kernel("_dispatch_backward_router", grad_src.numel())(
+                    tuple(_np(g) for g in grads), lay.assign_slot, lay.assign_row, lay.top_k,
+                    _np(grad_logits.contiguous()), _np(weight.contiguous()), _np(grad_src))
+        return grad_src, grad_weight, None
 
 
 class Combine(torch.autograd.Function):
@@ -293,4 +406,4 @@ def supported(x: Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
-__all__ = ["Combine", "Dispatch", "Layout", "supported"]
+__all__ = ["Combine", "Dispatch", "Layout", "RouterJoin", "RouterJoinState", "router_fusion_exact", "supported"]

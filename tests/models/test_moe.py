@@ -254,3 +254,22 @@ def test_compiled_row_moves_are_bit_identical_to_the_pytorch_ops(n_experts: int,
     assert counts[-1] == 0 and counts[0] > counts[1:-1].min()  # the routing the docstring promises
     for got, ref in zip(*results):
         assert (got is None and ref is None) or torch.equal(got, ref)
+
+
+def test_compiled_path_aux_only_gradient_and_hooked_router() -> None:
+    """Differentiating only the auxiliary loss (the dispatch gets no gradient) gives the PyTorch path's router
+    and input gradients bit for bit; a router with a forward hook is still called as a module."""
+    moe = make_moe(4, 2, d_model=32).float()
+    x = torch.randn(3, 40, 32)
+    grads = []
+    for compiled in (True, False):
+        moe.compiled_moves = compiled
+        xx = x.clone().requires_grad_()
+        moe(xx)
+        grads.append(torch.autograd.grad(moe.aux_loss, [xx, moe.router.weight]))
+    assert all(torch.equal(a, b) for a, b in zip(*grads)) and grads[0][0].abs().sum() > 0
+    moe.compiled_moves = True
+    calls = []
+    moe.router.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    moe(x.requires_grad_()).sum().backward()
+    assert calls == [(120, 4)]
