@@ -228,6 +228,42 @@ def test_cpu_kernels_give_the_same_bits_in_every_layout(layout_base, mode):
             assert t.transpose(1, 2).is_contiguous(), f"{mode} v {lv}, k {lk}, grad {lg}: {name} not planes"
 
 
+@pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="needs numba")
+def test_cpu_output_pool_reuses_only_memory_nothing_holds(monkeypatch):
+    """The cpu kernels reuse large outputs' memory (fresh pages cost a page fault and zeroing each): never an
+    output that a tensor or view still holds, and reused memory gives the same values and gradients."""
+    from bkexp.ops.bk_core import cpu
+
+    monkeypatch.setattr(cpu, "POOL_MIN_BYTES", 0)  # pool every output of this small case
+    monkeypatch.setattr(cpu, "_pool", [])
+    gen = torch.Generator().manual_seed(5)
+    v = torch.randn(2, 64, 40, generator=gen).requires_grad_()
+    k = torch.rand(2, 64, 39, generator=gen)
+    z = torch.complex(torch.randn(2, 64, generator=gen), 0.1 + torch.rand(2, 64, generator=gen))
+    g = torch.randn(2, 2, 64, 40, generator=gen)
+
+    def run():
+        re, im = bk_core(v, k, z, backend="cpu")
+        (dv,) = torch.autograd.grad((re, im), (v,), (g[0], g[1]))
+        return re, im, dv
+
+    first = run()
+    kept = [t.clone() for t in first]
+    second = run()  # first's outputs are held: second gets other memory
+    assert not {t.data_ptr() for t in first} & {t.data_ptr() for t in second}
+    ptrs = {t.data_ptr() for t in second}
+    view = second[0][:, :3]  # a view holds its output
+    del second
+    third = run()
+    assert view.data_ptr() not in {t.data_ptr() for t in third}
+    assert not {t.data_ptr() for t in first} & {t.data_ptr() for t in third}
+    for a, b, c in zip(first, kept, third):
+        assert torch.equal(a, b) and torch.equal(c, b)  # held outputs untouched, reused memory same values
+    del view, third
+    fourth = run()
+    assert len({t.data_ptr() for t in fourth} & ptrs) >= 2  # freed memory is taken again
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 def test_layout_case_matches_the_dense_reference(layout_base, mode):
     """The rows the layout test compares (block and chunk edges) against the float64 dense reference."""
