@@ -51,7 +51,8 @@ class MoEFeedForward(AuxLossModule):
     Row moves: on CPU float32/float64 (no autocast) the dispatch and combine run as compiled passes
     (``bkexp.ops.moe_dispatch``: one parallel pass per direction for all experts, the gating, the gate
     gradient, the padding zeros and the sum over choices fused into them), bit-identical to the PyTorch
-    ops used elsewhere (``_Dispatch``/``_Combine``), which ``compiled_moves = False`` selects.
+    ops used elsewhere (other dtypes and devices, autocast, under a dispatch mode such as FLOP counting:
+    ``_Dispatch``/``_Combine``), which ``compiled_moves = False`` selects.
     """
 
     compiled_moves = True  # CPU float32/float64: the compiled row moves; False: the PyTorch ops (the reference)

@@ -63,3 +63,18 @@ def test_moe_padding_is_reported_apart_from_useful_flops():
     assert exact["padding_forward_per_token"] == 0
     assert padded["forward_per_token"] == pytest.approx(exact["forward_per_token"], rel=1e-12)
     assert padded["train_step_per_token"] == pytest.approx(exact["train_step_per_token"], rel=1e-12)
+
+
+def test_moe_flops_are_the_same_with_compiled_row_moves():
+    """Under the FLOP counter the MoE runs its PyTorch row moves (the counter sees the gate gradient's bmm and
+    the router's input-gradient mm), so counts do not depend on ``compiled_moves``."""
+    lm = LanguageModel(V, D, 1, mixer=functools.partial(AttentionMixer, n_heads=2),
+                       ffn=functools.partial(MoEFeedForward, n_experts=4, top_k=2, expansion=1.5))
+    x = torch.randint(0, V, (2, N))
+    counts = []
+    for compiled in (True, False):
+        for module in lm.modules():
+            if isinstance(module, MoEFeedForward):
+                module.compiled_moves = compiled
+        counts.append(count_flops(lm, x))
+    assert counts[0] == counts[1] and counts[0]["train_step_per_token"] > 0
