@@ -2,7 +2,9 @@
 
 BK inputs and output gradients are timed in each of ``--layouts``: ``planes`` is a mixer's layout (``v`` the
 (B, H, N) transpose of a contiguous position-major (B, N, H) tensor), ``rows`` plain contiguous (B, H, N) rows;
-``IN/GRAD`` names the inputs' and the output gradients' layouts. Every row reports the bandwidth its fwd+bwd
+``IN/GRAD`` names the inputs' and the output gradients' layouts; with several, the fwd+bwd of the layouts of one
+backend, mode and N are timed in turn, so their ratios (``vs_best_layout``) see the same load. Every row reports
+the bandwidth its fwd+bwd
 reaches on the least traffic (``MIN_BYTES_PER_ELEMENT``) and, as a fraction, against this process's own copy
 bandwidth (``copy_gbs``: a large tensor copied into a preallocated one, timed alongside).
 """
@@ -110,6 +112,17 @@ def _bk_case(backend: str, n: int, batch: int, heads: int, causal: bool, device:
         return torch.autograd.grad((re, im), (v, k, z), (g_re, g_im))
 
     return fwd, fwd_bwd
+
+
+def _interleaved_layouts(backend: str, n: int, batch: int, heads: int, causal: bool, device: torch.device,
+                         layouts: list[str], repeat: int, min_time_s: float = 0.2) -> dict[str, dict[str, float]]:
+    """fwd+bwd of each layout timed in turn (``interleaved``), at least ``repeat`` rounds and about
+    ``min_time_s`` per layout (at most 10x ``repeat`` rounds): {layout: {"median_s", "n"}}."""
+    cases = {layout: _bk_case(backend, n, batch, heads, causal, device, layout)[1] for layout in layouts}
+    once = interleaved(cases, device=device, warmup=1, repeat=1)
+    rounds = min(10 * repeat, max(repeat, math.ceil(min_time_s / max(min(min(t) for t in once.values()), 1e-9))))
+    times = interleaved(cases, device=device, warmup=0, repeat=rounds)
+    return {layout: {"median_s": statistics.median(ts), "n": len(ts)} for layout, ts in times.items()}
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 << 20, repeat: int = 5) -> float:
@@ -254,6 +267,7 @@ def main(argv: list[str]) -> int:
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"copy bandwidth: {copy_gbs:.1f} GB/s (read + write)", flush=True)
     rows: list[dict[str, Any]] = []
+    layout_times: dict[tuple[str, bool, int], dict[str, dict[str, float]]] = {}
     for n in ns:
         for backend in wanted:
             for causal, layout in ([(c, lay) for c in modes for lay in args.layouts] if backend != "sdpa"
@@ -269,7 +283,16 @@ def main(argv: list[str]) -> int:
                 slow = backend in ("torch", "torch_autograd", "sdpa") and n >= 4096
                 reps = 1 if slow else repeat
                 t_f = time_fn(fwd, device=device, warmup=1, repeat=reps, min_time_s=0.0 if slow else 0.2)
-                t_fb = time_fn(fwd_bwd, device=device, warmup=1, repeat=reps, min_time_s=0.0 if slow else 0.2)
+                if backend != "sdpa" and len(args.layouts) > 1 and not slow:
+                    # fwd+bwd of every layout of this backend, mode and N timed in turn: their ratios
+                    # (vs_best_layout) see the same load
+                    key = (backend, causal, n)
+                    if key not in layout_times:
+                        layout_times[key] = _interleaved_layouts(backend, n, args.batch, heads, causal, device,
+                                                                 args.layouts, reps)
+                    t_fb = layout_times[key][layout]
+                else:
+                    t_fb = time_fn(fwd_bwd, device=device, warmup=1, repeat=reps, min_time_s=0.0 if slow else 0.2)
                 gbs = MIN_BYTES_PER_ELEMENT * args.channels * n / t_fb["median_s"] / 1e9
                 row = {
                     "backend": backend,
