@@ -244,7 +244,7 @@ def router_fusion_exact(n_experts: int, d: int, dtype: torch.dtype) -> bool:
         grad_logits = torch.randn(1024, n_experts, generator=gen, dtype=dtype)
         weight = torch.randn(n_experts, d, generator=gen, dtype=dtype)
         ref = grad_logits.mm(weight)
-        zeros = (np.zeros((1024, d), ref.numpy().dtype),)
+        zeros = (np.zeros((1024, d), ref.numpy().dtype),) + (np.empty((0, d), ref.numpy().dtype),) * (n_experts - 1)
         rows = np.arange(1024, dtype=np.int64)
         exact = True
         threads = torch.get_num_threads()
@@ -280,6 +280,7 @@ class Layout:
 
     def __init__(self, expert_idx: Tensor, n_experts: int, block_rows: int | None) -> None:
         self.top_k = expert_idx.shape[1]
+        self.n_experts = n_experts
         flat = expert_idx.reshape(-1).cpu().numpy()
         order, counts, self.assign_slot, self.assign_row, self.slot_count, self.slot_start, slot_rows = _layout(
             flat, n_experts, 0 if block_rows is None else block_rows)
@@ -296,6 +297,14 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
+def _slots(tensors, lay: Layout) -> tuple[np.ndarray, ...]:
+    """The slots' arrays, padded with empty ones to ``n_experts``: one numba signature per expert count, not
+    one per number of experts with work (each new signature is a compile of a second or two)."""
+    arrays = tuple(_np(t) for t in tensors)
+    pad = np.empty((0, arrays[0].shape[1]), arrays[0].dtype)
+    return arrays + (pad,) * (lay.n_experts - len(arrays))
+
+
 class Dispatch(torch.autograd.Function):
     """Token rows -> one zero-padded buffer per expert slot; backward: each token's k buffer-row gradients summed.
 
@@ -310,7 +319,7 @@ class Dispatch(torch.autograd.Function):
         rows_src = (src if data is None else data).contiguous()
         bufs = tuple(rows_src.new_empty(r, rows_src.shape[1]) for r in lay.rows)
         _kernel("_dispatch", sum(lay.rows) * rows_src.shape[1])(
-            _np(rows_src), tuple(_np(b) for b in bufs), _np(lay.order), lay.slot_start, lay.slot_count,
+            _np(rows_src), _slots(bufs, lay), _np(lay.order), lay.slot_start, lay.slot_count,
             lay.job_slot, lay.job_row, lay.top_k)
         ctx.lay = lay
         ctx.shape = rows_src.shape
@@ -325,7 +334,7 @@ class Dispatch(torch.autograd.Function):
             ctx.join.grads, ctx.join.lay = gs, lay
             return gs[0].new_zeros(0), None, None, None
         out = gs[0].new_empty(ctx.shape)
-        _kernel("_dispatch_backward", out.numel())(tuple(_np(g) for g in gs), lay.assign_slot, lay.assign_row,
+        _kernel("_dispatch_backward", out.numel())(_slots(gs, lay), lay.assign_slot, lay.assign_row,
                                                    lay.top_k, _np(out))
         return out, None, None, None
 
@@ -366,7 +375,7 @@ class RouterJoin(torch.autograd.Function):
             else:
                 grad_src = grads[0].new_empty(src.shape)
                 _kernel("_dispatch_backward_router", grad_src.numel())(
-                    tuple(_np(g) for g in grads), lay.assign_slot, lay.assign_row, lay.top_k,
+                    _slots(grads, lay), lay.assign_slot, lay.assign_row, lay.top_k,
                     _np(grad_logits.contiguous()), _np(weight.contiguous()), _np(grad_src))
         return grad_src, grad_weight, None
 
@@ -380,7 +389,7 @@ class Combine(torch.autograd.Function):
         ys = tuple(y.contiguous() for y in ys)
         gate = gate.contiguous()
         out = ys[0].new_empty(gate.shape[0], ys[0].shape[1])
-        _kernel("_combine", out.numel())(tuple(_np(y) for y in ys), _np(gate).reshape(-1), lay.assign_slot,
+        _kernel("_combine", out.numel())(_slots(ys, lay), _np(gate).reshape(-1), lay.assign_slot,
                                          lay.assign_row, lay.top_k, _np(out))
         ctx.save_for_backward(gate, *ys)
         ctx.lay = lay
@@ -395,8 +404,8 @@ class Combine(torch.autograd.Function):
         grad_gate = gate.new_zeros(gate.numel())
         gs = tuple(y.new_empty(y.shape) for y in ys)
         _kernel("_combine_backward", sum(lay.rows) * grad.shape[1])(
-            _np(grad), tuple(_np(y) for y in ys), _np(gate).reshape(-1), _np(lay.order), lay.slot_start,
-            lay.slot_count, lay.job_slot, lay.job_row, lay.top_k, need_gate, tuple(_np(g) for g in gs),
+            _np(grad), _slots(ys, lay), _np(gate).reshape(-1), _np(lay.order), lay.slot_start,
+            lay.slot_count, lay.job_slot, lay.job_row, lay.top_k, need_gate, _slots(gs, lay),
             _np(grad_gate))
         return (grad_gate.view_as(gate) if need_gate else None), None, *gs
 
