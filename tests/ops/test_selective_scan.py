@@ -15,7 +15,8 @@ from bkexp.ops.testing import assert_rel_close
 pytestmark = pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="numba is not installed")
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-SHAPES = [(2, 8, 4, 33), (1, 16, 16, 70), (3, 4, 1, 1)]  # (batch, d, n, l); 70 spans three checkpoint chunks
+SHAPES = [(2, 8, 4, 33), (1, 16, 16, 70), (3, 4, 1, 1), (2, 6, 3, 40)]  # (batch, d, n, l); 70 spans three
+# checkpoint chunks; odd n (1, 3) takes the backward's single-state loop after its state pairs
 OPTIONS = {  # which optional inputs are given, and whether delta goes through softplus
     "full": dict(D=True, z=True, delta_bias=True, delta_softplus=True),
     "bare": dict(D=False, z=False, delta_bias=False, delta_softplus=False),
