@@ -368,21 +368,24 @@ def _causal_adjoint(k, yr, yi, gyr, gyi, dv, dk, dz, b, h0, nh):
     n = yr.shape[1]
     dt = yr.dtype
     # Slot q of a chunk [c0, c1) holds position c1 - 1 - q (y also has slot m = c1 - c0 for c0 - 1).
-    s_yr = np.empty((CHUNK + 1, nh), dt)
-    s_yi = np.empty((CHUNK + 1, nh), dt)
-    s_gr = np.empty((CHUNK, nh), dt)
-    s_gi = np.empty((CHUNK, nh), dt)
-    s_k = np.empty((CHUNK, nh), dt)
-    s_dv = np.empty((CHUNK, nh), dt)
-    s_dk = np.empty((CHUNK, nh), dt)  # slot q holds dk at position c1 - 2 - q
+    # Rows output gradients or k: chunks of ROWS_CHUNK positions (longer runs per row) where the seven tiles
+    # still fit in L2 (up to ROW_BLOCK rows)
+    ch = ROWS_CHUNK if nh <= ROW_BLOCK and (_rows_unit(gyr) or _rows_unit(k)) else CHUNK
+    s_yr = np.empty((ch + 1, nh), dt)
+    s_yi = np.empty((ch + 1, nh), dt)
+    s_gr = np.empty((ch, nh), dt)
+    s_gi = np.empty((ch, nh), dt)
+    s_k = np.empty((ch, nh), dt)
+    s_dv = np.empty((ch, nh), dt)
+    s_dk = np.empty((ch, nh), dt)  # slot q holds dk at position c1 - 2 - q
     lam_r = np.zeros(nh, dt)  # lam_{i+1}, 0 past the end
     lam_i = np.zeros(nh, dt)
     part_r = np.zeros(nh, dt)  # sum of lam over the current chunk, in working precision
     part_i = np.zeros(nh, dt)
     acc_r = np.zeros(nh, np.float64)
     acc_i = np.zeros(nh, np.float64)
-    for c0 in range(((n - 1) // CHUNK) * CHUNK, -1, -CHUNK):
-        c1 = min(c0 + CHUNK, n)
+    for c0 in range(((n - 1) // ch) * ch, -1, -ch):
+        c1 = min(c0 + ch, n)
         m = c1 - c0
         lo = max(c0 - 1, 0)
         _stage_in_reversed(yr, b, lo, c1, h0, nh, s_yr, c1 - 1 - lo)
@@ -417,7 +420,10 @@ def _causal_adjoint(k, yr, yi, gyr, gyi, dv, dk, dz, b, h0, nh):
                 s_dk[q, h] = lam_i[h] * s_yi[q + 1, h] - lam_r[h] * s_yr[q + 1, h]
                 part_r[h] += lam_r[h]
                 part_i[h] += lam_i[h]
-        _flush(part_r, part_i, acc_r, acc_i, nh)
+            if ch != CHUNK and (c1 - 1 - q) % CHUNK == 0:  # long chunks: sums over the same CHUNK positions
+                _flush(part_r, part_i, acc_r, acc_i, nh)
+        if ch == CHUNK:
+            _flush(part_r, part_i, acc_r, acc_i, nh)
         _stage_out_reversed(s_dv, m - 1, dv, b, c0, c1, h0, nh)
         _stage_out_reversed(s_dk, c1 - 2 - lo, dk, b, lo, c1 - 1, h0, nh)
     for h in range(nh):
