@@ -159,7 +159,8 @@ def run(cfg: DictConfig) -> float | None:
                                               callbacks=callbacks + technique_callbacks + [lifecycle])
         record.update(**running_record())
         record.write()  # a run killed from here on is seen as such by `bkexp report`
-        trainer.fit(task, datamodule=datamodule, ckpt_path=plan.ckpt_path if plan else cfg.get("ckpt_path"))
+        trainer.fit(task, datamodule=datamodule, ckpt_path=plan.ckpt_path if plan else cfg.get("ckpt_path"),
+                    weights_only=True)  # explicit: Lightning would unpickle a checkpoint URL with weights_only=False
         tokens_trained = task.tokens_seen  # before trainer.test loads the best checkpoint's counters
         record.update(resumes=lifecycle.resumes)
         metrics = _final_metrics(trainer, task, datamodule, quant, test=bool(cfg.get("test_after_fit")),
@@ -225,7 +226,7 @@ def _final_metrics(trainer: pl.Trainer, task: LMTask, datamodule: Any, quant: Qu
         best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
         if test_final_weights:
             best = None
-        results = trainer.test(task, datamodule=datamodule, ckpt_path=best, verbose=False)
+        results = trainer.test(task, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
         metrics.update({k: float(v) for k, v in results[0].items()})
         metrics["test/checkpoint"] = Path(best).name if best else "final weights"
     return metrics

@@ -257,3 +257,29 @@ def test_a_run_composed_before_the_recipe_group_resumes_without_it(tmp_path):
     sweep.mkdir()
     assert resumed(sweep, sweep / "multirun.yaml").count("~recipe") == 1
     assert "~recipe" not in resumed(sweep, sweep / "multirun.yaml", recipe="mqar_tiny_bk")
+
+
+def test_resume_refuses_a_checkpoint_that_needs_unpickling_code(train, tmp_path):
+    """``ckpt_path=`` goes through Lightning's loader with ``weights_only=True``: a last.ckpt that carries a
+    pickled callable (here ``Path.touch`` on a marker file) is refused, and the callable never runs."""
+    run_dir = train(*SHORT, "trainer.max_steps=2", "checkpoint_every_n_steps=2", "test_after_fit=false")
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    marker = tmp_path / "code_ran"
+    ckpt["extra"] = _TouchOnLoad(marker)
+    tampered = tmp_path / "tampered.ckpt"
+    torch.save(ckpt, tampered)
+    with pytest.raises(Exception, match="[Ww]eights.only"):
+        train(*SHORT, "trainer.max_steps=4", f"ckpt_path={tampered}", "test_after_fit=false")
+    assert not marker.exists()
+    (failed,) = [d for d in (tmp_path / "outputs").iterdir() if d != run_dir]
+    assert read_summary(failed)["status"] == "failed"
+
+
+class _TouchOnLoad:
+    """Unpickling this object calls ``Path.touch(path)``: what a malicious checkpoint could run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
