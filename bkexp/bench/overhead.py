@@ -137,8 +137,8 @@ def run_raw(cfg: Any, datamodule: Any) -> tuple[list[float], list[float], float]
             total = loss + sum(aux.values()) if aux else loss
             optimizer.zero_grad(set_to_none=True)
             total.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            if clip:  # over the optimizer's parameters in group order, as Lightning clips (the norm's summation order)
+                torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip)
             optimizer.step()
             scheduler.step()
             losses.append(float(total.detach()))

@@ -14,17 +14,17 @@ from bkexp.cli import main as bkexp_main
 @pytest.mark.slow
 def test_bkexp_and_raw_loop_give_equal_losses_and_write_tables(tmp_path: Path) -> None:
     out = tmp_path / "oh"
-    argv = ["bench", "overhead", "--models", "transformer,bk", "--size", "tiny", "--seq-len", "32", "--steps", "6",
+    argv = ["bench", "overhead", "--models", "transformer,bk,mamba", "--size", "tiny", "--seq-len", "32", "--steps", "6",
             "--skip", "1", "--rounds", "2", "--override", "dataset.num_train=256", "--out", str(out)]
     assert bkexp_main(argv) == 0
     rows = {r["model"]: r for r in json.loads((out / "overhead.json").read_text())["rows"]}
-    assert set(rows) == {"transformer", "bk"}
+    assert set(rows) == {"transformer", "bk", "mamba"}
     for row in rows.values():
         assert row["losses_equal"] is True and row["max_loss_diff"] < 0.5e-5
         assert row["steps"] == 2 * (6 - 1)  # two rounds of 6 steps, the first (`skip`) left out of the timing
         assert row["raw_step_ms"] > 0 and row["bkexp_step_ms"] > 0 and row["raw_peak_mb"] > 0
     steps = list(csv.DictReader((out / "steps.csv").open()))
-    assert len(steps) == 2 * 2 * 6
+    assert len(steps) == 3 * 2 * 6
     # 256 examples at the default recipe's batch of 128: steps 3-6 are in later epochs, which both loops
     # must shuffle alike (a raw loop that rebuilt its loader every epoch repeated the first epoch's order).
     assert rows["transformer"]["batch"] == 128
