@@ -136,6 +136,9 @@ class MoEFeedForward(AuxLossModule):
         """
         return self._forward(x, None)
 
+    # torch.compile runs the layer eagerly: its buffer sizes are data (per-expert token counts, so dynamo would
+    # recompile per routing until its limit) and the compiled row moves are numba; the rest of a model compiles.
+    @torch.compiler.disable
     def _forward(self, x: Tensor, block_rows: int | None) -> Tensor:
         if x.shape[-1] != self.d_model:
             raise ValueError(f"expected last dim d_model={self.d_model}, got input of shape {tuple(x.shape)}")

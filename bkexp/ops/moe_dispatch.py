@@ -132,20 +132,26 @@ def _combine_backward(grad, ys, gate, assign, starts, counts, job_slot, job_row,
                     g_out[r, c] = 0
 
 
+@njit(inline="always", error_model="numpy")
+def _sum_choices(gs, assign_slot, assign_row, top_k, t, out):
+    """out[t] = g[row(t*k)] + g[row(t*k + 1)] + ... (j = 0..k-1), in choice order."""
+    d = out.shape[1]
+    a = t * top_k
+    g = gs[assign_slot[a]]
+    r = assign_row[a]
+    for c in range(d):
+        out[t, c] = g[r, c]
+    for j in range(1, top_k):
+        g = gs[assign_slot[a + j]]
+        r = assign_row[a + j]
+        for c in range(d):
+            out[t, c] = out[t, c] + g[r, c]
+
+
 def _dispatch_backward(gs, assign_slot, assign_row, top_k, out):
     """out[t] = g[row(t*k)] + g[row(t*k + 1)] + ... (j = 0..k-1)."""
-    d = out.shape[1]
     for t in prange(out.shape[0]):
-        a = t * top_k
-        g = gs[assign_slot[a]]
-        r = assign_row[a]
-        for c in range(d):
-            out[t, c] = g[r, c]
-        for j in range(1, top_k):
-            g = gs[assign_slot[a + j]]
-            r = assign_row[a + j]
-            for c in range(d):
-                out[t, c] = out[t, c] + g[r, c]
+        _sum_choices(gs, assign_slot, assign_row, top_k, t, out)
 
 
 def _dispatch_backward_router(gs, assign_slot, assign_row, top_k, grad_logits, weight, out):
@@ -159,16 +165,7 @@ def _dispatch_backward_router(gs, assign_slot, assign_row, top_k, grad_logits, w
     for job in prange((n_t + BLOCK - 1) // BLOCK):
         acc = np.empty(d, out.dtype)
         for t in range(job * BLOCK, min(job * BLOCK + BLOCK, n_t)):
-            a = t * top_k
-            g = gs[assign_slot[a]]
-            r = assign_row[a]
-            for c in range(d):
-                out[t, c] = g[r, c]
-            for j in range(1, top_k):
-                g = gs[assign_slot[a + j]]
-                r = assign_row[a + j]
-                for c in range(d):
-                    out[t, c] = out[t, c] + g[r, c]
+            _sum_choices(gs, assign_slot, assign_row, top_k, t, out)
             a0 = grad_logits[t, 0]
             for c in range(d):
                 acc[c] = a0 * weight[0, c]

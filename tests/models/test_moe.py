@@ -273,3 +273,25 @@ def test_compiled_path_aux_only_gradient_and_hooked_router() -> None:
     moe.router.register_forward_hook(lambda module, args, out: calls.append(out.shape))
     moe(x.requires_grad_()).sum().backward()
     assert calls == [(120, 4)]
+
+
+def test_under_torch_compile_the_layer_runs_eagerly_with_the_same_bits() -> None:
+    """``torch.compile`` of a model with MoE layers: the layer is left to eager mode (its buffer sizes are the
+    routing's data; dynamo crashed on the compiled row moves), so outputs and gradients equal eager bit for bit
+    across batches with different routings, and no graph is recompiled per routing."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    moe = MoEFeedForward(32, n_experts=4, top_k=2, expansion=1.5)
+    compiled = torch.compile(moe)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        x = torch.randn(2, 40, 32, requires_grad=True)
+        y = compiled(x)
+        y.square().sum().backward()
+        x_eager = x.detach().clone().requires_grad_()
+        y_eager = moe(x_eager)
+        y_eager.square().sum().backward()
+        assert torch.equal(y, y_eager) and torch.equal(x.grad, x_eager.grad)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
