@@ -8,9 +8,9 @@ output gradients of any layout in place (``bkexp bench bk-core --layouts``): chu
 staged into (position, row) scratch tiles (``_stage_*``) in the order the array's memory runs. Plain contiguous
 ``(B, H, N)`` rows (adjacent positions, ``_rows_unit``) are copied 16 rows x 16 positions at a time (whole
 cache lines), as 8 x 8 blocks transposed in registers by shuffles (``_transpose8``: the scalar transposing copy
-it replaced cost about as much as the recurrence); other strides element by element. Outputs and gradients are always written as planes and
-returned as their (B, H, N) transposes, as for a mixer (writing rows as well measured 1.2-1.6x slower than
-reading them alone). Contiguous planes keep the direct code (``_left_sweep_planes``,
+it replaced cost about as much as the recurrence); other strides element by element. Outputs and gradients
+are always written as planes and returned as their (B, H, N) transposes, as for a mixer (writing rows as well
+measured 1.2-1.6x slower than reading them alone). Contiguous planes keep the direct code (``_left_sweep_planes``,
 ``_stage_*_reversed_planes``: the generic copies measured 1.5-2x slower there), chosen per numba type by the
 ``overload``s, so a mixer's results are bit-identical to the planes-only kernels. The bidirectional kernels
 index contiguous planes directly. That needs
