@@ -14,8 +14,8 @@ from bkexp.cli import main as bkexp_main
 @pytest.mark.slow
 def test_bkexp_and_raw_loop_give_equal_losses_and_write_tables(tmp_path: Path) -> None:
     out = tmp_path / "oh"
-    argv = ["bench", "overhead", "--models", "transformer,bk,mamba", "--size", "tiny", "--seq-len", "32", "--steps", "6",
-            "--skip", "1", "--rounds", "2", "--override", "dataset.num_train=256", "--out", str(out)]
+    argv = ["bench", "overhead", "--models", "transformer,bk,mamba", "--size", "tiny", "--seq-len", "32",
+            "--steps", "6", "--skip", "1", "--rounds", "2", "--override", "dataset.num_train=256", "--out", str(out)]
     assert bkexp_main(argv) == 0
     rows = {r["model"]: r for r in json.loads((out / "overhead.json").read_text())["rows"]}
     assert set(rows) == {"transformer", "bk", "mamba"}

@@ -282,6 +282,7 @@ def test_under_torch_compile_the_layer_runs_eagerly_with_the_same_bits() -> None
     import torch._dynamo
 
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps them: graphs compiled by earlier tests would count
     torch.manual_seed(0)
     moe = MoEFeedForward(32, n_experts=4, top_k=2, expansion=1.5)
     compiled = torch.compile(moe)
