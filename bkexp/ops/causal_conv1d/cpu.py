@@ -9,7 +9,8 @@ taken by threads in parallel, so a batch of one long sequence keeps every core b
 ones. The backward recomputes the pre-activation of its chunk plus the ``w - 1`` positions after it (whose
 gradients reach the chunk's inputs) rather than storing it, and accumulates the tap and bias gradients per
 work item; the caller sums them, so no two threads write the same element. The SiLU and its derivative
-use the selective scan's vectorisable exp (``_exp``).
+use the selective scan's vectorisable exp (``_exp``). Like the scan's, both kernels are compiled for 512-bit
+vectors where the CPU has them (``bkexp.ops.vector_width``); the results are the same at either width.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from bkexp.ops.selective_scan.cpu import _FASTMATH, _exp  # the shared vectorisable exp
+from bkexp.ops.vector_width import wide_vectors
 
 CHUNK = 64  # positions per work item
 
@@ -52,6 +54,7 @@ def _pre_activation(xb, w_t, bias, has_bias, t, out):
             out[c] += bias[c]
 
 
+@wide_vectors
 @njit(parallel=True, fastmath=_CONV_FASTMATH, error_model="numpy", cache=True)
 def _conv_forward(x, w_t, bias, has_bias, silu, chunk, out):
     """x, out: (b, l, d); w_t: (w, d), tap j multiplies x[t - (w - 1) + j]; bias: (d,) (dummy unless has_bias).
@@ -75,6 +78,7 @@ def _conv_forward(x, w_t, bias, has_bias, silu, chunk, out):
                 row[:] = pre
 
 
+@wide_vectors
 @njit(parallel=True, fastmath=_CONV_FASTMATH, error_model="numpy", cache=True)
 def _conv_backward(x, w_t, bias, has_bias, silu, chunk, dout, dx, dw_part, dbias_part):
     """Gradients of ``_conv_forward``: dx (b, l, d); dw_part (items, w, d), dbias_part (items, d) per work item."""

@@ -28,7 +28,8 @@ delta_bias) are accumulated per block and reduced afterwards, so no two threads 
 ``(d, n)`` inputs (the last as d groups of one channel: correct, but it does not vectorise).
 Hot loops avoid numeric literals so float32 stays float32 (numba promotes ``float32 op literal`` to
 float64); float64 inputs get their own specialisation with libm exp and log1p. ``cache=True`` keeps the
-compiled code in ``__pycache__`` so only the first use compiles.
+compiled code in ``__pycache__`` so only the first use compiles. Both kernels are compiled for 512-bit vectors
+where the CPU has them (``bkexp.ops.vector_width``: 0.86-0.94x the op's time at 1 thread).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import overload
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from bkexp.ops.vector_width import wide_vectors
 
 CHECKPOINT = 32  # positions between stored states; backward scratch is 2 x CHECKPOINT x n x block width
 CHANNEL_BLOCK = 512  # most channels stepped together by one thread (the vectorised inner dimension): each
@@ -249,6 +252,7 @@ def _softplus_grad_into(x, g):
         g[i] = g[i] * slope
 
 
+@wide_vectors
 @njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
 def _scan_forward(u, delta, z, A_t, Bk, Ck, D, bias, flags, group_size, width, out, dt_out, pre_out, checkpoints,
                   every, last):
@@ -337,6 +341,7 @@ def _scan_forward(u, delta, z, A_t, Bk, Ck, D, bias, flags, group_size, width, o
                 last[ib, k, c0:c1] = h[k]
 
 
+@wide_vectors
 @njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
 def _scan_backward(u, delta, dt_in, z, pre, A_t, Bk, Ck, D, bias, flags, group_size, width, checkpoints, every,
                    dout, du, ddelta, dz, dA_t, dB_part, dC_part, dD_part, dbias_part):
