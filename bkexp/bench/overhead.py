@@ -36,13 +36,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from bkexp.bench.common import CONF_DIR, compose_config, model_list, write_table
 from bkexp.environment import environment
 from bkexp.memory import peak_memory_mb, reset_peak_memory
+from bkexp.ops.cross_entropy import token_cross_entropy
 from bkexp.train.module import LMTask, build_optimizer, split_weight_decay
 
 COLUMNS = ["model", "size", "d_model", "n_layers", "seq_len", "batch", "steps", "raw_step_ms", "bkexp_step_ms",
@@ -132,7 +132,9 @@ def run_raw(cfg: Any, datamodule: Any) -> tuple[list[float], list[float], float]
         for batch in loader:
             starts.append(time.perf_counter())
             logits = model(batch["input_ids"])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+            labels = batch["labels"].flatten()  # the loss as the LightningModule computes it (same op, same sum)
+            per_token = token_cross_entropy(logits.float().flatten(0, 1), labels, IGNORE_INDEX)
+            loss = per_token.sum() / (labels != IGNORE_INDEX).sum()
             aux = model.aux_losses() if hasattr(model, "aux_losses") else {}
             total = loss + sum(aux.values()) if aux else loss
             optimizer.zero_grad(set_to_none=True)

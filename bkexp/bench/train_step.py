@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 
 import bkexp.models.mixers.bk as bk_module
@@ -35,6 +34,7 @@ from bkexp.bench.common import (CONF_DIR, MODELS, NO_RECIPE, compose_config, int
                                 model_list, write_table)
 from bkexp.environment import environment
 from bkexp.models.ffn import MLP
+from bkexp.ops.cross_entropy import token_cross_entropy
 from bkexp.train.module import build_optimizer, split_weight_decay
 
 DEFAULT_N = "64,128,256,512,1024,2048,4096,8192"
@@ -113,7 +113,7 @@ def train_step_fn(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batc
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             logits = model(inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        loss = token_cross_entropy(logits.float().flatten(0, 1), labels.flatten()).mean()  # as the runs' loss
         aux = model.aux_losses() if hasattr(model, "aux_losses") else {}
         total = loss + sum(aux.values()) if aux else loss
         total.backward()

@@ -8,11 +8,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from bkexp.ops.cross_entropy import token_cross_entropy
 from bkexp.train.callbacks import logs_this_step
 from bkexp.techniques.active_learning import highest_loss_rows
 
@@ -112,8 +112,7 @@ class LMTask(pl.LightningModule):
         """Logits, per-position losses (0 where ignored) and the mask of positions that carry a label."""
         logits = self.model(batch["input_ids"])
         labels = batch["labels"]
-        losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                 reduction="none").view_as(labels)
+        losses = token_cross_entropy(logits.float().flatten(0, 1), labels.flatten(), IGNORE_INDEX).view_as(labels)
         return logits, losses, labels != IGNORE_INDEX
 
     def select_active(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
