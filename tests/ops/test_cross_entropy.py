@@ -87,6 +87,12 @@ def test_extreme_logits_stay_finite():
     ref_losses, ref_grad = _loss_and_grad(lambda x, y: F.cross_entropy(x, y, reduction="none"), logits.double(), labels)
     torch.testing.assert_close(losses.double(), ref_losses, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=1e-6)
+    # Logits far from zero but close to each other: every difference to the max must be taken before the
+    # exp's range reduction (regrouped, 3e5 - k ln 2 would round away the small differences).
+    far = (torch.tensor([3e5, -5e4])[:, None] + torch.tensor([0.0, -1.0, -2.0, -0.5, -3.75]).repeat(20)).float()
+    labels = torch.tensor([3, 4])
+    torch.testing.assert_close(token_cross_entropy(far, labels).double(),
+                               F.cross_entropy(far.double(), labels, reduction="none"), rtol=1e-6, atol=0)
 
 
 def test_bad_labels_and_shapes_raise_before_any_work():
