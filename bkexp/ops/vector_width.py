@@ -3,7 +3,7 @@
 On AVX-512 machines LLVM's x86 backend still prefers 256-bit vectors (wider ones can lower the clock), and
 numba compiles every kernel for one target machine, so its only switch (``NUMBA_CPU_FEATURES`` without
 ``prefer-256-bit``) is process-wide. Kernels differ: measured on a 2-core AVX-512 Xeon, the selective scan's
-forward+backward takes 0.86x its time with 512-bit vectors at 1 thread (0.93x at 2), while the BK-Core
+forward+backward takes 0.86-0.94x its time with 512-bit vectors at 1 thread (0.93x at 2), while the BK-Core
 kernels get 6-15% slower. ``wide_vectors`` sets LLVM's per-function ``"prefer-vector-width"="512"``
 attribute on every function a chosen kernel compiles (its parallel loop bodies included), so only that
 kernel changes. The attribute only lifts a preference: on a machine without 512-bit vectors, or on a
