@@ -29,24 +29,24 @@ class MoEFeedForward(AuxLossModule):
     forward; the backbone adds it to the training loss. ``self.router_stats`` keeps the detached
     ``fraction`` (f), ``prob_mean`` (P) and unweighted ``balance_loss`` of the last forward for logging.
 
-    Dispatch: each expert's (token, choice) assignments are gathered into an input buffer of its own, zero-padded
-    to a whole number of ``block_rows``-row blocks; each expert MLP runs once on its buffer, and the results are
-    copied back into assignment order and gated per token. Forward and backward are row gathers and row copies
-    (``_Dispatch``/``_Combine``; the experts' groups partition the assignments, so no scatter-add), with no
-    concatenated buffer in between; the cost is ``top_k`` expert passes per token plus at most
-    ``block_rows - 1`` padding rows per expert.
+    Dispatch: each expert's (token, choice) assignments are gathered into an input buffer of its own; each expert
+    MLP runs once on its buffer, and the results are copied back into assignment order and gated per token.
+    Forward and backward are row gathers and row copies (``_Dispatch``/``_Combine``; the experts' groups
+    partition the assignments, so no scatter-add), with no concatenated buffer in between; the cost is
+    ``top_k`` expert passes per token. Modules are called normally, so quantized, pruned or hooked expert
+    ``nn.Linear`` layers behave as usual.
 
-    Bit-exactness: a BLAS matmul's result for one row can depend on how many rows the call has (MKL picks
-    another kernel or edge tile for some shapes; one row alone takes the GEMV path), so with calls of
-    arbitrary size a token's output would change in the last bits when *other* tokens -- future ones
-    included -- change an expert's load. The run-time causality check demands bit-identical logits, so by
-    default every expert call has a multiple of ``block_rows`` rows (zero padded): measured with MKL on
-    x86 (float32, float64 and bfloat16, 1 and 2 threads), every row's result is then the same whatever the
-    multiple, and a token's output is a bit-exact function of that token (``tests/models/test_moe.py``
-    checks it at loads from 1 to 9 blocks). ``block_rows=None`` runs unpadded calls (equal up to round-off).
-    Modules are called normally, so quantized, pruned or hooked expert ``nn.Linear`` layers behave as usual.
-    ``padding_flops()`` reports what the last forward spent on padding rows, so FLOP counts can show useful
-    work and padding apart.
+    Bit-exactness (``row_exact``): a BLAS matmul's result for one row can depend on how many rows the call has
+    (MKL picks another kernel, blocking or thread split for some shapes: in float64 at one thread a 128-row
+    call with ``K >= 384`` rounds differently from any longer call), so a token's output changes in the last
+    bits when *other* tokens -- future ones included -- change its expert's load. Training does not care, but
+    the run-time causality check demands bit-identical logits. With ``row_exact = True`` (which the check sets
+    on its probe copy) every expert buffer is zero padded to whole ``block_rows`` blocks and the expert is
+    called once per block: every call has the same shape, so a token's output is a bit-exact function of that
+    token whatever the loads, by construction rather than by what a BLAS does with a shape
+    (``tests/models/test_moe.py`` checks loads of 1 to 9 blocks at the shape where the blocking alone breaks).
+    It costs the padding rows (reported by ``padding_flops()``, so FLOP counts can show useful work and
+    padding apart) and one call per block; the default forward runs each expert once on exactly its rows.
 
     Row moves: on CPU float32/float64 (no autocast) the dispatch and combine run as compiled passes
     (``bkexp.ops.moe_dispatch``: one parallel pass per direction for all experts, the gating, the gate
@@ -59,7 +59,7 @@ class MoEFeedForward(AuxLossModule):
 
     def __init__(self, d_model: int, n_experts: int = 4, top_k: int = 1, expansion: float = 4.0,
                  aux_loss_weight: float = 0.01, bias: bool = False, renormalize: bool | None = None,
-                 block_rows: int | None = 128) -> None:
+                 block_rows: int = 128, row_exact: bool = False) -> None:
         super().__init__()
         if n_experts < 1:
             raise ValueError(f"n_experts must be >= 1, got {n_experts}")
@@ -67,14 +67,16 @@ class MoEFeedForward(AuxLossModule):
             raise ValueError(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
         if aux_loss_weight < 0:
             raise ValueError(f"aux_loss_weight must be >= 0, got {aux_loss_weight}")
-        if block_rows is not None and block_rows < 1:
-            raise ValueError(f"block_rows must be >= 1 or None, got {block_rows}")
+        if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
+            raise ValueError(f"block_rows must be an integer >= 1 (the rows of every expert call when row_exact), "
+                             f"got {block_rows!r}")
         self.d_model = d_model
         self.n_experts = n_experts
         self.top_k = top_k
         self.aux_loss_weight = aux_loss_weight
         self.renormalize = top_k > 1 if renormalize is None else renormalize
         self.block_rows = block_rows
+        self.row_exact = row_exact  # the causality check sets it on its probe copy
         self.router = nn.Linear(d_model, n_experts, bias=False)
         self.experts = nn.ModuleList(MLP(d_model, expansion=expansion, bias=bias) for _ in range(n_experts))
         self.aux_loss: Tensor | None = None
@@ -96,7 +98,7 @@ class MoEFeedForward(AuxLossModule):
         """Which assignments each expert runs, and on how many buffer rows.
 
         Returns ``groups``, for every expert with work, the indices ``t*k + j`` of its (token, choice)
-        assignments in ascending order; ``rows``, the rows of each of those experts' calls (its count rounded up
+        assignments in ascending order; ``rows``, each of those experts' buffer rows (its count rounded up
         to whole ``block_rows`` blocks; the count itself when ``block_rows`` is None); and the per-expert
         assignment ``counts`` (all experts).
         """
@@ -125,16 +127,22 @@ class MoEFeedForward(AuxLossModule):
         return 2.0 * per_row * self.padding_rows
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._forward(x, self.block_rows)
+        return self._forward(x, self.block_rows if self.row_exact else None)
 
     def step(self, x: Tensor) -> Tensor:
         """The layer on one decoding position per row: the experts run on exactly their tokens.
 
-        Padding to ``block_rows`` buys bit-exactness across calls whose routing differs, which the causality
-        check needs but decoding does not (the result equals ``forward``'s up to round-off, tested); on a
-        handful of rows it would multiply the expert work by up to ``block_rows``.
+        Even with ``row_exact`` set: the fixed-shape blocks buy bit-exactness across calls whose routing
+        differs, which the causality check needs but decoding does not (the result equals ``forward``'s up to
+        round-off, tested); on a handful of rows they would multiply the expert work by up to ``block_rows``.
         """
         return self._forward(x, None)
+
+    def _run_expert(self, expert: int, rows: Tensor, block_rows: int | None, dtype: torch.dtype) -> Tensor:
+        """Expert ``expert`` on its buffer: one call, or one call per ``block_rows``-row block (row-exact)."""
+        module = self.experts[expert]
+        out = module(rows) if block_rows is None else torch.cat([module(block) for block in rows.split(block_rows)])
+        return out.to(dtype)  # under autocast the experts return bf16/fp16: gate and combine in x's dtype
 
     # torch.compile runs the layer eagerly: its buffer sizes are data (per-expert token counts, so dynamo would
     # recompile per routing until its limit) and the compiled row moves are numba; the rest of a model compiles.
@@ -162,15 +170,14 @@ class MoEFeedForward(AuxLossModule):
                 buffers = moe_dispatch.Dispatch.apply(flat, lay)
             else:
                 buffers = moe_dispatch.Dispatch.apply(token, lay, flat.detach(), join)
-            outputs = [self.experts[e](part).to(flat.dtype) for e, part in zip(lay.expert_ids, buffers)]
+            outputs = [self._run_expert(e, part, block_rows, flat.dtype) for e, part in zip(lay.expert_ids, buffers)]
             out = moe_dispatch.Combine.apply(gate.to(flat.dtype), lay, *outputs)
         else:
             groups, rows, counts = self.layout(expert_idx, block_rows)
             self.padding_rows = sum(rows) - n_tokens * self.top_k
             buffers = _Dispatch.apply(flat, groups, rows, self.top_k)
             expert_ids = [e for e, c in enumerate(counts.tolist()) if c]
-            # Under autocast the experts return bf16/fp16 while x may be float32: gate and combine in x's dtype.
-            outputs = [self.experts[e](part).to(flat.dtype) for e, part in zip(expert_ids, buffers)]
+            outputs = [self._run_expert(e, part, block_rows, flat.dtype) for e, part in zip(expert_ids, buffers)]
             out = _Combine.apply(gate.to(flat.dtype), groups, *outputs) if outputs else flat * 0
 
         # Switch-Transformer load balancing; f is not differentiable, P carries the gradient to the router.
@@ -184,7 +191,7 @@ class MoEFeedForward(AuxLossModule):
 
     def extra_repr(self) -> str:
         return (f"n_experts={self.n_experts}, top_k={self.top_k}, renormalize={self.renormalize}, "
-                f"aux_loss_weight={self.aux_loss_weight}, block_rows={self.block_rows}")
+                f"aux_loss_weight={self.aux_loss_weight}, block_rows={self.block_rows}, row_exact={self.row_exact}")
 
 
 def _sum_choices(src: Tensor, top_k: int) -> Tensor:

@@ -18,6 +18,9 @@ def check_causality(model: nn.Module, input_ids: Tensor, vocab_size: int, name: 
 
     Runs on a float64 CPU copy of ``model`` in eval mode (no dropout), on a real batch, at several t (given
     as fractions of the sequence length). Raises ``CausalityError`` with the first offending position.
+    Layers whose rounding depends on the batch's make-up declare a ``row_exact`` switch (the MoE: how many
+    tokens its experts get sets the shape of their matmuls); the copy runs with it on, so that every
+    token's output is a bit-exact function of that token and only information flow can fail the check.
     """
     declared = getattr(model, "causal", True)
     if not declared:
@@ -28,6 +31,9 @@ def check_causality(model: nn.Module, input_ids: Tensor, vocab_size: int, name: 
             "mixer, or train it only on a non-autoregressive task (dataset.autoregressive=false)."
         )
     probe = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
+    for module in probe.modules():
+        if hasattr(module, "row_exact"):
+            module.row_exact = True
     x = input_ids[: min(2, input_ids.shape[0])].detach().to("cpu", torch.long)
     n = x.shape[1]
     if n < 2:

@@ -9,7 +9,7 @@ The training step is measured (forward + backward under the counter), not estima
 is counted as 2 x its forward. Elementwise ops and norms are not counted, as in fvcore and the papers.
 
 Counted on a training batch, and useful work apart from padding: a module that pads its inputs to fixed
-shapes (the MoE's 128-row expert blocks) reports the FLOPs it spent on padding rows through
+shapes (the MoE's 128-row expert blocks, with ``row_exact``) reports the FLOPs it spent on padding rows through
 ``padding_flops()``; ``forward_per_token`` and ``train_step_per_token`` exclude them (so models compare on
 the work their architecture needs), ``padding_*_per_token`` says what the padding cost on this batch.
 Counting on one short sequence would make padding dominate (a few tokens per expert in a 128-row block).

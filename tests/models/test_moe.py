@@ -34,11 +34,15 @@ def make_moe(n_experts: int, top_k: int, d_model: int = 16, **kw) -> MoEFeedForw
     return moe
 
 
-@pytest.mark.parametrize("block_rows", [128, 4, None], ids=["block128", "block4", "unblocked"])
+ROW_EXACT = [{}, {"row_exact": True, "block_rows": 4}]  # whole-buffer expert calls; fixed 4-row calls
+ROW_EXACT_IDS = ["whole", "blocks4"]
+
+
+@pytest.mark.parametrize("mode", [*ROW_EXACT, {"row_exact": True}], ids=[*ROW_EXACT_IDS, "blocks128"])
 @pytest.mark.parametrize(("n_experts", "top_k"), [(4, 1), (4, 2), (3, 3), (1, 1)],
                          ids=["E4-k1", "E4-k2", "E3-k3", "E1-k1"])
-def test_matches_dense_reference(n_experts: int, top_k: int, block_rows: int | None) -> None:
-    moe = make_moe(n_experts, top_k, block_rows=block_rows)
+def test_matches_dense_reference(n_experts: int, top_k: int, mode: dict) -> None:
+    moe = make_moe(n_experts, top_k, **mode)
     x = torch.randn(3, 11, 16, dtype=torch.float64)
     out = moe(x)
     ref, gates = dense_reference(moe, x)
@@ -50,9 +54,10 @@ def test_matches_dense_reference(n_experts: int, top_k: int, block_rows: int | N
         torch.testing.assert_close(gates.sum(-1), torch.ones(gates.shape[0], dtype=gates.dtype))
 
 
-@pytest.mark.parametrize("block_rows", [None, 4], ids=["unblocked", "block4"])
-def test_top1_gate_is_router_probability_and_experts_get_only_their_tokens(block_rows: int | None) -> None:
-    moe = make_moe(4, 1, block_rows=block_rows)
+@pytest.mark.parametrize("mode", ROW_EXACT, ids=ROW_EXACT_IDS)
+def test_top1_gate_is_router_probability_and_experts_get_only_their_tokens(mode: dict) -> None:
+    moe = make_moe(4, 1, **mode)
+    block_rows = mode.get("block_rows")
     x = torch.randn(2, 9, 16, dtype=torch.float64)
     flat = x.reshape(-1, 16)
     probs = torch.softmax(flat @ moe.router.weight.T, -1)
@@ -61,14 +66,14 @@ def test_top1_gate_is_router_probability_and_experts_get_only_their_tokens(block
 
     def record(e: int, rows: int) -> None:
         seen[e] = seen.get(e, 0) + rows
-        assert block_rows is None or rows % block_rows == 0  # every call has whole blocks
+        assert block_rows is None or rows == block_rows  # row-exact: every call is one fixed-shape block
 
     hooks = [ex.register_forward_hook(lambda m, inp, out, e=e: record(e, inp[0].shape[0]))
              for e, ex in enumerate(moe.experts)]
     out = moe(x)
     for h in hooks:
         h.remove()
-    # sparse dispatch: each expert ran once, on the tokens routed to it (padded up to whole blocks), not on all
+    # sparse dispatch: each expert ran on the tokens routed to it (padded up to whole blocks), not on all
     block = block_rows or 1
     assert seen == {e: -(-int((chosen == e).sum()) // block) * block for e in range(4) if (chosen == e).any()}
     expected = torch.stack([probs[t, chosen[t]] * moe.experts[int(chosen[t])](flat[t:t + 1])[0]
@@ -103,7 +108,7 @@ def test_uniform_router_balance_loss_is_one() -> None:
 
 def test_dropless_routing_is_causal() -> None:
     """Changing tokens after t changes nothing at or before t, even when they crowd one expert."""
-    moe = make_moe(4, 1)
+    moe = make_moe(4, 1, row_exact=True)
     x = torch.randn(2, 24, 16, dtype=torch.float64)
     t = 9
     y = moe(x)
@@ -113,25 +118,49 @@ def test_dropless_routing_is_causal() -> None:
     x2[:, t + 1:] = 5.0 * moe.router.weight[e0] + 0.01 * torch.randn_like(x2[:, t + 1:])
     y2 = moe(x2)
     assert not torch.allclose(y[:, t + 1:], y2[:, t + 1:])
-    # bit-identical although every expert's load changed (fixed-size expert blocks, see MoEFeedForward)
+    # bit-identical although every expert's load changed (row_exact: fixed-shape expert calls)
     assert torch.equal(y2[:, : t + 1], y[:, : t + 1])
 
 
 def test_expert_blocks_make_outputs_independent_of_the_load() -> None:
     """The same token gives bit-identical output whatever else is routed with it (float32 and float64)."""
     for dtype in (torch.float32, torch.float64):
-        moe = make_moe(2, 1, d_model=32).to(dtype)
+        moe = make_moe(2, 1, d_model=32, row_exact=True).to(dtype)
         token = torch.randn(1, 1, 32, dtype=dtype)
         outs = [moe(torch.cat([torch.randn(1, n, 32, dtype=dtype), token], dim=1))[0, -1]
                 for n in (0, 1, 2, 6, 50, 300, 1100)]  # 1 to 9 blocks of 128 rows for the token's expert
         assert all(torch.equal(o, outs[0]) for o in outs), dtype
 
 
-@pytest.mark.parametrize("block_rows", [4, None], ids=["block4", "unblocked"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_row_exact_holds_where_padding_to_whole_blocks_did_not(threads: int) -> None:
+    """At size=small's expert shape (256 -> 384 -> 256) in float64 -- the causality check's dtype -- MKL at one
+    thread rounds a 128-row call differently from a 256-row one, so padding each expert's buffer to whole
+    blocks and calling it once made a token's output depend on its expert's load. Fixed-shape block calls
+    (``row_exact``) do not: loads of 1, 2 and 3 blocks give the same bits."""
+    torch.manual_seed(0)
+    moe = MoEFeedForward(256, n_experts=2, top_k=1, expansion=1.5, row_exact=True).double()
+    token = torch.randn(1, 1, 256, dtype=torch.float64)
+    expert = int(moe.route(token.view(1, 256))[2])
+    others = torch.randn(1, 400, 256, dtype=torch.float64)
+    with torch.no_grad():
+        others += (20.0 if expert == 0 else -20.0) * (moe.router.weight[0] - moe.router.weight[1])  # all to `expert`
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            outs = [moe(torch.cat([others[:, :n], token], dim=1))[0, -1] for n in (0, 100, 130, 300)]
+    finally:
+        torch.set_num_threads(previous)
+    assert moe.router_stats["fraction"][expert] == 1.0  # the crowd went to the token's expert: 3 blocks at the end
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+@pytest.mark.parametrize("mode", ROW_EXACT, ids=ROW_EXACT_IDS)
 @pytest.mark.parametrize(("n_experts", "top_k"), [(4, 1), (4, 2), (3, 3)], ids=["E4-k1", "E4-k2", "E3-k3"])
-def test_gradients_match_the_dense_reference(n_experts: int, top_k: int, block_rows: int | None) -> None:
+def test_gradients_match_the_dense_reference(n_experts: int, top_k: int, mode: dict) -> None:
     """The gather-based dispatch and combine have the exact adjoint: input, expert and router gradients."""
-    moe = make_moe(n_experts, top_k, block_rows=block_rows, aux_loss_weight=0.0)
+    moe = make_moe(n_experts, top_k, aux_loss_weight=0.0, **mode)
     x = torch.randn(2, 13, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(2, 13, 16, dtype=torch.float64)
     params = [x, *moe.parameters()]
@@ -154,12 +183,12 @@ def per_token_reference(moe: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows).reshape(x.shape)
 
 
-@pytest.mark.parametrize("block_rows", [4, None], ids=["block4", "unblocked"])
+@pytest.mark.parametrize("mode", ROW_EXACT, ids=ROW_EXACT_IDS)
 @pytest.mark.parametrize(("n_experts", "top_k"), [(4, 1), (4, 2), (5, 3)], ids=["E4-k1", "E4-k2", "E5-k3"])
-def test_outputs_and_gradients_match_a_per_token_loop(n_experts: int, top_k: int, block_rows: int | None) -> None:
+def test_outputs_and_gradients_match_a_per_token_loop(n_experts: int, top_k: int, mode: dict) -> None:
     """Per-expert buffers, copies back and in-place gating equal a token-by-token loop, forward and backward,
     with one expert crowded (several blocks) and one left without tokens."""
-    moe = make_moe(n_experts, top_k, block_rows=block_rows, aux_loss_weight=0.0)
+    moe = make_moe(n_experts, top_k, aux_loss_weight=0.0, **mode)
     x = torch.randn(3, 7, 16, dtype=torch.float64)
     with torch.no_grad():  # crowd expert 0 with a third of the tokens; expert n-1 (logit 0) gets none
         moe.router.weight[-1] = 0.0
@@ -204,8 +233,9 @@ def test_bad_arguments_are_rejected() -> None:
         MoEFeedForward(8, n_experts=2, top_k=3)
     with pytest.raises(ValueError, match="n_experts"):
         MoEFeedForward(8, n_experts=0)
-    with pytest.raises(ValueError, match="block_rows"):
-        MoEFeedForward(8, block_rows=0)
+    for bad in (0, None, 2.5):
+        with pytest.raises(ValueError, match=f"block_rows must be an integer >= 1.*got {bad}"):
+            MoEFeedForward(8, block_rows=bad)
     moe = MoEFeedForward(8)
     with pytest.raises(ValueError, match="d_model=8"):
         moe(torch.randn(2, 3, 7))
@@ -221,15 +251,15 @@ def test_float32_and_empty_batch() -> None:
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize(("n_experts", "top_k", "block_rows"), [(4, 1, 128), (4, 2, 128), (5, 3, 4), (4, 2, None)],
-                         ids=["E4-k1", "E4-k2", "E5-k3-block4", "E4-k2-unblocked"])
+@pytest.mark.parametrize(("n_experts", "top_k", "block_rows"), [(4, 1, None), (4, 2, None), (5, 3, 4), (4, 2, 128)],
+                         ids=["E4-k1", "E4-k2", "E5-k3-blocks4", "E4-k2-blocks128"])
 def test_compiled_row_moves_are_bit_identical_to_the_pytorch_ops(n_experts: int, top_k: int, block_rows: int | None,
                                                                  dtype: torch.dtype, threads: int) -> None:
     """Outputs, aux loss and every gradient of the compiled dispatch/combine equal the PyTorch ops bit for bit,
     serial and threaded (1100 tokens x 64 is above the threaded kernels' threshold), with one expert crowded and
     one left without tokens."""
-    moe = make_moe(n_experts, top_k, d_model=64).to(dtype)
-    moe.block_rows = block_rows
+    moe = make_moe(n_experts, top_k, d_model=64, row_exact=block_rows is not None, block_rows=block_rows or 128)
+    moe.to(dtype)
     x = torch.randn(2, 550, 64, dtype=dtype)
     with torch.no_grad():  # the last expert (logit 0, the others about 60) gets no token, the first a crowd
         moe.router.weight[-1] = 0.0

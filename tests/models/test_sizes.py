@@ -40,9 +40,7 @@ def test_flops_presets_match_training_flops_per_token(size, tmp_path):
 
     flops, params = {}, {}
     for model in MATCHED:
-        # Unpadded expert calls: the count is the MoE's useful work, not its block padding.
-        extra = ["model.ffn.block_rows=null"] if model == "bk" else []
-        cfg = compose_train(["~recipe", f"model={model}", f"size={size}", *extra], tmp_path)
+        cfg = compose_train(["~recipe", f"model={model}", f"size={size}"], tmp_path)
         lm = instantiate(cfg.model, vocab_size=2)
         flops[model] = count_flops(lm, torch.randint(0, 2, (1, cfg.size.reference_seq_len)))["train_step_per_token"]
         params[model] = lm.param_counts()["non_embedding"]

@@ -10,6 +10,7 @@ import torch
 from bkexp.models import LanguageModel
 from bkexp.models.ffn import MLP
 from bkexp.models.mixers import AttentionMixer
+from bkexp.models.moe import MoEFeedForward
 from bkexp.train.causality import CausalityError, check_causality
 from leaky import LeakyMixer, SubtleLeakMixer
 
@@ -55,3 +56,28 @@ def test_a_false_causal_claim_is_caught_empirically():
     assert model.causal  # the declaration lies; only the measurement can tell
     with pytest.raises(CausalityError, match="not causal"):
         check_causality(model, batch(), VOCAB)
+
+
+def test_moe_model_is_checked_with_row_exact_experts_and_passes_at_one_thread():
+    """The check turns on the MoE's ``row_exact`` in its probe copy only. Without it (the experts' buffers padded
+    to whole 128-row blocks, one call each) this model failed the check at one thread on the 2-core Xeon: in
+    float64, MKL rounds a 128-row call at this shape (256 -> 384 -> 256) differently from a longer one, so
+    a token's logits changed in the last bits when future tokens moved its expert's load across a block."""
+    torch.manual_seed(0)
+    lm = LanguageModel(VOCAB, d_model=256, n_layers=1, mixer=functools.partial(AttentionMixer, n_heads=4),
+                       ffn=functools.partial(MoEFeedForward, n_experts=4, expansion=1.5))
+    moe = lm.blocks[0].ffn
+    with torch.no_grad():  # a router with a real spread of decisions (default init sends nearly all to one)
+        moe.router.weight.normal_(std=1.0)
+    seen = []
+    moe.register_forward_hook(lambda module, args, out: seen.append((module.row_exact, module.padding_rows)))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        check_causality(lm, torch.randint(0, VOCAB, (2, 256), generator=torch.Generator().manual_seed(0)), VOCAB)
+    finally:
+        torch.set_num_threads(previous)
+    assert len(seen) == 4 and all(flag and padding > 0 for flag, padding in seen)  # 1 reference + 3 perturbed
+    assert moe.row_exact is False
+    lm(torch.randint(0, VOCAB, (2, 256)))
+    assert seen[-1] == (False, 0)  # the model itself runs each expert once on exactly its rows

@@ -42,11 +42,13 @@ def test_custom_op_flops_are_added(mixer, per_token):
 
 
 def test_moe_padding_is_reported_apart_from_useful_flops():
-    """The MoE's zero-padded 128-row expert blocks do not count as the model's FLOPs: useful FLOPs equal those
-    of the same experts called without padding, and the padding is the padded rows' matmuls."""
+    """With ``row_exact`` the MoE's zero-padded 128-row expert blocks do not count as the model's FLOPs: useful
+    FLOPs equal those of the default forward (each expert once on exactly its rows), and the padding is the
+    padded rows' matmuls."""
     batch, hidden = 2, int(1.5 * D)
     lm = LanguageModel(V, D, 1, mixer=functools.partial(AttentionMixer, n_heads=2),
-                       ffn=functools.partial(MoEFeedForward, n_experts=4, expansion=1.5, block_rows=128))
+                       ffn=functools.partial(MoEFeedForward, n_experts=4, expansion=1.5, block_rows=128,
+                                             row_exact=True))
     x = torch.randint(0, V, (batch, N))
     padded = count_flops(lm, x)
     lm(x)  # same weights, same routing as the probe: which experts got tokens
@@ -56,9 +58,7 @@ def test_moe_padding_is_reported_apart_from_useful_flops():
     assert padded["padding_train_step_per_token"] == pytest.approx(3 * padded["padding_forward_per_token"])
     assert padded["batch_shape"] == [batch, N]
 
-    for module in lm.modules():
-        if isinstance(module, MoEFeedForward):
-            module.block_rows = None  # one call per expert: nothing padded
+    lm.blocks[0].ffn.row_exact = False  # the default: nothing padded
     exact = count_flops(lm, x)
     assert exact["padding_forward_per_token"] == 0
     assert padded["forward_per_token"] == pytest.approx(exact["forward_per_token"], rel=1e-12)
