@@ -104,6 +104,7 @@ def test_uniform_router_balance_loss_is_one() -> None:
         moe.router.weight.zero_()  # every probability 1/E, so E * sum f_e / E = 1 whatever f is
     moe(torch.randn(2, 8, 16, dtype=torch.float64))
     assert abs(float(moe.router_stats["balance_loss"]) - 1.0) < 1e-12
+    assert moe.router_stats["fraction"].tolist() == [1.0, 0.0, 0.0, 0.0]  # top-1 ties go to the lowest index
 
 
 def test_dropless_routing_is_causal() -> None:
