@@ -168,17 +168,21 @@ class _Capture:
 
 
 def _fwd_bwd(fn: Callable[..., Any], *inputs: torch.Tensor, **kwargs: Any) -> Callable[[], None]:
-    """forward+backward of ``fn`` on detached leaf views of ``inputs`` (layout kept) (gradient: ones on every float output)."""
+    """forward+backward of ``fn`` on detached leaf views of ``inputs`` (layout kept) (gradient: ones on every float
+    output). A module's parameter gradients are dropped after each call, as a training step's ``zero_grad``
+    does: left in place, every call would add into them (one more op per parameter, which charges a module
+    with many weight tensors, such as the MoE's experts, for what no training step runs)."""
     leaves = [t.detach().requires_grad_(t.is_floating_point() or t.is_complex()) if isinstance(t, torch.Tensor)
               else t for t in inputs]
+    params = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
 
     def run() -> None:
         out = fn(*leaves, **kwargs)
         outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.requires_grad]
         torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-        for leaf in leaves:
-            if isinstance(leaf, torch.Tensor):
-                leaf.grad = None
+        for tensor in (*leaves, *params):
+            if isinstance(tensor, torch.Tensor):
+                tensor.grad = None
 
     return run
 

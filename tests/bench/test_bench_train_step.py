@@ -58,3 +58,20 @@ def test_components_only_writes_the_per_layer_table_alone(tmp_path: Path) -> Non
     assert not (out / "train_step.json").exists()
     rows = json.loads((out / "components.json").read_text())["rows"]
     assert {r["model"] for r in rows} == {"transformer", "bk"} and all(r["fwd_bwd_ms"] > 0 for r in rows)
+
+
+def test_component_calls_drop_parameter_gradients_as_zero_grad_does() -> None:
+    """Each timed call computes the module's gradients and leaves none behind: a training step's zero_grad sets
+    them to None, so accumulating into them would time an add per weight tensor that training never runs."""
+    import torch
+
+    from bkexp.bench.train_step import _fwd_bwd
+
+    layer = torch.nn.Linear(4, 3)
+    seen = []
+    layer.weight.register_hook(lambda grad: seen.append(grad.clone()))
+    run = _fwd_bwd(layer, torch.randn(5, 4))
+    run()
+    run()
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1]) and seen[0].abs().sum() > 0
+    assert layer.weight.grad is None and layer.bias.grad is None
