@@ -232,10 +232,10 @@ def test_cpu_kernels_give_the_same_bits_in_every_layout(layout_base, mode):
 def test_cpu_output_pool_reuses_only_memory_nothing_holds(monkeypatch):
     """The cpu kernels reuse large outputs' memory (fresh pages cost a page fault and zeroing each): never an
     output that a tensor or view still holds, and reused memory gives the same values and gradients."""
-    from bkexp.ops.bk_core import cpu
+    from bkexp.ops import workspace
 
-    monkeypatch.setattr(cpu, "POOL_MIN_BYTES", 0)  # pool every output of this small case
-    monkeypatch.setattr(cpu, "_pool", [])
+    monkeypatch.setattr(workspace, "POOL_MIN_BYTES", 0)  # pool every output of this small case
+    monkeypatch.setattr(workspace, "_pool", [])
     gen = torch.Generator().manual_seed(5)
     v = torch.randn(2, 64, 40, generator=gen).requires_grad_()
     k = torch.rand(2, 64, 39, generator=gen)

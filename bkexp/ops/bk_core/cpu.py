@@ -28,7 +28,6 @@ The kernels avoid numeric literals in the hot loops so float32 inputs are comput
 
 from __future__ import annotations
 
-import sys
 import types
 
 import numba
@@ -39,6 +38,7 @@ from llvmlite import ir
 from numba.extending import intrinsic, overload
 from torch import Tensor
 
+from .. import workspace
 from .layout import to_planes
 
 # FMA contraction only: no reassociation or finite-math assumptions, so results stay deterministic per
@@ -688,38 +688,11 @@ def _planes(rows: Tensor) -> np.ndarray:
     return _np(rows.transpose(1, 2))
 
 
-# Outputs of at least this many bytes are kept for reuse (glibc serves them by mmap: fresh pages each call).
-POOL_MIN_BYTES = 32 << 20
-POOL_MAX_ARRAYS = 8  # most arrays kept; the pool holds at most this many outputs' memory while they are unused
-_pool: list[np.ndarray] = []
-
-
 def _empty_planes(b: int, h: int, n: int, dtype: torch.dtype) -> Tensor:
-    """Empty (B, H, n) rows that are the transpose of contiguous (B, n, H) planes.
-
-    Allocated by numpy, which asks Linux for transparent huge pages on large arrays: a fresh output then
-    faults in 2 MB pages rather than 4 KB ones (a fresh 64 MB output filled in half the time on this machine).
-    Large ones come from a small pool of earlier outputs that nothing holds any more (no tensor, view or
-    array refers to them): each fresh page is zeroed by the kernel on first touch, which was about a third of
-    a DRAM-sized call (2048 rows x N=8192: fwd+bwd 54 -> 38 ms with the memory reused).
-    """
+    """Empty (B, H, n) rows that are the transpose of contiguous (B, n, H) planes, in reusable memory
+    (``bkexp.ops.workspace``: numpy's huge pages, large ones pooled once nothing holds them)."""
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    shape = (b, n, h)
-    if b * n * h * np.dtype(np_dtype).itemsize < POOL_MIN_BYTES:
-        return torch.from_numpy(np.empty(shape, np_dtype)).transpose(1, 2)
-    for i in range(len(_pool)):
-        # 2 references: the pool's and getrefcount's argument; any tensor made from it holds one more
-        if _pool[i].shape == shape and _pool[i].dtype == np_dtype and sys.getrefcount(_pool[i]) == 2:
-            return torch.from_numpy(_pool[i]).transpose(1, 2)
-    arr = np.empty(shape, np_dtype)
-    if len(_pool) < POOL_MAX_ARRAYS:
-        _pool.append(arr)
-    else:  # replace a free array of another shape, if any, so a new size is pooled from now on
-        for i in range(len(_pool)):
-            if sys.getrefcount(_pool[i]) == 2:
-                _pool[i] = arr
-                break
-    return torch.from_numpy(arr).transpose(1, 2)
+    return torch.from_numpy(workspace.empty((b, n, h), np_dtype)).transpose(1, 2)
 
 
 class _CpuBKCore(torch.autograd.Function):
