@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from bkexp.models.decoding import DecodeState
 from bkexp.models.mixers.base import DecodeLayerState, Mixer
+from bkexp.ops import pooled_linear
 
 NORMS: dict[str, type[nn.Module]] = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
 
@@ -135,7 +136,7 @@ class LanguageModel(nn.Module):
         x = self.drop(self.embed(input_ids))
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm_f(x))
+        return pooled_linear.linear(self.head, self.norm_f(x))  # the logits in reusable memory (plain CPU head)
 
     # ------------------------------------------------------------------ incremental decoding
 
@@ -163,7 +164,7 @@ class LanguageModel(nn.Module):
         for block in self.blocks:
             x, state = block.prefill(x, max(capacity or n, n))
             layers.append(state)
-        return self.head(self.norm_f(x)), DecodeState(position=n, layers=layers)
+        return pooled_linear.linear(self.head, self.norm_f(x)), DecodeState(position=n, layers=layers)
 
     def step(self, tokens: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
         """Logits (batch, vocab) of the next position after feeding ``tokens`` (batch,) or (batch, 1); equal to
