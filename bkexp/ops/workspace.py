@@ -17,7 +17,8 @@ import sys
 import numpy as np
 
 POOL_MIN_BYTES = 32 << 20  # smaller arrays are allocated fresh (glibc's heap, or a few faults, serve them)
-POOL_MAX_ARRAYS = 8  # most arrays kept; the pool holds at most this many outputs' memory while they are unused
+POOL_MAX_ARRAYS = 8  # most arrays the pool keeps
+POOL_MAX_BYTES = 4 << 30  # most memory the pool keeps, in use or not (the logits of 8192 tokens x 65k vocab: 2 GiB)
 _pool: list[np.ndarray] = []
 
 
@@ -30,7 +31,7 @@ def _free(i: int) -> bool:
 
 def empty(shape: tuple[int, ...], dtype: type[np.generic] | np.dtype) -> np.ndarray:
     """An uninitialised C-contiguous array: pooled memory that no tensor, view or array still refers to, or a
-    fresh array (then pooled, or swapped in for a free pooled array of another shape when the pool is full)."""
+    fresh array, which is pooled if the pool can make room for it by dropping free arrays (oldest first)."""
     dtype = np.dtype(dtype)
     shape = tuple(int(s) for s in shape)
     if int(np.prod(shape)) * dtype.itemsize < POOL_MIN_BYTES:
@@ -39,11 +40,11 @@ def empty(shape: tuple[int, ...], dtype: type[np.generic] | np.dtype) -> np.ndar
         if _pool[i].shape == shape and _pool[i].dtype == dtype and _free(i):
             return _pool[i]
     arr = np.empty(shape, dtype)
-    if len(_pool) < POOL_MAX_ARRAYS:
-        _pool.append(arr)
-    else:  # replace a free array of another shape, if any, so a new size is pooled from now on
-        for i in range(len(_pool)):
-            if _free(i):
-                _pool[i] = arr
-                break
+    kept = sum(a.nbytes for a in _pool)
+    while len(_pool) >= POOL_MAX_ARRAYS or kept + arr.nbytes > POOL_MAX_BYTES:
+        free = next((i for i in range(len(_pool)) if _free(i)), None)
+        if free is None:  # everything pooled is in use: this one stays out
+            return arr
+        kept -= _pool.pop(free).nbytes
+    _pool.append(arr)
     return arr

@@ -65,3 +65,24 @@ def test_other_heads_and_modes_are_called_as_modules(pool_everything):
         pooled_linear.linear(plain, x)
     assert counter.get_total_flops() == 2 * 4 * 16 * 30
     assert workspace._pool == []
+
+
+def test_the_pool_stays_within_its_array_and_byte_limits(monkeypatch):
+    """New shapes replace free pooled arrays (oldest first) instead of piling up; arrays in use are never
+    dropped, and an array that does not fit beside them is handed out unpooled."""
+    monkeypatch.setattr(workspace, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(workspace, "POOL_MAX_ARRAYS", 3)
+    monkeypatch.setattr(workspace, "POOL_MAX_BYTES", 3 * 800)
+    monkeypatch.setattr(workspace, "_pool", [])
+    held = [workspace.empty((100,), "float64") for _ in range(3)]  # 800 bytes each: the pool is full
+    extra = workspace.empty((100,), "float64")
+    assert len(workspace._pool) == 3 and all(a is not extra for a in workspace._pool)  # all in use: not pooled
+    del held[0]
+    other = workspace.empty((50,), "float64")  # a free array makes room for a new shape
+    assert len(workspace._pool) == 3 and any(a is other for a in workspace._pool)
+    assert all(any(a is h for a in workspace._pool) for h in held)
+    big = workspace.empty((250,), "float64")  # 2000 bytes: room only if everything else were free
+    assert not any(a is big for a in workspace._pool) and sum(a.nbytes for a in workspace._pool) <= 3 * 800
+    del held, other, extra
+    big = workspace.empty((250,), "float64")  # now the free arrays make room
+    assert any(a is big for a in workspace._pool) and sum(a.nbytes for a in workspace._pool) <= 3 * 800
