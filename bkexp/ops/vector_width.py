@@ -53,7 +53,9 @@ def _install() -> bool:
 
 def wide_vectors(dispatcher):
     """Compile numba ``dispatcher`` (an ``@njit`` function) for 512-bit vectors, on every compile of it
-    (loads from numba's cache are untouched: they hold code compiled the same way)."""
+    (loads from numba's cache are untouched: the cache was written by such a compile). Note that the selective
+    scan's backward rounds differently when compiled in-process than when loaded from the cache, with or
+    without this wrapper (``docs/kernels.md``, selective scan, *Known issue*)."""
     if not _install():
         return dispatcher
     compile_ = dispatcher.compile
