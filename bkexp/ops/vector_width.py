@@ -53,9 +53,8 @@ def _install() -> bool:
 
 def wide_vectors(dispatcher):
     """Compile numba ``dispatcher`` (an ``@njit`` function) for 512-bit vectors, on every compile of it
-    (loads from numba's cache are untouched: the cache was written by such a compile). Note that the selective
-    scan's backward rounds differently when compiled in-process than when loaded from the cache, with or
-    without this wrapper (``docs/kernels.md``, selective scan, *Known issue*)."""
+    (loads from numba's cache are untouched: the cache was written by such a compile; the scan kernels also
+    run from the cache in the process that compiles them, ``bkexp.ops.numba_cache``)."""
     if not _install():
         return dispatcher
     compile_ = dispatcher.compile
@@ -68,6 +67,7 @@ def wide_vectors(dispatcher):
         finally:
             _state.depth -= 1
 
+    compile._bkexp_wide = True
     dispatcher.compile = compile
     return dispatcher
 

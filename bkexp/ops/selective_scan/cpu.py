@@ -46,6 +46,7 @@ from numba.extending import overload
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from bkexp.ops.numba_cache import from_cache
 from bkexp.ops.vector_width import wide_vectors
 
 CHECKPOINT = 32  # positions between stored states; backward scratch is 2 x CHECKPOINT x n x block width
@@ -252,6 +253,7 @@ def _softplus_grad_into(x, g):
         g[i] = g[i] * slope
 
 
+@from_cache  # compiled in a child, run from the cache: the same code whether the cache was warm or not
 @wide_vectors
 @njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
 def _scan_forward(u, delta, z, A_t, Bk, Ck, D, bias, flags, group_size, width, out, dt_out, pre_out, checkpoints,
@@ -341,6 +343,7 @@ def _scan_forward(u, delta, z, A_t, Bk, Ck, D, bias, flags, group_size, width, o
                 last[ib, k, c0:c1] = h[k]
 
 
+@from_cache  # compiled in a child, run from the cache: the same code whether the cache was warm or not
 @wide_vectors
 @njit(parallel=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
 def _scan_backward(u, delta, dt_in, z, pre, A_t, Bk, Ck, D, bias, flags, group_size, width, checkpoints, every,
