@@ -23,9 +23,9 @@ from numba.core import sigutils, types
 CHILD_ENV = "BKEXP_NUMBA_CACHE_CHILD"  # set in the child: it compiles in-process (and so writes the cache)
 
 
-def _compile_in_child(dispatcher, args: tuple) -> bool:
+def _compile_in_child(dispatcher, args: tuple) -> None:
     module, name = dispatcher.py_func.__module__, dispatcher.py_func.__name__
-    code = ("import importlib, sys\nfrom numba.core import types\n"
+    code = ("import importlib\nfrom numba.core import types\n"
             f"kernel = getattr(importlib.import_module({module!r}), {name!r})\n"
             f"kernel.compile(eval({repr(tuple(args))!r}, dict(vars(types))))\n")
     # the child imports the kernel's module from where this process found it
@@ -34,12 +34,10 @@ def _compile_in_child(dispatcher, args: tuple) -> bool:
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.SubprocessError) as err:
         warnings.warn(f"compiling {module}.{name} in a child process failed ({err}); compiling it here", stacklevel=3)
-        return False
+        return
     if done.returncode != 0:
         warnings.warn(f"compiling {module}.{name} in a child process failed (exit {done.returncode}: "
                       f"{done.stderr.strip()[-500:]}); compiling it here", stacklevel=3)
-        return False
-    return True
 
 
 def _cached(dispatcher, sig) -> bool:
