@@ -12,12 +12,18 @@ experiment's recipe (conf/recipe/: d_model 64, two layers, batch 128, the Transf
   plus the model's auxiliary losses, backward, gradient-norm clipping, ``optimizer.step()``,
   ``scheduler.step()`` -- with the optimizer and schedule built from the same config.
 
-Both start from ``seed_everything(seed)`` and a freshly built model, so they see the same batches and
+- ``quiet``: the ``bkexp`` loop with nothing logged: no loggers, and ``log_every_n_steps`` past the last
+  step, so the step metrics, the gradient norm and the throughput values are never computed or written
+  (the last step still logs, as it does in the ``bkexp`` loop).
+
+All start from ``seed_everything(seed)`` and a freshly built model, so they see the same batches and
 must produce the same losses (checked to 5 decimals, as Lightning's own parity tests do). Each step's
 time is start-to-start (data fetching, hooks and logging included); steps are paired by index and the
-overhead is the median of the per-step differences. ``--rounds`` repeats both loops, alternating which
-runs first, so a change of machine load hits both alike. Peak memory is the process's peak resident set
-(or CUDA peak) during each loop.
+overhead is the median of the per-step differences ``bkexp - raw``. Logging happens on one step in
+``log_every_n_steps``, so its cost per step is the *mean* of ``bkexp - quiet`` (``logging_ms``, with its
+standard error: resolve it with a small model and many steps, e.g. ``--steps 200``). ``--rounds``
+repeats the loops, rotating which runs first, so a change of machine load hits all alike. Peak memory is
+the process's peak resident set (or CUDA peak) during each loop.
 
 Writes ``overhead.{json,csv,md}`` (one row per model), ``steps.csv`` (every paired step) and
 ``overhead.png`` (per-step times of both loops) under ``--out``.
@@ -46,7 +52,7 @@ from bkexp.ops.cross_entropy import token_cross_entropy
 from bkexp.train.module import LMTask, build_optimizer, split_weight_decay
 
 COLUMNS = ["model", "size", "d_model", "n_layers", "seq_len", "batch", "steps", "raw_step_ms", "bkexp_step_ms",
-           "overhead_ms", "overhead_pct", "raw_peak_mb", "bkexp_peak_mb", "max_loss_diff", "losses_equal"]
+           "overhead_ms", "overhead_pct", "log_every_n_steps", "logging_ms", "logging_ms_se", "raw_peak_mb", "bkexp_peak_mb", "max_loss_diff", "losses_equal"]
 IGNORE_INDEX = -100
 
 
@@ -59,7 +65,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per example (default 128)")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per loop and round (default 30)")
     p.add_argument("--skip", type=int, default=3, help="first steps left out of the timing (warmup; default 3)")
-    p.add_argument("--rounds", type=int, default=2, help="times both loops run, alternating order (default 2)")
+    p.add_argument("--rounds", type=int, default=2, help="times the loops run, rotating their order (default 2)")
     p.add_argument("--override", action="append", default=[],
                    help="extra Hydra override for both loops (repeatable), e.g. dataset=iid")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -98,8 +104,11 @@ class _StepClock:
         self.losses: list[float] = []
 
 
-def run_bkexp(cfg: Any, datamodule: Any) -> tuple[list[float], list[float], float]:
-    """Per-step seconds, per-step losses and peak MB of ``LMTask`` under the run's Lightning Trainer."""
+def run_bkexp(cfg: Any, datamodule: Any, quiet: bool = False) -> tuple[list[float], list[float], float]:
+    """Per-step seconds, per-step losses and peak MB of ``LMTask`` under the run's Lightning Trainer.
+
+    ``quiet``: no loggers and no logging step before the last (the loop ``logging_ms`` is measured against).
+    """
     reset_peak_memory()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
@@ -108,9 +117,10 @@ def run_bkexp(cfg: Any, datamodule: Any) -> tuple[list[float], list[float], floa
     clock = _StepClock()
     callbacks = [c for c in (instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None)
                  if not isinstance(c, ModelCheckpoint)]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = [] if quiet else [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    cadence = {"log_every_n_steps": int(cfg.trainer.max_steps) + 1} if quiet else {}
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[*callbacks, clock.callback],
-                          enable_checkpointing=False)
+                          enable_checkpointing=False, **cadence)
     trainer.fit(task, train_dataloaders=datamodule.train_dataloader())
     times = [b - a for a, b in zip(clock.starts, clock.starts[1:])]
     return times, clock.losses, peak_memory_mb(trainer.strategy.root_device)
@@ -158,29 +168,35 @@ def compare(model: str, args: argparse.Namespace) -> tuple[dict[str, Any], list[
         datamodule.prepare_data()
         datamodule.setup("fit")
         pairs: list[dict[str, Any]] = []
-        peaks: dict[str, list[float]] = {"raw": [], "bkexp": []}
+        loops = {"raw": run_raw, "bkexp": run_bkexp, "quiet": lambda c, d: run_bkexp(c, d, quiet=True)}
+        peaks: dict[str, list[float]] = {name: [] for name in loops}
         max_diff = 0.0
         for r in range(args.rounds):
-            order = ("raw", "bkexp") if r % 2 == 0 else ("bkexp", "raw")
+            names = list(loops)
             result = {}
-            for name in order:
-                result[name] = (run_raw if name == "raw" else run_bkexp)(cfg, datamodule)
+            for name in names[r % 3:] + names[:r % 3]:
+                result[name] = loops[name](cfg, datamodule)
                 peaks[name].append(result[name][2])
-            (raw_t, raw_l, _), (bk_t, bk_l, _) = result["raw"], result["bkexp"]
-            if len(raw_l) != len(bk_l):
-                raise RuntimeError(f"{model}: the loops ran {len(raw_l)} and {len(bk_l)} steps")
-            max_diff = max(max_diff, max(abs(a - b) for a, b in zip(raw_l, bk_l)))
-            for i, (tr, tb, lr, lb) in enumerate(zip(raw_t, bk_t, raw_l, bk_l)):
+            (raw_t, raw_l, _), (bk_t, bk_l, _), (q_t, q_l, _) = (result[name] for name in loops)
+            if not len(raw_l) == len(bk_l) == len(q_l):
+                raise RuntimeError(f"{model}: the loops ran {len(raw_l)}, {len(bk_l)} and {len(q_l)} steps")
+            max_diff = max(max_diff, *(abs(a - b) for a, b in zip(raw_l, bk_l)),
+                           *(abs(a - b) for a, b in zip(q_l, bk_l)))
+            for i, (tr, tb, tq, lr, lb) in enumerate(zip(raw_t, bk_t, q_t, raw_l, bk_l)):
                 pairs.append({"model": model, "round": r, "step": i, "raw_ms": tr * 1e3, "bkexp_ms": tb * 1e3,
-                              "diff_ms": (tb - tr) * 1e3, "raw_loss": lr, "bkexp_loss": lb})
+                              "quiet_ms": tq * 1e3, "diff_ms": (tb - tr) * 1e3, "logging_ms": (tb - tq) * 1e3,
+                              "raw_loss": lr, "bkexp_loss": lb})
     timed = [p for p in pairs if p["step"] >= args.skip]
     raw_ms = statistics.median(p["raw_ms"] for p in timed)
     overhead = statistics.median(p["diff_ms"] for p in timed)
+    logging = [p["logging_ms"] for p in timed]
     batch = int(cfg.dataset.get("batch_size", 0))
     row = {"model": model, "size": args.size, "d_model": int(cfg.model.d_model), "n_layers": int(cfg.model.n_layers),
            "seq_len": args.seq_len, "batch": batch, "steps": len(timed),
            "raw_step_ms": raw_ms, "bkexp_step_ms": statistics.median(p["bkexp_ms"] for p in timed),
            "overhead_ms": overhead, "overhead_pct": 100.0 * overhead / raw_ms,
+           "log_every_n_steps": int(cfg.trainer.log_every_n_steps), "logging_ms": statistics.fmean(logging),
+           "logging_ms_se": statistics.stdev(logging) / math.sqrt(len(logging)),
            "raw_peak_mb": max(peaks["raw"]), "bkexp_peak_mb": max(peaks["bkexp"]),
            "max_loss_diff": max_diff, "losses_equal": max_diff < 0.5e-5}
     return row, pairs
@@ -199,6 +215,7 @@ def _plot(pairs: Sequence[dict[str, Any]], path: Path) -> None:
         xs = range(len(rs))
         ax.plot(xs, [p["raw_ms"] for p in rs], ".-", label="raw PyTorch loop")
         ax.plot(xs, [p["bkexp_ms"] for p in rs], ".-", label="bkexp (Lightning)")
+        ax.plot(xs, [p["quiet_ms"] for p in rs], ".-", alpha=0.6, label="bkexp, nothing logged")
         ax.set_title(model)
         ax.set_xlabel("step (rounds concatenated)")
         ax.set_ylabel("ms per step")
@@ -220,12 +237,15 @@ def main(argv: list[str]) -> int:
         rows.append(row)
         pairs.extend(model_pairs)
         print(f"{model:>12}: raw {row['raw_step_ms']:.1f} ms, bkexp {row['bkexp_step_ms']:.1f} ms, overhead "
-              f"{row['overhead_ms']:+.2f} ms ({row['overhead_pct']:+.1f}%), losses equal to 5 decimals: "
+              f"{row['overhead_ms']:+.2f} ms ({row['overhead_pct']:+.1f}%), logging {row['logging_ms']:+.2f} "
+              f"+- {row['logging_ms_se']:.2f} ms per step, losses equal to 5 decimals: "
               f"{row['losses_equal']} (max diff {row['max_loss_diff']:.2e})", flush=True)
     meta = {"environment": environment(), "threads": torch.get_num_threads(), "overrides": args.override,
             "rounds": args.rounds, "skip": args.skip,
             "note": "start-to-start step times paired by step index; overhead = median of (bkexp - raw); "
-                    "bkexp = LMTask in the run's Trainer with its callbacks (no checkpointing) and loggers"}
+                    "logging_ms = mean of (bkexp - quiet) +- its standard error; bkexp = LMTask in the run's "
+                    "Trainer with its callbacks (no checkpointing) and loggers; quiet = the same without loggers "
+                    "and without logging steps before the last"}
     md = write_table(rows, COLUMNS, args.out, "overhead", meta)
     write_table(pairs, list(pairs[0]), args.out, "steps", meta)
     _plot(pairs, args.out / "overhead.png")

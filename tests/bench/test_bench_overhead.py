@@ -23,6 +23,7 @@ def test_bkexp_and_raw_loop_give_equal_losses_and_write_tables(tmp_path: Path) -
         assert row["losses_equal"] is True and row["max_loss_diff"] < 0.5e-5
         assert row["steps"] == 2 * (6 - 1)  # two rounds of 6 steps, the first (`skip`) left out of the timing
         assert row["raw_step_ms"] > 0 and row["bkexp_step_ms"] > 0 and row["raw_peak_mb"] > 0
+        assert row["log_every_n_steps"] == 10 and row["logging_ms_se"] > 0  # the config's cadence, measured
     steps = list(csv.DictReader((out / "steps.csv").open()))
     assert len(steps) == 3 * 2 * 6
     # 256 examples at the default recipe's batch of 128: steps 3-6 are in later epochs, which both loops
@@ -33,6 +34,11 @@ def test_bkexp_and_raw_loop_give_equal_losses_and_write_tables(tmp_path: Path) -
     bk = [r for r in steps if r["model"] == "bk" and r["round"] == "0"]
     assert float(bk[0]["raw_loss"]) != float(bk[-1]["raw_loss"])
     assert all(abs(float(r["raw_loss"]) - float(r["bkexp_loss"])) < 0.5e-5 for r in steps)
+    # The quiet loop (nothing logged) was timed step by step beside the others; logging_ms is its mean gap.
+    for model, row in rows.items():
+        timed = [r for r in steps if r["model"] == model and int(r["step"]) >= 1]
+        gaps = [float(r["bkexp_ms"]) - float(r["quiet_ms"]) for r in timed]
+        assert row["logging_ms"] == pytest.approx(sum(gaps) / len(gaps), rel=1e-6)
     assert (out / "overhead.png").stat().st_size > 0 and (out / "overhead.md").read_text().count("\n") >= 4
 
 
