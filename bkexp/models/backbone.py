@@ -16,8 +16,19 @@ from torch import Tensor, nn
 from bkexp.models.decoding import DecodeState
 from bkexp.models.mixers.base import DecodeLayerState, Mixer
 from bkexp.ops import pooled_linear
+from bkexp.ops.rms_norm import rms_norm
 
-NORMS: dict[str, type[nn.Module]] = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` (same parameters, same state dict) computed by ``bkexp.ops.rms_norm``: one compiled pass on
+    CPU instead of PyTorch's composite of elementwise ops (``rms_norm`` falls back to PyTorch's where needed)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if len(self.normalized_shape) != 1:
+            return super().forward(x)
+        return rms_norm(x, self.weight, self.eps)
+
+
+NORMS: dict[str, type[nn.Module]] = {"layernorm": nn.LayerNorm, "rmsnorm": RMSNorm}
 
 
 def make_norm(kind: str, d_model: int) -> nn.Module:
