@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from bkexp.allocator import configure_cpu_allocator
+
 # subcommand -> (module, one-line help); each module exposes ``main(argv: list[str]) -> int``.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bkexp.bench", "micro-benchmarks of ops and blocks (bkexp bench bk-core|mamba|...)"),
@@ -38,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
         print(f"bkexp: unknown command {name!r}; valid: {', '.join(SUBCOMMANDS)}\n\n{usage()}", file=sys.stderr)
+        return 2
+    try:
+        configure_cpu_allocator()
+    except ValueError as err:
+        print(f"bkexp: {err}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
     return int(module.main(rest) or 0)

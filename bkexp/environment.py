@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from bkexp.allocator import cpu_allocator_state
+
 # key in the record -> distribution name
 LIBRARIES = {"lightning": "lightning", "hydra": "hydra-core", "numpy": "numpy", "numba": "numba", "triton": "triton",
              "mamba_ssm": "mamba-ssm"}
@@ -60,6 +62,7 @@ def environment(device: str | None = None) -> dict[str, Any]:
         "device": device,
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "cpu_allocator": cpu_allocator_state(),  # bkexp.memory.configure_cpu_allocator's setting (None: untouched)
         "cpu_count": os.cpu_count(),
         "cuda": torch.version.cuda,
         "hostname": platform.node(),

@@ -6,14 +6,14 @@ No Lightning here, so evaluation and benchmarks measure memory without importing
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import os
 import resource
 import sys
 
 import torch
+
+from bkexp.allocator import libc_handle
 
 
 def release_free_memory() -> None:
@@ -26,11 +26,9 @@ def release_free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    libc_name = ctypes.util.find_library("c")
-    if sys.platform.startswith("linux") and libc_name:
-        libc = ctypes.CDLL(libc_name)
-        if hasattr(libc, "malloc_trim"):  # glibc; musl and others have no trim and hold less
-            libc.malloc_trim(0)
+    libc = libc_handle()
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc; musl and others have no trim and hold less
+        libc.malloc_trim(0)
 
 
 def _proc_status_mb(field: str) -> float | None:

@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from bkexp.allocator import configure_cpu_allocator
 from bkexp.environment import environment
 from bkexp.memory import peak_memory_mb, reset_peak_memory, resident_memory_mb
 from bkexp.quant import QuantSpec
@@ -72,6 +73,7 @@ def should_raise(cfg: DictConfig, identity: dict[str, Any]) -> bool:
 def run(cfg: DictConfig) -> float | None:
     """Train and evaluate one run; returns the best validation loss (for Hydra sweepers), None on failure."""
     started = time.time()
+    configure_cpu_allocator()
     reset_peak_memory()
     run_dir = Path(cfg.paths.output_dir)
     identity = job_identity()
