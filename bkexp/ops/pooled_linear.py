@@ -34,12 +34,15 @@ class _PooledLinear(torch.autograd.Function):
 
 
 def _poolable(module: nn.Module, x: Tensor) -> bool:
-    """A plain bias-free ``nn.Linear`` without hooks (quantized or hooked heads are called as modules), CPU
+    """A plain bias-free ``nn.Linear`` without hooks with a plain tensor weight (quantized or hooked heads, and
+    weight-swapping quantizers such as torchao's, which keep the module and wrap its weight, are called as modules), CPU
     float32/float64 in the weight's dtype, no autocast, dispatch mode or compilation, and an output large
     enough for the pool (decoding steps and small batches take the module)."""
     if type(module) is not nn.Linear or module.bias is not None or module._forward_hooks or module._forward_pre_hooks:
         return False
     weight = module.weight
+    if type(weight) not in (nn.Parameter, Tensor):  # a tensor subclass (torchao's int8 weights) has its own mm
+        return False
     if not (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
             and x.dtype in (torch.float32, torch.float64)):
         return False

@@ -86,3 +86,17 @@ def test_the_pool_stays_within_its_array_and_byte_limits(monkeypatch):
     del held, other, extra
     big = workspace.empty((250,), "float64")  # now the free arrays make room
     assert any(a is big for a in workspace._pool) and sum(a.nbytes for a in workspace._pool) <= 3 * 800
+
+
+def test_a_torchao_quantized_head_is_called_as_a_module(pool_everything):
+    """torchao's weight-only quantization keeps the ``nn.Linear`` and wraps its weight in a tensor subclass with
+    its own matmul; pooling it ran ``mm`` on that subclass and failed (``bkexp bench run``'s int8 mode)."""
+    quantization = pytest.importorskip("torchao.quantization")
+    torch.manual_seed(0)
+    head = nn.Linear(64, 96, bias=False)
+    quantization.quantize_(head, quantization.Int8WeightOnlyConfig())
+    assert type(head) is nn.Linear and type(head.weight) not in (nn.Parameter, torch.Tensor)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(pooled_linear.linear(head, x), head(x))
+    assert workspace._pool == []

@@ -48,7 +48,8 @@ def _compiled_path_applies(x: Tensor, weight: Tensor | None) -> bool:
     casting rules), a dispatch mode (FLOP counting, fake tensors) or ``torch.compile`` (which traces them)."""
     if x.dtype not in (torch.float32, torch.float64) or x.numel() == 0:
         return False
-    if weight is not None and (weight.dtype != x.dtype or weight.device != x.device):
+    if weight is not None and (weight.dtype != x.dtype or weight.device != x.device
+                               or type(weight) not in (torch.nn.Parameter, Tensor)):  # tensor subclasses: PyTorch
         return False
     return not (torch.is_autocast_enabled("cpu") or _get_current_dispatch_mode() is not None
                 or torch.compiler.is_compiling())
