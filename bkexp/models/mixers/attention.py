@@ -9,19 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bkexp.models.mixers.base import Mixer
-
-
-def rotary_embedding(x: Tensor, base: float = 10000.0, offset: int = 0) -> Tensor:
-    """Apply rotary position embeddings to ``x`` of shape (batch, heads, seq, head_dim) at positions
-    ``offset, offset + 1, ...`` (a decoding step passes the position of its token)."""
-    _, _, n, hd = x.shape
-    half = hd // 2
-    inv_freq = base ** (-torch.arange(0, half, device=x.device, dtype=torch.float32) / half)
-    angles = torch.arange(offset, offset + n, device=x.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half : 2 * half]
-    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return torch.cat([rotated, x[..., 2 * half :]], dim=-1)
+from bkexp.ops.rotary import qkv_heads
 
 
 class AttentionMixer(Mixer):
@@ -49,10 +37,11 @@ class AttentionMixer(Mixer):
 
     def _heads(self, x: Tensor, offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """Queries, keys and values (batch, heads, seq, head_dim), rotated at positions ``offset...``."""
+        qkv = self.qkv(x)
+        if self.rotary:  # one pass on CPU (bkexp.ops.rotary), PyTorch's ops elsewhere
+            return qkv_heads(qkv, self.n_heads, offset=offset)
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.rotary:
-            q, k = rotary_embedding(q, offset=offset), rotary_embedding(k, offset=offset)
+        q, k, v = qkv.view(b, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return q, k, v
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
