@@ -32,10 +32,10 @@ def configure_cpu_allocator() -> str:
     many depends on the order of earlier allocations, so the same step's time varies from process to process.
     With blocks up to 32 MiB taken from the heap and freed memory kept, Mamba's step faults twice, and steps
     take 0.92-1.02x the time for Mamba, 0.92-0.98x for the Transformer, 0.88-0.96x for ResNet-BK (separate
-    processes, alternating, two runs each at N=256 and 1024). Larger
-    tensors still use ``mmap`` (the Transformer's 33.5 MB MLP activations); the largest, the logits and their
-    gradient, are reused by ``bkexp.ops.workspace``. The cost: the process keeps its peak heap while it
-    lives (Mamba's peak resident memory +5-7%; ``release_free_memory`` still trims between a sweep's jobs).
+    processes, alternating, two runs each at N=256 and 1024). Larger tensors still use ``mmap`` (the
+    Transformer's 33.5 MB MLP activations); the largest, the logits and their gradient, are reused by
+    ``bkexp.ops.workspace``. The cost: the process keeps its peak heap while it lives (Mamba's peak resident
+    memory +5-7%; ``release_free_memory`` still trims between a sweep's jobs).
 
     Called by bkexp's entry points (``train.py``, the ``bkexp`` command), not by ``import bkexp``. Nothing is
     changed when ``BKEXP_CPU_ALLOCATOR=system``, when the user set glibc's own ``MALLOC_MMAP_THRESHOLD_``,

@@ -62,7 +62,7 @@ def environment(device: str | None = None) -> dict[str, Any]:
         "device": device,
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        "cpu_allocator": cpu_allocator_state(),  # bkexp.memory.configure_cpu_allocator's setting (None: untouched)
+        "cpu_allocator": cpu_allocator_state(),  # bkexp.allocator.configure_cpu_allocator's setting (None: untouched)
         "cpu_count": os.cpu_count(),
         "cuda": torch.version.cuda,
         "hostname": platform.node(),

@@ -26,7 +26,7 @@ repeats the loops, rotating which runs first, so a change of machine load hits a
 the process's peak resident set (or CUDA peak) during each loop.
 
 Writes ``overhead.{json,csv,md}`` (one row per model), ``steps.csv`` (every paired step) and
-``overhead.png`` (per-step times of both loops) under ``--out``.
+``overhead.png`` (per-step times of the loops) under ``--out``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ from bkexp.ops.cross_entropy import token_cross_entropy
 from bkexp.train.module import LMTask, build_optimizer, split_weight_decay
 
 COLUMNS = ["model", "size", "d_model", "n_layers", "seq_len", "batch", "steps", "raw_step_ms", "bkexp_step_ms",
-           "overhead_ms", "overhead_pct", "log_every_n_steps", "logging_ms", "logging_ms_se", "raw_peak_mb", "bkexp_peak_mb", "max_loss_diff", "losses_equal"]
+           "overhead_ms", "overhead_pct", "log_every_n_steps", "logging_ms", "logging_ms_se", "raw_peak_mb",
+           "bkexp_peak_mb", "max_loss_diff", "losses_equal"]
 IGNORE_INDEX = -100
 
 

@@ -18,6 +18,7 @@ from bkexp.models.mixers.base import DecodeLayerState, Mixer
 from bkexp.ops import pooled_linear
 from bkexp.ops.rms_norm import rms_norm
 
+
 class RMSNorm(nn.RMSNorm):
     """``nn.RMSNorm`` (same parameters, same state dict) computed by ``bkexp.ops.rms_norm``: one compiled pass on
     CPU instead of PyTorch's composite of elementwise ops (``rms_norm`` falls back to PyTorch's where needed)."""
