@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -83,3 +84,18 @@ class OpBackends:
     def resolve(self, backend: str, device: torch.device | str) -> str:
         """The backend the op runs on ``device`` for the requested ``backend``; raises if it cannot run."""
         return resolve(self.op, backend, device, self.names, self.preferred, self.fallback, self.unavailable_reason)
+
+
+def numba_cpu_backends(op: str) -> OpBackends:
+    """The backends of an op with a numba kernel for CPU tensors and a PyTorch reference: ``cpu`` and ``ref``;
+    ``auto`` takes cpu for CPU tensors when numba is installed, ref otherwise."""
+    return OpBackends(op, ("cpu", "ref"), {"cpu": "cpu"}, "ref",
+                      lambda name, device: numba_cpu_unavailable(device) if name == "cpu" else None)
+
+
+def pytorch_ops_required() -> bool:
+    """Whether CPU autocast, a dispatch mode (FLOP counting, fake tensors) or ``torch.compile`` is active: a
+    compiled CPU kernel must then leave the work to PyTorch's ops, whose casting rules, dispatch and tracing
+    apply to them and not to a numba call."""
+    return (torch.is_autocast_enabled("cpu") or _get_current_dispatch_mode() is not None
+            or torch.compiler.is_compiling())

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from bkexp.ops import workspace
+from bkexp.ops.backends import pytorch_ops_required
 
 
 class _PooledLinear(torch.autograd.Function):
@@ -46,7 +46,7 @@ def _poolable(module: nn.Module, x: Tensor) -> bool:
     if not (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
             and x.dtype in (torch.float32, torch.float64)):
         return False
-    if torch.is_autocast_enabled("cpu") or _get_current_dispatch_mode() is not None or torch.compiler.is_compiling():
+    if pytorch_ops_required():
         return False
     rows = x.numel() // max(x.shape[-1], 1)
     return rows * weight.shape[0] * x.element_size() >= workspace.POOL_MIN_BYTES

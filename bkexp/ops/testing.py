@@ -1,8 +1,10 @@
-"""Accuracy helpers shared by every op test and benchmark: relative error against a float64 reference."""
+"""Helpers shared by every op test and benchmark: relative error against a float64 reference, and a record of the
+PyTorch ops that ran (to tell a compiled kernel from its PyTorch fallback)."""
 
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def as_real(t: torch.Tensor) -> torch.Tensor:
@@ -29,3 +31,16 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, w
     err = rel_err(actual, expected)
     if err > tol:
         raise AssertionError(f"{what}: relative error {err:.3e} exceeds tolerance {tol:.1e}")
+
+
+class AtenOpRecorder(TorchDispatchMode):
+    """Records the name of every aten op that runs under it (a dispatch mode, as FLOP counting and fake tensors
+    are, so ops that leave such modes to PyTorch run their PyTorch path under it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))

@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bkexp.models.backbone import RMSNorm, make_norm
 from bkexp.ops import rms_norm as rms_norm_module
 from bkexp.ops.rms_norm import rms_norm, resolve_backend
-from bkexp.ops.testing import assert_rel_close
+from bkexp.ops.testing import AtenOpRecorder, assert_rel_close
 
 numba_only = pytest.mark.skipif(resolve_backend("auto", "cpu") != "cpu", reason="numba is not installed")
 
@@ -80,18 +79,6 @@ def test_non_contiguous_input_and_eps_default() -> None:
     assert_rel_close(rms_norm(x, weight), oracle(x, weight, eps), 2e-6, "strided, eps=None")
 
 
-class _AtenOps(TorchDispatchMode):
-    """Records the aten ops that run under it (a dispatch mode, as FLOP counting and fake tensors are)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def test_fallbacks_run_pytorch() -> None:
     """bf16, autocast and dispatch modes take PyTorch's op, so its casting rules and aten ops apply."""
     x = torch.randn(8, 16)
@@ -99,7 +86,7 @@ def test_fallbacks_run_pytorch() -> None:
     assert rms_norm(x.bfloat16(), weight.bfloat16()).dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(rms_norm(x, weight), nn.functional.rms_norm(x, (16,), weight))
-    with _AtenOps() as mode:
+    with AtenOpRecorder() as mode:
         out = rms_norm(x, weight)
     assert "aten.rsqrt" in mode.ops  # PyTorch's composite ran under the mode, not a numba call
     assert_rel_close(out, oracle(x, weight, torch.finfo(torch.float32).eps), 2e-6, "under a dispatch mode")

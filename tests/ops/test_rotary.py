@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bkexp.ops.rotary import qkv_heads, resolve_backend
-from bkexp.ops.testing import assert_rel_close
+from bkexp.ops.testing import AtenOpRecorder, assert_rel_close
 
 numba_only = pytest.mark.skipif(resolve_backend("auto", "cpu") != "cpu", reason="numba is not installed")
 BACKENDS = [pytest.param("cpu", marks=numba_only), "ref"]
@@ -79,19 +78,9 @@ def test_a_position_alone_at_its_offset_equals_it_in_the_sequence(backend) -> No
             assert torch.equal(a, b[:, :, t:t + 1])
 
 
-class _AtenOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def test_dispatch_modes_bf16_and_autocast_take_pytorch() -> None:
     qkv = torch.randn(2, 6, 3 * 2 * 8, requires_grad=True)
-    with _AtenOps() as mode:
+    with AtenOpRecorder() as mode:
         qkv_heads(qkv, 2)
     assert "aten.cat" in mode.ops  # PyTorch's ops ran under the mode, not a numba call
     q16 = qkv_heads(qkv.bfloat16(), 2)[0]

@@ -25,17 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bkexp.ops.backends import OpBackends, numba_cpu_unavailable
+from bkexp.ops.backends import numba_cpu_backends
 
-BACKENDS: tuple[str, ...] = ("cpu", "ref")
 ACTIVATIONS = (None, "silu", "swish")
-
-
-def _unavailable_reason(backend: str, device: torch.device) -> str | None:
-    return numba_cpu_unavailable(device) if backend == "cpu" else None
-
-
-_BACKENDS = OpBackends("causal_conv1d", BACKENDS, {"cpu": "cpu"}, "ref", _unavailable_reason)
+_BACKENDS = numba_cpu_backends("causal_conv1d")
+BACKENDS: tuple[str, ...] = _BACKENDS.names
 available_backends = _BACKENDS.available  # backends that can run on a device here
 resolve_backend = _BACKENDS.resolve  # the backend causal_conv1d(..., backend=...) runs on a device; raises if not
 

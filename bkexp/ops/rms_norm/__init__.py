@@ -22,18 +22,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from bkexp.ops.backends import OpBackends, numba_cpu_unavailable
+from bkexp.ops.backends import numba_cpu_backends, pytorch_ops_required
 
-BACKENDS: tuple[str, ...] = ("cpu", "ref")
-
-
-def _unavailable_reason(backend: str, device: torch.device) -> str | None:
-    return numba_cpu_unavailable(device) if backend == "cpu" else None
-
-
-_BACKENDS = OpBackends("rms_norm", BACKENDS, {"cpu": "cpu"}, "ref", _unavailable_reason)
+_BACKENDS = numba_cpu_backends("rms_norm")
+BACKENDS: tuple[str, ...] = _BACKENDS.names
 available_backends = _BACKENDS.available  # backends that can run on a device here
 resolve_backend = _BACKENDS.resolve  # the backend rms_norm(..., backend=...) runs on a device; raises if not
 
@@ -51,8 +44,7 @@ def _compiled_path_applies(x: Tensor, weight: Tensor | None) -> bool:
     if weight is not None and (weight.dtype != x.dtype or weight.device != x.device
                                or type(weight) not in (torch.nn.Parameter, Tensor)):  # tensor subclasses: PyTorch
         return False
-    return not (torch.is_autocast_enabled("cpu") or _get_current_dispatch_mode() is not None
-                or torch.compiler.is_compiling())
+    return not pytorch_ops_required()
 
 
 def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = None, backend: str = "auto") -> Tensor:

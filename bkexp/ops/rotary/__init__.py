@@ -22,18 +22,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from bkexp.ops.backends import OpBackends, numba_cpu_unavailable
+from bkexp.ops.backends import numba_cpu_backends, pytorch_ops_required
 
-BACKENDS: tuple[str, ...] = ("cpu", "ref")
-
-
-def _unavailable_reason(backend: str, device: torch.device) -> str | None:
-    return numba_cpu_unavailable(device) if backend == "cpu" else None
-
-
-_BACKENDS = OpBackends("rotary", BACKENDS, {"cpu": "cpu"}, "ref", _unavailable_reason)
+_BACKENDS = numba_cpu_backends("rotary")
+BACKENDS: tuple[str, ...] = _BACKENDS.names
 available_backends = _BACKENDS.available  # backends that can run on a device here
 resolve_backend = _BACKENDS.resolve  # the backend qkv_heads(..., backend=...) runs on a device; raises if not
 
@@ -68,8 +61,7 @@ def qkv_heads_reference(qkv: Tensor, n_heads: int, offset: int = 0, base: float 
 
 def _compiled_path_applies(qkv: Tensor) -> bool:
     return (qkv.dtype in (torch.float32, torch.float64) and qkv.numel() > 0 and type(qkv) is Tensor
-            and not (torch.is_autocast_enabled("cpu") or _get_current_dispatch_mode() is not None
-                     or torch.compiler.is_compiling()))
+            and not pytorch_ops_required())
 
 
 def qkv_heads(qkv: Tensor, n_heads: int, offset: int = 0, base: float = 10000.0, backend: str = "auto"
