@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import importlib
 import json
+import pkgutil
 
 import torch
 
 
 def backend_report(device: torch.device) -> dict[str, dict[str, object]]:
+    """Every op package under ``bkexp.ops`` (the ones that choose among backends): what can run on ``device``
+    and what ``auto`` picks. Found by walking the package, so a new op is listed without touching this file."""
+    import bkexp.ops
+
     report: dict[str, dict[str, object]] = {}
-    for op, module in (("bk_core", "bkexp.ops.bk_core"), ("selective_scan", "bkexp.ops.selective_scan"),
-                       ("causal_conv1d", "bkexp.ops.causal_conv1d")):
+    for info in pkgutil.iter_modules(bkexp.ops.__path__):
+        if not info.ispkg:
+            continue
         try:
-            mod = importlib.import_module(module)
-            report[op] = {"available": mod.available_backends(device), "auto": mod.resolve_backend("auto", device)}
+            mod = importlib.import_module(f"bkexp.ops.{info.name}")
+            if not hasattr(mod, "resolve_backend"):
+                continue
+            report[info.name] = {"available": mod.available_backends(device),
+                                 "auto": mod.resolve_backend("auto", device)}
         except Exception as exc:  # report, do not crash: doctor exists to diagnose broken installs
-            report[op] = {"error": f"{type(exc).__name__}: {exc}"}
+            report[info.name] = {"error": f"{type(exc).__name__}: {exc}"}
     return report
 
 
