@@ -99,3 +99,15 @@ def pytorch_ops_required() -> bool:
     apply to them and not to a numba call."""
     return (torch.is_autocast_enabled("cpu") or _get_current_dispatch_mode() is not None
             or torch.compiler.is_compiling())
+
+
+def compiled_cpu_path_applies(*tensors: torch.Tensor | None) -> bool:
+    """Whether a numba CPU kernel can take ``tensors`` (None entries skipped): plain tensors -- not subclasses,
+    such as torchao's quantized weights, which bring their own ops -- on CPU, all float32 or all float64, with
+    nothing active that must see PyTorch's ops (``pytorch_ops_required``)."""
+    given = [t for t in tensors if t is not None]
+    dtype = given[0].dtype
+    return (dtype in (torch.float32, torch.float64)
+            and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == dtype
+                    for t in given)
+            and not pytorch_ops_required())

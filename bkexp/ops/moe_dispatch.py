@@ -32,7 +32,7 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from bkexp.ops.backends import pytorch_ops_required
+from bkexp.ops.backends import compiled_cpu_path_applies
 
 BLOCK = 32  # buffer rows per parallel job (8 KB of float32 at d=64; 32 KB at d=256)
 PARALLEL_MIN_ELEMENTS = 1 << 16  # rows * d below which the serial variants run (a decoding step, tiny tests)
@@ -409,14 +409,14 @@ class Combine(torch.autograd.Function):
 
 
 def supported(x: Tensor) -> bool:
-    """Whether these kernels take ``x``: CPU float32/float64, not under autocast, no dispatch mode active (and not
-    traced by ``torch.compile``, which runs the MoE layer eagerly anyway).
+    """Whether these kernels take ``x`` (``compiled_cpu_path_applies``): a plain CPU float32/float64 tensor, not
+    under autocast, no dispatch mode active (and not traced by ``torch.compile``, which runs the layer eagerly).
 
     Under a ``TorchDispatchMode`` (FLOP counting, fake or meta tensors, tracing) the caller runs the PyTorch
     ops, so the mode sees every op: ``FlopCounterMode`` then counts the gate gradient's ``bmm`` and the
     router's input-gradient ``mm`` as before, and fake tensors have no data for numba to read.
     """
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not pytorch_ops_required()
+    return compiled_cpu_path_applies(x)
 
 
 __all__ = ["Combine", "Dispatch", "Layout", "RouterJoin", "RouterJoinState", "router_fusion_exact", "supported"]

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from bkexp.ops import workspace
-from bkexp.ops.backends import pytorch_ops_required
+from bkexp.ops.backends import compiled_cpu_path_applies
 
 
 class _PooledLinear(torch.autograd.Function):
@@ -34,19 +34,14 @@ class _PooledLinear(torch.autograd.Function):
 
 
 def _poolable(module: nn.Module, x: Tensor) -> bool:
-    """A plain bias-free ``nn.Linear`` without hooks with a plain tensor weight (quantized or hooked heads, and
-    weight-swapping quantizers such as torchao's, which keep the module and wrap its weight, are called as modules), CPU
-    float32/float64 in the weight's dtype, no autocast, dispatch mode or compilation, and an output large
-    enough for the pool (decoding steps and small batches take the module)."""
+    """A plain bias-free ``nn.Linear`` without hooks (quantized or hooked heads are called as modules), input and
+    weight fit for a compiled CPU path (``compiled_cpu_path_applies``: plain CPU float32/float64 tensors -- torchao
+    keeps the ``nn.Linear`` and wraps its weight --, no autocast, dispatch mode or compilation), and an output
+    large enough for the pool (decoding steps and small batches take the module)."""
     if type(module) is not nn.Linear or module.bias is not None or module._forward_hooks or module._forward_pre_hooks:
         return False
     weight = module.weight
-    if type(weight) not in (nn.Parameter, Tensor):  # a tensor subclass (torchao's int8 weights) has its own mm
-        return False
-    if not (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
-            and x.dtype in (torch.float32, torch.float64)):
-        return False
-    if pytorch_ops_required():
+    if not compiled_cpu_path_applies(x, weight):  # a tensor-subclass weight (torchao's int8) has its own mm
         return False
     rows = x.numel() // max(x.shape[-1], 1)
     return rows * weight.shape[0] * x.element_size() >= workspace.POOL_MIN_BYTES

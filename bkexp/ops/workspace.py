@@ -1,7 +1,8 @@
 """Reusable memory for a training step's largest CPU tensors: BK-Core's outputs and gradients, the LM head's
 logits (``bkexp.ops.pooled_linear``) and the cross-entropy's logit gradient.
 
-glibc serves every allocation of more than a few hundred KB by ``mmap``, so a fresh output arrives as pages the
+glibc serves large allocations by ``mmap`` (with bkexp's setting, ``bkexp.allocator``, those above 32 MiB,
+where this pool starts; by default, those above a few hundred KB), so a fresh output arrives as pages the
 kernel has never touched: each is zeroed and mapped on its first write, 4 KB at a time. For a kernel that
 writes its output once at memory speed that is most of the call (measured on the 2-core Xeon: the
 cross-entropy's backward over 8192 x 8192 float32 logits took 105 ms into ``torch.empty_like``, 56 ms into

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from bkexp.models.backbone import RMSNorm, make_norm
-from bkexp.ops import rms_norm as rms_norm_module
+from bkexp.ops.backends import compiled_cpu_path_applies
 from bkexp.ops.rms_norm import rms_norm, resolve_backend
 from bkexp.ops.testing import AtenOpRecorder, assert_rel_close
 
@@ -90,8 +90,8 @@ def test_fallbacks_run_pytorch() -> None:
         out = rms_norm(x, weight)
     assert "aten.rsqrt" in mode.ops  # PyTorch's composite ran under the mode, not a numba call
     assert_rel_close(out, oracle(x, weight, torch.finfo(torch.float32).eps), 2e-6, "under a dispatch mode")
-    assert not rms_norm_module._compiled_path_applies(x.double(), weight)  # weight dtype differs from x's
-    assert rms_norm_module._compiled_path_applies(x, weight)
+    assert not compiled_cpu_path_applies(x.double(), weight)  # weight dtype differs from x's
+    assert compiled_cpu_path_applies(x, weight) and compiled_cpu_path_applies(x, None)
 
 
 def test_bad_input_is_refused() -> None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bkexp.ops.backends import numba_cpu_backends, pytorch_ops_required
+from bkexp.ops.backends import compiled_cpu_path_applies, numba_cpu_backends
 
 _BACKENDS = numba_cpu_backends("rms_norm")
 BACKENDS: tuple[str, ...] = _BACKENDS.names
@@ -36,17 +36,6 @@ def rms_norm_reference(x: Tensor, weight: Tensor | None, eps: float | None) -> T
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def _compiled_path_applies(x: Tensor, weight: Tensor | None) -> bool:
-    """float32/float64 on CPU with the weight in x's dtype, and nothing that must see PyTorch ops: autocast (its
-    casting rules), a dispatch mode (FLOP counting, fake tensors) or ``torch.compile`` (which traces them)."""
-    if x.dtype not in (torch.float32, torch.float64) or x.numel() == 0:
-        return False
-    if weight is not None and (weight.dtype != x.dtype or weight.device != x.device
-                               or type(weight) not in (torch.nn.Parameter, Tensor)):  # tensor subclasses: PyTorch
-        return False
-    return not pytorch_ops_required()
-
-
 def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = None, backend: str = "auto") -> Tensor:
     """See the module docstring."""
     if not isinstance(x, Tensor) or x.dim() < 1 or not x.is_floating_point():
@@ -57,7 +46,7 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = None, 
                          f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
     if eps is not None and not eps >= 0:
         raise ValueError(f"eps must be None or >= 0, got {eps!r}")
-    if resolve_backend(backend, x.device) == "ref" or not _compiled_path_applies(x, weight):
+    if resolve_backend(backend, x.device) == "ref" or x.numel() == 0 or not compiled_cpu_path_applies(x, weight):
         return rms_norm_reference(x, weight, eps)
     from .cpu import rms_norm_cpu
 

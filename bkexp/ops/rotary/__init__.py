@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bkexp.ops.backends import numba_cpu_backends, pytorch_ops_required
+from bkexp.ops.backends import compiled_cpu_path_applies, numba_cpu_backends
 
 _BACKENDS = numba_cpu_backends("rotary")
 BACKENDS: tuple[str, ...] = _BACKENDS.names
@@ -59,11 +59,6 @@ def qkv_heads_reference(qkv: Tensor, n_heads: int, offset: int = 0, base: float 
     return rotary_embedding(q, base, offset), rotary_embedding(k, base, offset), v
 
 
-def _compiled_path_applies(qkv: Tensor) -> bool:
-    return (qkv.dtype in (torch.float32, torch.float64) and qkv.numel() > 0 and type(qkv) is Tensor
-            and not pytorch_ops_required())
-
-
 def qkv_heads(qkv: Tensor, n_heads: int, offset: int = 0, base: float = 10000.0, backend: str = "auto"
               ) -> tuple[Tensor, Tensor, Tensor]:
     """See the module docstring."""
@@ -74,7 +69,7 @@ def qkv_heads(qkv: Tensor, n_heads: int, offset: int = 0, base: float = 10000.0,
         raise ValueError(f"qkv's last dimension {qkv.shape[-1]} must be 3 * n_heads * head_dim (n_heads={n_heads!r})")
     if not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset must be an integer >= 0, got {offset!r}")
-    if resolve_backend(backend, qkv.device) == "ref" or not _compiled_path_applies(qkv):
+    if resolve_backend(backend, qkv.device) == "ref" or qkv.numel() == 0 or not compiled_cpu_path_applies(qkv):
         return qkv_heads_reference(qkv, n_heads, offset, base)
     from .cpu import qkv_heads_cpu
 
