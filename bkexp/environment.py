@@ -52,7 +52,8 @@ def library_version(distribution: str) -> str | None:
 
 
 def environment(device: str | None = None) -> dict[str, Any]:
-    """Library versions (None: not installed), device, threads, host and git commit."""
+    """Library versions (None: not installed), device, threads, the CPU runtime settings and load, host and git
+    commit."""
     if device is None:
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {
@@ -63,6 +64,11 @@ def environment(device: str | None = None) -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "cpu_allocator": cpu_allocator_state(),  # bkexp.allocator.configure_cpu_allocator's setting (None: untouched)
+        # How long idle OpenMP workers spin before they sleep (read when torch loads; see bkexp/__init__.py):
+        # CPU step times differ by 3-70% between settings, depending on what else the machine runs.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # other work on the machine
         "cpu_count": os.cpu_count(),
         "cuda": torch.version.cuda,
         "hostname": platform.node(),

@@ -18,3 +18,26 @@ def test_the_record_holds_what_runs_and_benchmarks_depend_on() -> None:
     assert env["threads"] == torch.get_num_threads() and env["device"] == "cpu"
     assert environment(device="H200")["device"] == "H200"
     assert library_version("bkexp-no-such-distribution") is None  # absent libraries are recorded as None
+
+
+def _record_in_child(**env: str) -> dict:
+    """The environment record of a fresh process that imports bkexp before torch, as train.py does."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    child_env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = "import bkexp, json; from bkexp.environment import environment; print(json.dumps(environment()))"
+    done = subprocess.run([sys.executable, "-c", code], env={**child_env, **env}, capture_output=True, text=True,
+                          timeout=120, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_the_record_says_how_openmp_workers_wait_and_how_busy_the_machine_was() -> None:
+    """bkexp's default (PASSIVE, no spin count) and a user's own settings, which bkexp leaves as they are."""
+    default = _record_in_child()
+    assert default["omp_wait_policy"] == "PASSIVE" and default["gomp_spincount"] is None
+    assert isinstance(default["load_average_1m"], float) and default["load_average_1m"] >= 0
+    own = _record_in_child(OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT="10000")
+    assert own["omp_wait_policy"] == "ACTIVE" and own["gomp_spincount"] == "10000"

@@ -18,14 +18,13 @@ The summary (``crossings`` in the JSON, printed) names, per batch size, the firs
 attention's decode step costs more than each recurrent model's, and where its state outgrows theirs.
 The models are measured in turn at every (B, L) point, so that load changes hit them alike. Writes
 ``decode.json/.csv/.md`` and ``decode.png`` (decode time per token vs context, one panel per batch
-size) under ``--out``. On a shared CPU run with ``OMP_WAIT_POLICY=PASSIVE`` (recorded in the meta).
+size) under ``--out``. The meta's environment record holds the OpenMP wait settings and the load average.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 from pathlib import Path
 
@@ -188,7 +187,6 @@ def main(argv: list[str]) -> int:
 
     summary = {"decode_time": crossings(rows, "us_per_token"), "state_bytes": crossings(rows, "state_bytes")}
     env = environment()
-    env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
     meta = {"benchmark": "decode", "size": args.size, "vocab": args.vocab, "dtype": args.dtype,
             "contexts": contexts, "batches": batches, "steps": args.steps,
             "prefill_max_tokens": args.prefill_max_tokens, "non_embedding_params": params,

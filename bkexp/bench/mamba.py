@@ -13,8 +13,9 @@ Rows (batch 1, d_model 256, d_state 16, expand 2 by default):
   (indexing precomputed (b, d, l, n) tensors, whose backward scatters into a full-size zero tensor per
   step, so it is quadratic in N; timed once, no warmup).
 
-On a CPU shared with other processes, run with ``OMP_WAIT_POLICY=PASSIVE``: PyTorch's and numba's OpenMP
-pools otherwise spin against each other and every op slows down several-fold (recorded in the meta).
+The OpenMP wait settings and the load average are in the meta's environment record: on a CPU shared with other
+processes, workers that spin between parallel regions (libgomp's default; bkexp sets ``OMP_WAIT_POLICY=PASSIVE``)
+take cores the other work needs (``docs/kernels.md``, *CPU runtime*).
 
 Writes ``mamba.json/.csv/.md`` and ``mamba.png`` (time per token vs N) under ``--out``.
 """
@@ -22,7 +23,6 @@ Writes ``mamba.json/.csv/.md`` and ``mamba.png`` (time per token vs N) under ``-
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -193,7 +193,6 @@ def main(argv: list[str]) -> int:
         env["numba_threads"] = numba.get_num_threads()
     except ImportError:
         pass
-    env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")  # spinning OpenMP threads dominate on a busy CPU
     meta = {"benchmark": "mamba", "batch": args.batch, "d_model": args.d_model, "d_state": args.d_state,
             "expand": args.expand, "lengths": lengths, "timing": "median wall time of forward+backward",
             "environment": env}
