@@ -1,8 +1,9 @@
 """The lm-evaluation-harness (``lm_eval`` 0.4.x) adapter: a trained bkexp run as the registered model ``bkexp``.
 
 ``bkexp eval RUN --tasks copa,my_local_task`` runs tasks in-process; ``lm_eval --model bkexp --model_args
-run=RUN_DIR[,checkpoint=best,max_length=256,batch_size=16] --tasks ...`` does the same from lm_eval's own CLI
-once the registration hook is installed (``bkexp eval install-lm-eval``, see :mod:`bkexp.eval.lm_eval_hook`).
+run=RUN_DIR[,checkpoint=best,max_length=256,batch_size=16,decode_threads=1] --tasks ...`` does the same from
+lm_eval's own CLI once the registration hook is installed (``bkexp eval install-lm-eval``, see
+:mod:`bkexp.eval.lm_eval_hook`).
 
 Text is tokenised with the run's own tokenizer (``Tokenizer.encode``: a newline is the tokenizer's end-of-line
 token, as in training). A request longer than ``max_length`` (default: the training ``seq_len``) keeps its
@@ -34,6 +35,8 @@ try:
 except ImportError as err:  # the optional extra
     raise ImportError("lm-evaluation-harness is not installed: pip install -e '.[eval]' (lm_eval 0.4.x)") from err
 
+from bkexp.threads import DECODE_THREADS
+
 log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -50,11 +53,12 @@ class BkexpLM(TemplateLM):
         model, tokenizer: an ``nn.Module`` returning logits ``(B, N, V)`` and a bkexp tokenizer, instead of ``run``.
         max_length: longest input in tokens (default: the run's training ``seq_len``; 1024 without a run).
         batch_size: requests per forward.
+        decode_threads: CPU threads of ``generate_until``'s token-by-token steps (0: the process's count).
     """
 
     def __init__(self, run: str | None = None, checkpoint: str = "best", model: torch.nn.Module | None = None,
                  tokenizer: Any = None, max_length: int | None = None, batch_size: int | str = 16,
-                 device: str | None = None, **unused: Any) -> None:
+                 device: str | None = None, decode_threads: int | str = DECODE_THREADS, **unused: Any) -> None:
         super().__init__()
         from bkexp.eval.cli import resolve_device
 
@@ -76,6 +80,14 @@ class BkexpLM(TemplateLM):
         self.tokenizer = tokenizer
         self._max_length = int(max_length or 1024)
         self._batch_size = int(batch_size) if str(batch_size) != "auto" else 16
+        try:  # lm_eval passes model_args as strings
+            threads = int(decode_threads)
+        except ValueError:
+            threads = -1
+        if threads < 0:
+            raise ValueError(f"decode_threads must be an integer >= 0 (0: the process's thread count), "
+                             f"got {decode_threads!r}")
+        self._decode_threads = threads or None
         self._eot = end_of_line_id(tokenizer)
 
     @property
@@ -160,7 +172,8 @@ class BkexpLM(TemplateLM):
         out = [""] * len(requests)
         for (until, max_new, sampling), indices in groups.items():
             continuations = generate(self.model, [prompts[i] for i in indices], max_new, sampling,
-                                     stop=until_stop(self.tokenizer, until), batch_size=self._batch_size)
+                                     stop=until_stop(self.tokenizer, until), batch_size=self._batch_size,
+                                     decode_threads=self._decode_threads)
             for i, tokens in zip(indices, continuations, strict=True):
                 out[i] = cut_at_until(self.tok_decode(tokens), until)
         return out

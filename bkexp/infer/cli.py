@@ -4,7 +4,8 @@ The run's config, tokenizer and checkpoint come from :func:`bkexp.infer.run.load
 ``weights_only=True``); a run trained with quantization generates with its quantized weights, as it was
 evaluated. ``--batch N`` draws N continuations of the prompt in one batch (with ``--seed`` they are
 reproducible). The continuation (prompt excluded) is printed through the run's tokenizer; ``--json`` prints
-prompt ids, continuation ids and text instead.
+prompt ids, continuation ids and text instead. ``--decode-threads`` sets the CPU threads of the token-by-token
+steps (``bkexp/threads.py`` says why the default is one).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from bkexp.infer.generate import cut_at_until, generate, until_stop
 from bkexp.infer.run import load_run
 from bkexp.infer.sampling import Sampling
+from bkexp.threads import DECODE_THREADS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable); cut from the output")
     parser.add_argument("--checkpoint", default="best", help="best, last or a path to a .ckpt (default best)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--decode-threads", type=int, default=DECODE_THREADS,
+                        help=f"CPU threads of the token-by-token steps (default {DECODE_THREADS}; 0: the process's "
+                             "count; the prompt's prefill always uses the process's count)")
     parser.add_argument("--json", action="store_true", help="print JSON (ids and text per continuation)")
     return parser
 
@@ -46,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
         if args.batch < 1:
             raise ValueError(f"--batch must be >= 1, got {args.batch}")
+        if args.decode_threads < 0:
+            raise ValueError(f"--decode-threads must be >= 0 (0: the process's thread count), got {args.decode_threads}")
         device = torch.device(args.device)
     except (ValueError, RuntimeError) as err:
         print(f"bkexp generate: {err}", file=sys.stderr)
@@ -64,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     outs = generate(model, [prompt] * args.batch, args.max_new_tokens, sampling,
-                    stop=until_stop(tokenizer, args.stop), batch_size=args.batch)
+                    stop=until_stop(tokenizer, args.stop), batch_size=args.batch,
+                    decode_threads=args.decode_threads or None)
     texts = [cut_at_until(tokenizer.decode(ids), args.stop) for ids in outs]
     if args.json:
         print(json.dumps({"prompt": args.prompt, "prompt_ids": prompt,

@@ -110,6 +110,13 @@ def test_generate_until_batches_requests_and_keeps_their_order(word_run: Path):
     outs = lm.generate_until([Request(c, {"max_gen_toks": k}) for c, k in zip(contexts, budgets)])
     assert outs == [greedy(c, k) for c, k in zip(contexts, budgets)]
     assert outs[0] != outs[3]  # same context, different budgets: two groups, not one cached answer
+    # lm_eval passes model_args as strings; 0 decodes on the process's threads
+    on_all = BkexpLM(model=run.model, tokenizer=run.tokenizer, max_length=32, batch_size=2, device="cpu",
+                     decode_threads="0")
+    assert on_all.generate_until([Request(c, {"max_gen_toks": k}) for c, k in zip(contexts, budgets)]) == outs
+    for bad in ("-1", "two"):
+        with pytest.raises(ValueError, match=f"decode_threads must be an integer >= 0 .*got '{bad}'"):
+            BkexpLM(model=run.model, tokenizer=run.tokenizer, device="cpu", decode_threads=bad)
 
 
 def test_bad_task_files_are_refused(tmp_path: Path):
