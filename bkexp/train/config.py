@@ -14,7 +14,7 @@ from bkexp.quant.spec import TRAIN_BITS as VALID_BITS  # one list of training bi
 
 
 def validate_top_level(cfg: DictConfig) -> None:
-    """Check the top-level keys that sweeps target (``bits``, ``seq_len``, ``seed``)."""
+    """Check the top-level keys that sweeps target (``bits``, ``seq_len``, ``seed``, ``threads``)."""
     bits = cfg.get("bits")
     if isinstance(bits, bool) or bits not in VALID_BITS:
         raise ConfigError(f"bits={bits!r} is not supported; valid: {', '.join(map(str, VALID_BITS))}")
@@ -24,6 +24,16 @@ def validate_top_level(cfg: DictConfig) -> None:
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed={seed!r} must be an integer")
+    run_threads(cfg)
+
+
+def run_threads(cfg: DictConfig) -> int | None:
+    """The run's ``threads`` (None: torch's default), or a ConfigError naming the value."""
+    threads = cfg.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads={threads!r} is not valid; valid: a positive integer or null (torch's default, "
+                          f"one per core)")
+    return threads
 
 
 def _accepted_keys(target: str) -> tuple[set[str] | None, str]:

@@ -6,6 +6,7 @@ import logging
 import math
 import time
 import traceback
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from bkexp.quant import QuantSpec
 from bkexp.techniques import RunContext, Techniques
 from bkexp.train.callbacks import ThroughputMonitor
 from bkexp.train.causality import check_causality
-from bkexp.train.config import validate_config
+from bkexp.threads import cpu_threads
+from bkexp.train.config import run_threads, validate_config
 from bkexp.train.lifecycle import DivergenceLimits, Lifecycle, SignalWatch, classify, running_record
 from bkexp.train.loggers import build_loggers, finish_loggers
 from bkexp.train.module import LMTask
@@ -97,7 +99,9 @@ def run(cfg: DictConfig) -> float | None:
     loggers: list[Logger] = []
     trainer: pl.Trainer | None = None
     watch = SignalWatch().__enter__()
+    restore_threads = ExitStack()  # a multirun's jobs share the process: each job's count ends with the job
     try:
+        restore_threads.enter_context(cpu_threads(run_threads(cfg)))  # before the record that reports it
         record.update(config=OmegaConf.to_container(cfg, resolve=True), env=environment())
         if cfg.get("flags") is not None:  # as composed; replaced by the validated settings below
             record.update(flags=OmegaConf.to_container(cfg.flags, resolve=True))
@@ -186,6 +190,7 @@ def run(cfg: DictConfig) -> float | None:
         return None
     finally:
         watch.__exit__()
+        restore_threads.close()
         record.update(wall_time_s=time.time() - started)
         if "peak_mb" not in record.data["memory"]:  # failed before training: the process peak so far
             record.update(memory={**record.data["memory"], "peak_mb": peak_memory_mb(torch.device("cpu"))})

@@ -17,7 +17,8 @@ from runhelpers import MQAR_TINY, TINY, compose_train, data_overrides, read_summ
     ("optimizer.betas=[0.9,1.5]", r"optimizer.betas\[1\]=1.5 is not valid; valid: a number in \[0, 1\)"),
     ("checkpoint_every_n_steps=0", r"checkpoint_every_n_steps=0 is not valid; valid: a positive integer or null"),
     ("divergence.margin=-1", r"divergence.margin=-1 must be a positive number of nats or null"),
-], ids=["d_model", "n_heads", "lr-negative", "lr-text", "betas", "checkpoint-every", "divergence-margin"])
+    ("threads=0", r"threads=0 is not valid; valid: a positive integer or null \(torch's default, one per core\)"),
+], ids=["d_model", "n_heads", "lr-negative", "lr-text", "betas", "checkpoint-every", "divergence-margin", "threads"])
 def test_bad_value_is_refused_before_building(train, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         train(*TINY, *MQAR_TINY, override)

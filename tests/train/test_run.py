@@ -6,6 +6,7 @@ import csv
 import math
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 
 from bkexp.train.causality import CausalityError
@@ -101,6 +102,15 @@ def test_refuses_to_train_a_leaky_model(train, tmp_path):
     (run_dir,) = list((tmp_path / "outputs").iterdir())
     assert read_summary(run_dir)["status"] == "failed"
     assert not (run_dir / "checkpoints").exists()  # refused before any training
+
+
+def test_threads_sets_the_runs_cpu_threads_and_the_process_gets_its_own_back(train):
+    """A multirun's jobs share the process: a job's ``threads`` holds for that job, recorded, then restored."""
+    before = torch.get_num_threads()
+    run_dir = train(*TINY, *MQAR_TINY, "threads=1")
+    summary = read_summary(run_dir)
+    assert summary["status"] == "ok" and summary["env"]["threads"] == 1 and summary["config"]["threads"] == 1
+    assert torch.get_num_threads() == before
 
 
 def test_bad_bits_lists_valid_values(train):
