@@ -30,6 +30,18 @@ def check_threads(threads: int | None, what: str = "threads") -> int | None:
     return threads
 
 
+def thread_option(value: int | str, what: str) -> int | None:
+    """A thread count from a command line or lm-eval's ``model_args`` (strings there): an integer >= 1, or 0 for
+    the process's count (returned as None); anything else is a ValueError naming ``what`` and the value."""
+    try:
+        threads = -1 if isinstance(value, (bool, float)) else int(value)
+    except ValueError:
+        threads = -1
+    if threads < 0:
+        raise ValueError(f"{what} must be an integer >= 0 (0: the process's thread count), got {value!r}")
+    return threads or None
+
+
 @contextmanager
 def cpu_threads(threads: int | None) -> Iterator[None]:
     """Run the block on ``threads`` intra-op threads (torch's, and numba's for bkexp's kernels, which share
@@ -55,4 +67,4 @@ def cpu_threads(threads: int | None) -> Iterator[None]:
             numba.set_num_threads(numba_before)
 
 
-__all__ = ["DECODE_THREADS", "check_threads", "cpu_threads"]
+__all__ = ["DECODE_THREADS", "check_threads", "cpu_threads", "thread_option"]

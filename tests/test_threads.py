@@ -11,7 +11,7 @@ import torch
 from bkexp.infer import Sampling, generate
 from bkexp.models import MLP, LanguageModel
 from bkexp.models.mixers import BKMixer
-from bkexp.threads import DECODE_THREADS, check_threads, cpu_threads
+from bkexp.threads import DECODE_THREADS, check_threads, cpu_threads, thread_option
 
 
 def test_cpu_threads_sets_torch_and_numba_and_restores_both_also_after_an_error() -> None:
@@ -31,6 +31,15 @@ def test_cpu_threads_sets_torch_and_numba_and_restores_both_also_after_an_error(
 def test_bad_thread_counts_are_refused_by_name(bad) -> None:
     with pytest.raises(ValueError, match=f"decode_threads must be an integer >= 1 or None .*got {bad!r}"):
         check_threads(bad, "decode_threads")
+
+
+def test_command_line_thread_counts_read_0_as_the_process_count() -> None:
+    assert thread_option("0", "--x") is None and thread_option(0, "--x") is None
+    assert thread_option("2", "--x") == 2 and thread_option(3, "--x") == 3
+    for bad in ("-1", "two", 1.5, True, ""):
+        with pytest.raises(ValueError, match=f"--x must be an integer >= 0 \\(0: the process's thread count\\), "
+                                             f"got {bad!r}"):
+            thread_option(bad, "--x")
 
 
 def test_generation_prefills_on_the_process_threads_and_decodes_on_decode_threads() -> None:

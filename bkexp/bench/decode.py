@@ -33,7 +33,7 @@ import torch
 
 from bkexp.bench.common import CONF_DIR, MODELS, build_model, model_list, time_fn, write_table
 from bkexp.environment import environment
-from bkexp.threads import DECODE_THREADS, cpu_threads
+from bkexp.threads import DECODE_THREADS, cpu_threads, thread_option
 
 COLUMNS = ["model", "batch", "context", "prefill_s", "prefill_tok_s", "decode_ms", "decode_min_ms", "decode_tok_s",
            "us_per_token", "state_bytes", "state_bytes_per_row", "non_embedding_params"]
@@ -160,11 +160,11 @@ def main(argv: list[str]) -> int:
     if args.steps < 1:
         print(f"bkexp bench decode: --steps must be >= 1, got {args.steps}", file=sys.stderr)
         return 2
-    if args.decode_threads < 0:
-        print(f"bkexp bench decode: --decode-threads must be >= 0 (0: the process's thread count), "
-              f"got {args.decode_threads}", file=sys.stderr)
+    try:
+        decode_threads = thread_option(args.decode_threads, "--decode-threads")
+    except ValueError as err:
+        print(f"bkexp bench decode: {err}", file=sys.stderr)
         return 2
-    decode_threads = args.decode_threads or None
     contexts, batches = _ints(args.context, "--context"), _ints(args.batch, "--batch")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

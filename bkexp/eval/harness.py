@@ -35,7 +35,7 @@ try:
 except ImportError as err:  # the optional extra
     raise ImportError("lm-evaluation-harness is not installed: pip install -e '.[eval]' (lm_eval 0.4.x)") from err
 
-from bkexp.threads import DECODE_THREADS
+from bkexp.threads import DECODE_THREADS, thread_option
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +80,7 @@ class BkexpLM(TemplateLM):
         self.tokenizer = tokenizer
         self._max_length = int(max_length or 1024)
         self._batch_size = int(batch_size) if str(batch_size) != "auto" else 16
-        try:  # lm_eval passes model_args as strings
-            threads = int(decode_threads)
-        except ValueError:
-            threads = -1
-        if threads < 0:
-            raise ValueError(f"decode_threads must be an integer >= 0 (0: the process's thread count), "
-                             f"got {decode_threads!r}")
-        self._decode_threads = threads or None
+        self._decode_threads = thread_option(decode_threads, "decode_threads")
         self._eot = end_of_line_id(tokenizer)
 
     @property

@@ -20,7 +20,7 @@ import torch
 from bkexp.infer.generate import cut_at_until, generate, until_stop
 from bkexp.infer.run import load_run
 from bkexp.infer.sampling import Sampling
-from bkexp.threads import DECODE_THREADS
+from bkexp.threads import DECODE_THREADS, thread_option
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
         if args.batch < 1:
             raise ValueError(f"--batch must be >= 1, got {args.batch}")
-        if args.decode_threads < 0:
-            raise ValueError(f"--decode-threads must be >= 0 (0: the process's thread count), got {args.decode_threads}")
+        decode_threads = thread_option(args.decode_threads, "--decode-threads")
         device = torch.device(args.device)
     except (ValueError, RuntimeError) as err:
         print(f"bkexp generate: {err}", file=sys.stderr)
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     outs = generate(model, [prompt] * args.batch, args.max_new_tokens, sampling,
                     stop=until_stop(tokenizer, args.stop), batch_size=args.batch,
-                    decode_threads=args.decode_threads or None)
+                    decode_threads=decode_threads)
     texts = [cut_at_until(tokenizer.decode(ids), args.stop) for ids in outs]
     if args.json:
         print(json.dumps({"prompt": args.prompt, "prompt_ids": prompt,
