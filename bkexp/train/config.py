@@ -11,6 +11,7 @@ from omegaconf import DictConfig, ListConfig
 
 from bkexp.errors import ConfigError  # noqa: F401  (re-exported: raised by the checks below)
 from bkexp.quant.spec import TRAIN_BITS as VALID_BITS  # one list of training bit widths
+from bkexp.threads import check_threads
 
 
 def validate_top_level(cfg: DictConfig) -> None:
@@ -30,10 +31,11 @@ def validate_top_level(cfg: DictConfig) -> None:
 def run_threads(cfg: DictConfig) -> int | None:
     """The run's ``threads`` (None: torch's default), or a ConfigError naming the value."""
     threads = cfg.get("threads")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+    try:
+        return check_threads(threads)
+    except ValueError:
         raise ConfigError(f"threads={threads!r} is not valid; valid: a positive integer or null (torch's default, "
-                          f"one per core)")
-    return threads
+                          f"one per core)") from None
 
 
 def _accepted_keys(target: str) -> tuple[set[str] | None, str]:
