@@ -7,10 +7,11 @@ training runs), each context length L and each batch size B:
   after a warm-up at the smallest L). Above ``--prefill-max-tokens`` prompt tokens one row is prefilled and
   its state repeated B times (the decode cost does not depend on the tokens) and prefill is left empty;
 - ``decode_ms`` / ``decode_min_ms``: the median and the fastest of ``--steps`` timed ``step`` calls (B new
-  tokens each) right after that prefill, i.e. at context L, on ``--decode-threads`` CPU threads as
-  ``bkexp generate`` decodes (the prefill on the process's); ``decode_tok_s`` = B / fastest and
-  ``us_per_token`` = fastest / B, which the plot and the crossings use: on a shared machine other processes
-  only ever add time, so the fastest step is the steadiest estimate of the step's own cost;
+  tokens each) right after that prefill, i.e. at context L, on the CPU threads ``bkexp generate`` would choose
+  for ``--decode-threads`` and this state (column ``decode_threads``; the prefill on the process's);
+  ``decode_tok_s`` = B / fastest and ``us_per_token`` = fastest / B, which the plot and the crossings use: on
+  a shared machine other processes only ever add time, so the fastest step is the steadiest estimate of the
+  step's own cost;
 - ``state_bytes``: bytes of the decoding state after the prefill (``DecodeState.nbytes``: the KV cache for
   attention, sized for the L + timed steps positions it holds; the pivots for BK; conv window + SSM state
   for Mamba), and ``state_bytes_per_row`` = / B.
@@ -33,14 +34,14 @@ import torch
 
 from bkexp.bench.common import CONF_DIR, MODELS, build_model, model_list, time_fn, write_table
 from bkexp.environment import environment
-from bkexp.threads import DECODE_THREADS, cpu_threads, thread_option
+from bkexp.threads import AUTO_STATE_BYTES, DECODE_THREADS, cpu_threads, decode_threads_for, thread_option
 
 COLUMNS = ["model", "batch", "context", "prefill_s", "prefill_tok_s", "decode_ms", "decode_min_ms", "decode_tok_s",
-           "us_per_token", "state_bytes", "state_bytes_per_row", "non_embedding_params"]
+           "us_per_token", "state_bytes", "state_bytes_per_row", "decode_threads", "non_embedding_params"]
 
 
 def measure(model: torch.nn.Module, batch: int, context: int, steps: int, vocab: int, device: torch.device,
-            prefill_max_tokens: int | None = None, seed: int = 0, decode_threads: int | None = None) -> dict:
+            prefill_max_tokens: int | None = None, seed: int = 0, decode_threads: int | str | None = None) -> dict:
     """One point. Above ``prefill_max_tokens`` prompt tokens (batch * context) the prefill runs on one row and
     its state is repeated ``batch`` times (decode cost does not depend on the tokens); prefill is then not
     reported."""
@@ -58,14 +59,16 @@ def measure(model: torch.nn.Module, batch: int, context: int, steps: int, vocab:
     if replicate:
         state = state.index_select(torch.zeros(batch, dtype=torch.long))
     tokens = torch.randint(0, vocab, (batch,), generator=gen).to(device)
-    with cpu_threads(decode_threads if device.type == "cpu" else None):  # as bkexp.infer.generate decodes
+    threads = decode_threads_for(decode_threads, state.nbytes()) if device.type == "cpu" else None
+    with cpu_threads(threads):  # as bkexp.infer.generate decodes
         step = time_fn(lambda: model.step(tokens, state), device=device, warmup=2, repeat=steps)
     prefill_s = None if replicate else timing["median_s"]
     row = {"batch": batch, "context": context, "prefill_s": prefill_s,
            "prefill_tok_s": None if replicate else batch * context / timing["median_s"],
            "decode_ms": 1e3 * step["median_s"], "decode_min_ms": 1e3 * step["min_s"],
            "decode_tok_s": batch / step["min_s"], "us_per_token": 1e6 * step["min_s"] / batch,
-           "state_bytes": state.nbytes(), "state_bytes_per_row": state.nbytes() // batch}
+           "state_bytes": state.nbytes(), "state_bytes_per_row": state.nbytes() // batch,
+           "decode_threads": threads or torch.get_num_threads()}
     del state
     gc.collect()
     return row
@@ -143,9 +146,10 @@ def main(argv: list[str]) -> int:
                         help="above this many prompt tokens (batch x context) one row is prefilled and its state "
                              "repeated for the batch; prefill is then not timed (0: always prefill the batch)")
     parser.add_argument("--steps", type=int, default=24, help="timed decode steps per point (median and fastest reported)")
-    parser.add_argument("--decode-threads", type=int, default=DECODE_THREADS,
-                        help=f"CPU threads of the timed steps, as bkexp generate uses (default {DECODE_THREADS}; 0: "
-                             "the process's count); the prefill uses the process's count")
+    parser.add_argument("--decode-threads", default=DECODE_THREADS,
+                        help=f"CPU threads of the timed steps, chosen as bkexp generate chooses them (default "
+                             f"{DECODE_THREADS}: one up to {AUTO_STATE_BYTES >> 20} MiB of decoding state, the "
+                             "process's count above; N; 0: the process's count); the prefill uses the process's count")
     parser.add_argument("--vocab", type=int, default=512, help="vocabulary size of the random-token models")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -201,7 +205,7 @@ def main(argv: list[str]) -> int:
     env = environment()
     meta = {"benchmark": "decode", "size": args.size, "vocab": args.vocab, "dtype": args.dtype,
             "contexts": contexts, "batches": batches, "steps": args.steps,
-            "decode_threads": decode_threads or torch.get_num_threads(),  # threads of the timed steps (CPU)
+            "decode_threads": decode_threads or torch.get_num_threads(),  # the setting; each row: its count
             "prefill_max_tokens": args.prefill_max_tokens, "non_embedding_params": params,
             "timing": "prefill: one run after a warm-up; decode: median (decode_ms) and fastest (decode_min_ms, "
                       "used for decode_tok_s, us_per_token, the plot and the crossings) of --steps single-token "
@@ -209,7 +213,7 @@ def main(argv: list[str]) -> int:
     md = write_table(rows, COLUMNS, args.out, "decode", meta)
     _plot(rows, args.out / "decode.png",
           f"decode cost vs context ({args.size} size, {args.dtype}, {env['device']}, "
-          f"{meta['decode_threads']} decode / {env['threads']} prefill threads)")
+          f"decode threads {meta['decode_threads']}, {env['threads']} prefill threads)")
     print(md)
     for what, per_batch in summary.items():
         for batch, per_model in per_batch.items():

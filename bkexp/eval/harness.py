@@ -1,7 +1,7 @@
 """The lm-evaluation-harness (``lm_eval`` 0.4.x) adapter: a trained bkexp run as the registered model ``bkexp``.
 
 ``bkexp eval RUN --tasks copa,my_local_task`` runs tasks in-process; ``lm_eval --model bkexp --model_args
-run=RUN_DIR[,checkpoint=best,max_length=256,batch_size=16,decode_threads=1] --tasks ...`` does the same from
+run=RUN_DIR[,checkpoint=best,max_length=256,batch_size=16,decode_threads=auto] --tasks ...`` does the same from
 lm_eval's own CLI once the registration hook is installed (``bkexp eval install-lm-eval``, see
 :mod:`bkexp.eval.lm_eval_hook`).
 
@@ -53,7 +53,8 @@ class BkexpLM(TemplateLM):
         model, tokenizer: an ``nn.Module`` returning logits ``(B, N, V)`` and a bkexp tokenizer, instead of ``run``.
         max_length: longest input in tokens (default: the run's training ``seq_len``; 1024 without a run).
         batch_size: requests per forward.
-        decode_threads: CPU threads of ``generate_until``'s token-by-token steps (0: the process's count).
+        decode_threads: CPU threads of ``generate_until``'s token-by-token steps (``auto``, N, or 0: the
+            process's count; ``bkexp.infer.generate``).
     """
 
     def __init__(self, run: str | None = None, checkpoint: str = "best", model: torch.nn.Module | None = None,

@@ -20,7 +20,7 @@ import torch
 from bkexp.infer.generate import cut_at_until, generate, until_stop
 from bkexp.infer.run import load_run
 from bkexp.infer.sampling import Sampling
-from bkexp.threads import DECODE_THREADS, thread_option
+from bkexp.threads import AUTO_STATE_BYTES, DECODE_THREADS, thread_option
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,9 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable); cut from the output")
     parser.add_argument("--checkpoint", default="best", help="best, last or a path to a .ckpt (default best)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--decode-threads", type=int, default=DECODE_THREADS,
-                        help=f"CPU threads of the token-by-token steps (default {DECODE_THREADS}; 0: the process's "
-                             "count; the prompt's prefill always uses the process's count)")
+    parser.add_argument("--decode-threads", default=DECODE_THREADS,
+                        help=f"CPU threads of the token-by-token steps (default {DECODE_THREADS}: one up to "
+                             f"{AUTO_STATE_BYTES >> 20} MiB of decoding state, the process's count above; N; 0: the "
+                             "process's count); the prompt's prefill always uses the process's count")
     parser.add_argument("--json", action="store_true", help="print JSON (ids and text per continuation)")
     return parser
 

@@ -10,8 +10,9 @@ check on the decoded text). The whole batch stops when every row has stopped.
 ``generate_text`` does the same for strings through a run's tokenizer, with ``until`` stop strings.
 Each step costs what the model's state makes it cost: constant for BK and Mamba, growing with the
 context for attention (``bkexp bench decode`` measures it). On CPU the prompt's prefill runs on the process's
-threads and the token-by-token loop on ``decode_threads`` (default ``bkexp.threads.DECODE_THREADS``, one: a
-step is many small ops, and waking more threads costs more than they save; ``bkexp/threads.py``).
+threads and the token-by-token loop on ``decode_threads``: by default (``"auto"``) one thread while the
+decoding state is small (a step is many small ops, and waking more threads costs more than they save), the
+process's threads for a large KV cache (``bkexp/threads.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from bkexp.infer.sampling import Sampling, sample_next
-from bkexp.threads import DECODE_THREADS, check_threads, cpu_threads
+from bkexp.threads import DECODE_THREADS, check_threads, cpu_threads, decode_threads_for
 
 
 def _as_prompts(prompts: Sequence[Sequence[int]] | Tensor, vocab_size: int) -> list[list[int]]:
@@ -54,20 +55,21 @@ def _ends_with(tokens: list[int], stops: Sequence[Sequence[int]]) -> int:
 def generate(model: nn.Module, prompts: Sequence[Sequence[int]] | Tensor, max_new_tokens: int,
              sampling: Sampling | None = None, *, stop_sequences: Sequence[Sequence[int]] = (),
              stop: Callable[[list[int]], bool] | None = None, batch_size: int = 8,
-             decode_threads: int | None = DECODE_THREADS) -> list[list[int]]:
+             decode_threads: int | str | None = DECODE_THREADS) -> list[list[int]]:
     """Continuations (token id lists, prompt excluded) of ``prompts``; see the module docstring.
 
     ``model`` is a ``LanguageModel`` (anything with ``prefill``/``step``/``vocab_size``); it runs in eval mode
     (restored afterwards). With ``sampling.seed`` set the result is reproducible for the same call.
-    ``decode_threads``: CPU threads of the decoding steps (None: the process's count); the count can change a
-    step's last bits, so keep it fixed when you compare outputs.
+    ``decode_threads``: CPU threads of the decoding steps: ``"auto"`` (one up to
+    ``bkexp.threads.AUTO_STATE_BYTES`` of decoding state, the process's count above), an integer, or None (the
+    process's count). The count can change a step's last bits: keep the setting when you compare outputs.
     """
     sampling = sampling or Sampling()
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    check_threads(decode_threads, "decode_threads")
+    check_threads(decode_threads, "decode_threads", allow_auto=True)
     reason = getattr(model, "decode_unsupported", "it has no prefill/step decoding interface")
     if reason is not None:
         raise NotImplementedError(f"cannot generate with {getattr(model, 'name', type(model).__name__)!r}: {reason}")
@@ -96,14 +98,14 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]] | Tensor, max_ne
 
 def _generate_batch(model: nn.Module, ids: Tensor, max_new_tokens: int, sampling: Sampling,
                     generator: torch.Generator | None, stop_sequences: Sequence[Sequence[int]],
-                    stop: Callable[[list[int]], bool] | None, threads: int | None) -> list[list[int]]:
+                    stop: Callable[[list[int]], bool] | None, threads: int | str | None) -> list[list[int]]:
     out: list[list[int]] = [[] for _ in range(ids.shape[0])]
     if max_new_tokens == 0:
         return out
     logits, state = model.prefill(ids, capacity=ids.shape[1] + max_new_tokens)
     logits = logits[:, -1]
     done = [False] * ids.shape[0]
-    with cpu_threads(threads):  # the prefill above ran on the process's threads
+    with cpu_threads(decode_threads_for(threads, state.nbytes())):  # the prefill ran on the process's threads
         for step in range(max_new_tokens):
             tokens = sample_next(logits, sampling, generator)
             for r, token in enumerate(tokens.tolist()):
@@ -140,7 +142,7 @@ def until_stop(tokenizer: Any, until: Sequence[str]) -> Callable[[list[int]], bo
 
 def generate_text(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
                   sampling: Sampling | None = None, *, until: Sequence[str] = (), batch_size: int = 8,
-                  decode_threads: int | None = DECODE_THREADS) -> list[str]:
+                  decode_threads: int | str | None = DECODE_THREADS) -> list[str]:
     """Continuations of text ``prompts`` through ``tokenizer`` (``encode(text)``/``decode(ids)``), each cut at
     the first of the ``until`` strings (lm-eval's ``generate_until`` semantics)."""
     encoded = [tokenizer.encode(p) for p in prompts]

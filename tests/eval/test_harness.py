@@ -115,7 +115,7 @@ def test_generate_until_batches_requests_and_keeps_their_order(word_run: Path):
                      decode_threads="0")
     assert on_all.generate_until([Request(c, {"max_gen_toks": k}) for c, k in zip(contexts, budgets)]) == outs
     for bad in ("-1", "two"):
-        with pytest.raises(ValueError, match=f"decode_threads must be an integer >= 0 .*got '{bad}'"):
+        with pytest.raises(ValueError, match=f"decode_threads must be 'auto' or an integer >= 0 .*got '{bad}'"):
             BkexpLM(model=run.model, tokenizer=run.tokenizer, device="cpu", decode_threads=bad)
 
 

@@ -72,7 +72,8 @@ def test_generate_prints_the_greedy_continuation_of_the_quantized_model(quantize
     (["--batch", "0"], "--batch must be >= 1, got 0"),
     (["--checkpoint", "newest"], "valid: best, last, or a path"),
     (["--max-new-tokens", "-2"], "--max-new-tokens must be >= 0, got -2"),
-    (["--decode-threads", "-1"], "--decode-threads must be an integer >= 0 (0: the process's thread count), got -1"),
+    (["--decode-threads", "-1"], "--decode-threads must be 'auto' or an integer >= 0 (0: the process's thread count), "
+                                "got '-1'"),
 ])
 def test_generate_rejects_bad_arguments(quantized_bk_run: Path, capsys, args: list[str], message: str) -> None:
     assert bkexp_main(["generate", str(quantized_bk_run), "--prompt", "the", *args]) == 2
