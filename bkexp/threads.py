@@ -7,7 +7,7 @@ reads a large decoding state (attention's KV cache at a large batch or context) 
 instead, and more cores read it faster. So by default (``DECODE_THREADS = "auto"``) a step runs on one thread
 while its state is at most ``AUTO_STATE_BYTES``, and on the process's threads above. Measured on the 2-core VM
 (``docs/decoding.md``, *Threads*): one thread took 1.5-2.5 ms per step at batch 1 against 3.9-6.7 ms on two,
-and was faster for every state up to 55 MB; from 101 MB on, two threads were 1.2-1.8x faster. The prefill, a
+and was faster for every state up to 55 MB; from 101 MB on, two threads were 1.16-1.8x faster. The prefill, a
 forward pass over the whole prompt, always runs on the process's threads.
 
 The thread count can change a step's last bits (a reduction split across threads: Mamba's step differs by
