@@ -17,6 +17,7 @@ setting and the state's size, never from timing, and is recorded with the result
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -59,11 +60,15 @@ def decode_threads_for(setting: int | str | None, state_bytes: int) -> int | Non
 
 
 @contextmanager
-def cpu_threads(threads: int | None) -> Iterator[None]:
+def cpu_threads(threads: int | None, export: bool = False) -> Iterator[None]:
     """Run the block on ``threads`` intra-op threads (torch's, and numba's for bkexp's kernels, which share
-    torch's OpenMP pool); both counts are restored on exit, also after an exception. None: leave them."""
+    torch's OpenMP pool); both counts are restored on exit, also after an exception. None: leave them.
+
+    ``export`` also sets ``OMP_NUM_THREADS`` for the block: Lightning's distributed launchers set their own count
+    unless it is set, and the processes they start read it.
+    """
     check_threads(threads)
-    if threads is None or threads == torch.get_num_threads():
+    if threads is None:
         yield
         return
     try:
@@ -72,15 +77,23 @@ def cpu_threads(threads: int | None) -> Iterator[None]:
         numba = None
     before = torch.get_num_threads()
     numba_before = numba.get_num_threads() if numba is not None else None
+    env_before = os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(threads)
     if numba is not None:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    if export:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
         yield
     finally:
         torch.set_num_threads(before)
         if numba is not None:
             numba.set_num_threads(numba_before)
+        if export:
+            if env_before is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = env_before
 
 
 __all__ = ["AUTO", "AUTO_STATE_BYTES", "DECODE_THREADS", "check_threads", "cpu_threads", "decode_threads_for",

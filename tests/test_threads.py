@@ -28,6 +28,22 @@ def test_cpu_threads_sets_torch_and_numba_and_restores_both_also_after_an_error(
         assert torch.get_num_threads() == torch_before
 
 
+def test_export_sets_omp_num_threads_for_the_block_and_restores_it(monkeypatch) -> None:
+    """What Lightning's distributed launchers read before they set a count of their own."""
+    import os
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with cpu_threads(1, export=True):
+        assert os.environ["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    with cpu_threads(1, export=True):
+        assert os.environ["OMP_NUM_THREADS"] == "1"
+    assert os.environ["OMP_NUM_THREADS"] == "7"
+    with cpu_threads(1):  # not exported: the variable is left alone
+        assert os.environ["OMP_NUM_THREADS"] == "7"
+
+
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2", "auto"])
 def test_bad_thread_counts_are_refused_by_name(bad) -> None:
     with pytest.raises(ValueError, match=f"threads must be an integer >= 1 or None .*got {bad!r}"):

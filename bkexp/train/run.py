@@ -101,7 +101,7 @@ def run(cfg: DictConfig) -> float | None:
     watch = SignalWatch().__enter__()
     restore_threads = ExitStack()  # a multirun's jobs share the process: each job's count ends with the job
     try:
-        restore_threads.enter_context(cpu_threads(run_threads(cfg)))  # before the record that reports it
+        restore_threads.enter_context(cpu_threads(run_threads(cfg), export=True))  # before the record of it
         record.update(config=OmegaConf.to_container(cfg, resolve=True), env=environment())
         if cfg.get("flags") is not None:  # as composed; replaced by the validated settings below
             record.update(flags=OmegaConf.to_container(cfg.flags, resolve=True))
