@@ -101,8 +101,9 @@ def run(cfg: DictConfig) -> float | None:
     watch = SignalWatch().__enter__()
     restore_threads = ExitStack()  # a multirun's jobs share the process: each job's count ends with the job
     try:
+        record.update(config=OmegaConf.to_container(cfg, resolve=True))
         restore_threads.enter_context(cpu_threads(run_threads(cfg), export=True))  # before the record of it
-        record.update(config=OmegaConf.to_container(cfg, resolve=True), env=environment())
+        record.update(env=environment())
         if cfg.get("flags") is not None:  # as composed; replaced by the validated settings below
             record.update(flags=OmegaConf.to_container(cfg.flags, resolve=True))
         validate_config(cfg)

@@ -25,6 +25,7 @@ def test_bad_value_is_refused_before_building(train, tmp_path, override, message
     (run_dir,) = list((tmp_path / "outputs").iterdir())
     summary = read_summary(run_dir)
     assert summary["status"] == "failed" and "params" not in summary  # refused before the model was built
+    assert summary["config"]["seq_len"] == 32  # the composed config is kept for the diagnosis
 
 
 def _text_dir(tmp_path, train_text: bytes):
