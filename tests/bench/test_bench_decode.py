@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def test_bench_decode_writes_table_plot_and_state_sizes(tmp_path: Path) -> None:
     assert result["meta"]["non_embedding_params"].keys() == {"transformer", "bk", "mamba"}
     # the steps are timed as bkexp generate runs them: "auto", and these states are small, so one thread
     assert result["meta"]["decode_threads"] == "auto" and {r["decode_threads"] for r in rows.values()} == {1}
-    assert result["meta"]["environment"]["omp_wait_policy"] == "PASSIVE"
+    assert result["meta"]["environment"]["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY")  # bkexp's or yours
     assert result["meta"]["crossings"]["state_bytes"]["batch 1"]["bk"].startswith("attention above bk from 16")
     assert (out / "decode.csv").read_text().startswith("model,batch,context,")
     assert (out / "decode.md").is_file() and (out / "decode.png").stat().st_size > 0
