@@ -1,10 +1,13 @@
-"""``bkexp doctor``: versions, devices, and which kernel backends this machine can run (and which auto picks)."""
+"""``bkexp doctor``: versions, devices, which kernel backends this machine can run (and which auto picks), and
+what a parallel region costs here."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import pkgutil
+import statistics
+import time
 
 import torch
 
@@ -29,10 +32,36 @@ def backend_report(device: torch.device) -> dict[str, dict[str, object]]:
     return report
 
 
+def parallel_region_cost(repeat: int = 200) -> dict[str, float | int]:
+    """Median µs of one small op that runs as a parallel region (``exp`` of 65,536 floats, above PyTorch's
+    grain size), on the process's threads and on one thread. Where the first is several times the second, the
+    wake-up of sleeping workers dominates small work: fewer threads (``threads=1`` for a small model; decoding
+    does it by itself, ``bkexp/threads.py``) or a short spin (``GOMP_SPINCOUNT``, docs/kernels.md) pay off."""
+    from bkexp.threads import cpu_threads
+
+    x = torch.randn(1 << 16)
+
+    def median_us() -> float:
+        for _ in range(10):
+            x.exp()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            x.exp()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e6
+
+    threads = torch.get_num_threads()
+    on_all = median_us()
+    with cpu_threads(1):
+        on_one = median_us()
+    return {"threads": threads, "exp_65536_us": round(on_all, 1), "exp_65536_one_thread_us": round(on_one, 1)}
+
+
 def main(argv: list[str]) -> int:
     from bkexp.environment import environment
 
-    info = {"env": environment(), "backends": {}}
+    info = {"env": environment(), "cpu_parallel_region": parallel_region_cost(), "backends": {}}
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         info["backends"][str(device)] = backend_report(device)
