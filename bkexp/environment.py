@@ -1,4 +1,4 @@
-"""What a run's or a benchmark's numbers depend on: library versions, device, threads, host and git commit.
+"""What a run's or a benchmark's numbers depend on: library versions, device, CPU, threads, host and git commit.
 
 One record for ``summary.json`` (``env``), every ``bkexp bench`` result and ``bkexp doctor``. Library versions
 are read from the installed distributions' metadata, so recording them imports nothing (mamba_ssm's CUDA
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -51,9 +52,32 @@ def library_version(distribution: str) -> str | None:
         return None
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The processor's name (Linux: ``model name`` in /proc/cpuinfo), else what ``platform`` knows.
+
+    CPU results depend on it more than on anything else in the record: the same code measured the MoE at 1.05-1.20x
+    its dense reference on a 2-core AMD EPYC and 1.34-1.39x on a 2-core Xeon, where the dense MLP itself took
+    about half the time (``docs/benchmarks.md``).
+    """
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Processor", "cpu model") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def blas_library() -> str | None:
+    """The BLAS that torch's CPU matmuls call (``BLAS_INFO`` of its build: mkl, openblas, ...)."""
+    found = re.search(r"\bBLAS_INFO=([^,\s]+)", torch.__config__.show())
+    return found.group(1) if found else None
+
+
 def environment(device: str | None = None) -> dict[str, Any]:
-    """Library versions (None: not installed), device, threads, the CPU runtime settings and load, host and git
-    commit."""
+    """Library versions (None: not installed), device, the CPU (model, vector ISA, BLAS), threads, the CPU runtime
+    settings and load, host and git commit."""
     if device is None:
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {
@@ -61,7 +85,10 @@ def environment(device: str | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         **{key: library_version(dist) for key, dist in LIBRARIES.items()},
         "device": device,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_arch": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the vector ISA torch's kernels run (AVX512, ...)
+        "blas": blas_library(),
         "threads": torch.get_num_threads(),
         "cpu_allocator": cpu_allocator_state(),  # bkexp.allocator.configure_cpu_allocator's setting (None: untouched)
         # How long idle OpenMP workers spin before they sleep (read when torch loads; see bkexp/__init__.py):

@@ -7,7 +7,7 @@ import lightning
 import numpy
 import torch
 
-from bkexp.environment import environment, library_version
+from bkexp.environment import cpu_model, environment, library_version
 
 
 def test_the_record_holds_what_runs_and_benchmarks_depend_on() -> None:
@@ -18,6 +18,22 @@ def test_the_record_holds_what_runs_and_benchmarks_depend_on() -> None:
     assert env["threads"] == torch.get_num_threads() and env["device"] == "cpu"
     assert environment(device="H200")["device"] == "H200"
     assert library_version("bkexp-no-such-distribution") is None  # absent libraries are recorded as None
+    # which CPU, vector ISA and BLAS the numbers were measured on
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["blas"] is not None and f"BLAS_INFO={env['blas']}" in torch.__config__.show()
+    assert env["cpu"] and env["cpu_arch"]
+
+
+def test_the_cpu_is_named_by_its_model_and_by_platform_where_no_cpuinfo_names_it(tmp_path) -> None:
+    import platform
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9454 48-Core Processor\n"
+                       "processor\t: 1\nmodel name\t: AMD EPYC 9454 48-Core Processor\n")
+    assert cpu_model(cpuinfo) == "AMD EPYC 9454 48-Core Processor"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n")
+    assert cpu_model(cpuinfo) == (platform.processor() or platform.machine())
+    assert cpu_model(tmp_path / "missing") == (platform.processor() or platform.machine())
 
 
 def _record_in_child(**env: str) -> dict:
