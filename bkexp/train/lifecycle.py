@@ -244,7 +244,9 @@ class Lifecycle(pl.Callback):
         every = self.every_n_train_steps
         path = self._last_path(trainer)
         if every and path and trainer.global_step % every == 0 and not trainer.fit_loop._should_accumulate():
-            trainer.save_checkpoint(path)
+            # the full state (optimizer, loops, callbacks): an exact resume needs it; explicit, or Lightning
+            # logs that it chose this itself on every save
+            trainer.save_checkpoint(path, weights_only=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": rng_states(), "resumes": list(self.resumes), "above_limit": self._above}
@@ -284,7 +286,7 @@ class Lifecycle(pl.Callback):
         if stopped_by_signal and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             path = self._last_path(trainer)
             if path and trainer.global_step > 0:
-                trainer.save_checkpoint(path)
+                trainer.save_checkpoint(path, weights_only=False)
                 self.saved_on_interrupt = path
                 log.info("saved %s at step %d", path, trainer.global_step)
 

@@ -57,6 +57,8 @@ def test_signal_gives_interrupted_status_and_non_zero_exit(tmp_path, signum):
     # What was trained is kept: last.ckpt holds the interrupted step, ready for resuming.
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 3
     assert f"run interrupted; results in {run_dir}" in result.stdout
+    # full checkpoints are asked for, not left to Lightning's default (which it logs on every save)
+    assert "`weights_only` was not set" not in result.stdout + result.stderr
 
 
 # Results that must not change when a run is killed and resumed (everything measured, not timed).
