@@ -154,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bkexp report: error: {exc}", file=sys.stderr)
         return 2
     print(f"bkexp report: {report.n_runs} runs ({report.n_runs - report.n_failed} ok, {report.n_failed} failed)")
+    machines = report.runs.machines()
+    if len(machines) > 1:
+        print(f"bkexp report: note: the runs were measured on {len(machines)} machines "
+              f"({'; '.join(f'{m}: {n} runs' for m, n in machines.items())}): speed and memory compare across them")
     if args.wandb_workspace:
         try:
             print(f"bkexp report: W&B workspace saved: {save_wandb_workspace(report, args.wandb_entity, args.wandb_project)}")

@@ -65,6 +65,25 @@ class RunSet:
     def models(self) -> list[str]:
         return sorted({str(m) for m in self.frame[ROW_KEY]}, key=sort_key)
 
+    def machines(self) -> dict[str, int]:
+        """Successful runs per machine they were measured on (``machine_label``), most runs first."""
+        ok = self.frame[self.frame["status"] == "ok"]
+        labels = [m for m in ok.get("machine", pd.Series(dtype=object)) if isinstance(m, str)]
+        return dict(sorted(((m, labels.count(m)) for m in set(labels)), key=lambda item: (-item[1], item[0])))
+
+
+def machine_label(env: Any) -> str | None:
+    """Where a run's speed and memory were measured, from its ``env`` record: the accelerator by name, or the
+    CPU by name and core count (None when the run recorded no environment)."""
+    if not isinstance(env, Mapping) or not env.get("device"):
+        return None
+    if env["device"] != "cpu":
+        return str(env["device"])
+    details = [str(env["cpu"])] if env.get("cpu") else []
+    if isinstance(env.get("cpu_count"), int):
+        details.append(f"{env['cpu_count']} cores")
+    return f"cpu ({', '.join(details)})" if details else "cpu"
+
 
 def sort_key(value: Any) -> tuple:
     """Order numbers numerically before strings, and missing values last."""
@@ -282,6 +301,7 @@ def collect_runs(dirs: Sequence[str | os.PathLike]) -> RunSet:
             "status": str(summary.get("status")),
             "error": summary.get("error"),
             "recipe": summary.get("recipe"),  # the conf/recipe/ settings the run composed, if any
+            "machine": machine_label(summary.get("env")),  # speed and memory are this machine's
         }
         for key in [*IDENTITY_KEYS, *[k for k in swept if k not in IDENTITY_KEYS]]:
             row[key] = _hashable(_key_value(summary, flat_config, key))
@@ -303,7 +323,7 @@ def collect_runs(dirs: Sequence[str | os.PathLike]) -> RunSet:
 
     frame = pd.DataFrame(rows)
     # Keys stay Python objects: a None (failed run) must not turn seq_len 128 into 128.0 in labels and the CSV.
-    key_columns = ["run_dir", "status", "error", "recipe", *IDENTITY_KEYS, *swept, "sweep.dir", "sweep.job_num",
+    key_columns = ["run_dir", "status", "error", "recipe", "machine", *IDENTITY_KEYS, *swept, "sweep.dir", "sweep.job_num",
                    *(f"config.{k}" for k in config_keys)]
     for column in dict.fromkeys(key_columns):
         if column in frame.columns:

@@ -175,7 +175,7 @@ def format_cell(cell: Cell | None) -> str:
 def summary_frame(runs: RunSet) -> pd.DataFrame:
     """One row per run: where, status/error, recipe, identity and swept keys, varying config keys, then all metrics."""
     frame = runs.frame
-    first = ["run_dir", "status", "error", "recipe", *IDENTITY_KEYS]
+    first = ["run_dir", "status", "error", "recipe", "machine", *IDENTITY_KEYS]
     first += [k for k in runs.swept_keys if k not in first]
     first += ["sweep.dir", "sweep.job_num", *runs.config_keys]
     rest = sorted(c for c in frame.columns if c not in first)
@@ -558,6 +558,13 @@ def summary_markdown(runs: RunSet, metrics: Sequence[Metric], comparison_result:
         "the cell failed; `; k failed` when some did.",
         "",
     ]
+    machines = runs.machines()
+    if len(machines) > 1:
+        lines += [f"**Measured on {len(machines)} machines**: "
+                  + ", ".join(f"`{machine}` ({count} runs)" for machine, count in machines.items())
+                  + ". Speed and memory differ between machines as much as between models, so the speed and "
+                  "memory cells and ratios below mix them; summary.csv's `machine` column says which run ran "
+                  "where.", ""]
     for metric in metrics:
         direction = f", {metric.better} is better" if metric.better else ""
         lines += [f"## {metric.label}", "", f"`{metric.column}`{direction}", ""]

@@ -263,6 +263,32 @@ def test_two_sweeps_given_together(tmp_path: Path) -> None:
     assert not (first / "summary.csv").exists()  # the report went to --out only
 
 
+def test_runs_from_two_machines_are_named_and_flagged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Speed and memory depend on the machine as much as on the model: a report that mixes machines says so, in
+    summary.md, on the console and per run in summary.csv; a report from one machine says nothing."""
+    first = write_sweep(tmp_path, "2026-01-02_03-04-05-000001", failed=False, seq_lens=(128,))
+    second = write_sweep(tmp_path, "2026-01-02_03-04-05-000002", failed=True, seq_lens=(256,))
+    amd = {"device": "cpu", "cpu": "AMD EPYC", "cpu_count": 2}
+    for summary_path in second.glob("*/summary.json"):
+        summary = json.loads(summary_path.read_text())
+        summary["env"] = {**summary["env"], **amd}
+        summary_path.write_text(json.dumps(summary))
+    alone = tmp_path / "alone"
+    assert report_main([str(first), "--out", str(alone), "--no-plots"]) == 0
+    assert "Measured on" not in (alone / "summary.md").read_text() and "measured on" not in capsys.readouterr().out
+    assert {row["machine"] for row in read_csv(alone / "summary.csv")} == {"cpu"}
+
+    out = tmp_path / "combined"
+    assert report_main([str(first), str(second), "--out", str(out), "--no-plots"]) == 0
+    # the failed run of the second sweep is not counted: it measured nothing
+    assert ("**Measured on 2 machines**: `cpu` (4 runs), `cpu (AMD EPYC, 2 cores)` (4 runs)."
+            in (out / "summary.md").read_text())
+    assert "measured on 2 machines (cpu: 4 runs; cpu (AMD EPYC, 2 cores): 4 runs)" in capsys.readouterr().out
+    machines = {row["run_dir"]: row["machine"] for row in read_csv(out / "summary.csv")}
+    assert {m for d, m in machines.items() if d.startswith(str(second))} == {"cpu (AMD EPYC, 2 cores)"}
+    assert {m for d, m in machines.items() if d.startswith(str(first))} == {"cpu"}
+
+
 def test_several_dirs_need_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     first = write_sweep(tmp_path, "a", failed=False)
     second = write_sweep(tmp_path, "b", failed=False)
