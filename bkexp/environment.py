@@ -55,9 +55,9 @@ def library_version(distribution: str) -> str | None:
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The processor's name (Linux: ``model name`` in /proc/cpuinfo), else what ``platform`` knows.
 
-    CPU results depend on it more than on anything else in the record: the same code measured the MoE at 1.05-1.20x
-    its dense reference on a 2-core AMD EPYC and 1.34-1.39x on a 2-core Xeon, where the dense MLP itself took
-    about half the time (``docs/benchmarks.md``).
+    CPU results depend on it more than on anything else in the record: the same code measured the MoE at about
+    1.15x its dense reference on a 2-core AMD EPYC and 1.34-1.39x on a 2-core Xeon, where the dense MLP itself
+    took about half the time (``docs/benchmarks.md``).
     """
     try:
         for line in cpuinfo.read_text(errors="replace").splitlines():

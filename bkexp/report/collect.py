@@ -7,6 +7,7 @@ import json
 import math
 import os
 import socket
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,8 +69,8 @@ class RunSet:
     def machines(self) -> dict[str, int]:
         """Successful runs per machine they were measured on (``machine_label``), most runs first."""
         ok = self.frame[self.frame["status"] == "ok"]
-        labels = [m for m in ok.get("machine", pd.Series(dtype=object)) if isinstance(m, str)]
-        return dict(sorted(((m, labels.count(m)) for m in set(labels)), key=lambda item: (-item[1], item[0])))
+        counts = Counter(m for m in ok.get("machine", pd.Series(dtype=object)) if isinstance(m, str))
+        return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 def machine_label(env: Any) -> str | None:
@@ -323,8 +324,8 @@ def collect_runs(dirs: Sequence[str | os.PathLike]) -> RunSet:
 
     frame = pd.DataFrame(rows)
     # Keys stay Python objects: a None (failed run) must not turn seq_len 128 into 128.0 in labels and the CSV.
-    key_columns = ["run_dir", "status", "error", "recipe", "machine", *IDENTITY_KEYS, *swept, "sweep.dir", "sweep.job_num",
-                   *(f"config.{k}" for k in config_keys)]
+    key_columns = ["run_dir", "status", "error", "recipe", "machine", *IDENTITY_KEYS, *swept, "sweep.dir",
+                   "sweep.job_num", *(f"config.{k}" for k in config_keys)]
     for column in dict.fromkeys(key_columns):
         if column in frame.columns:
             frame[column] = pd.Series([row.get(column) for row in rows], index=frame.index, dtype=object)

@@ -562,9 +562,8 @@ def summary_markdown(runs: RunSet, metrics: Sequence[Metric], comparison_result:
     if len(machines) > 1:
         lines += [f"**Measured on {len(machines)} machines**: "
                   + ", ".join(f"`{machine}` ({count} runs)" for machine, count in machines.items())
-                  + ". Speed and memory differ between machines as much as between models, so the speed and "
-                  "memory cells and ratios below mix them; summary.csv's `machine` column says which run ran "
-                  "where.", ""]
+                  + ". Speed and memory depend on the machine, so the speed and memory cells and ratios below mix "
+                  "machines; summary.csv's `machine` column says which run ran where.", ""]
     for metric in metrics:
         direction = f", {metric.better} is better" if metric.better else ""
         lines += [f"## {metric.label}", "", f"`{metric.column}`{direction}", ""]
