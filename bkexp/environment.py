@@ -11,11 +11,10 @@ import os
 import platform
 import re
 import subprocess
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from bkexp.allocator import cpu_allocator_state
 
@@ -71,6 +70,7 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
 
 def blas_library() -> str | None:
     """The BLAS that torch's CPU matmuls call (``BLAS_INFO`` of its build: mkl, openblas, ...)."""
+    import torch
     found = re.search(r"\bBLAS_INFO=([^,\s]+)", torch.__config__.show())
     return found.group(1) if found else None
 
@@ -78,6 +78,8 @@ def blas_library() -> str | None:
 def environment(device: str | None = None) -> dict[str, Any]:
     """Library versions (None: not installed), device, the CPU (model, vector ISA, BLAS), threads, the CPU runtime
     settings and load, host and git commit."""
+    import torch  # here, not at the top: ``bkexp report`` reads records with ``machine_label`` without torch
+
     if device is None:
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {
@@ -101,3 +103,26 @@ def environment(device: str | None = None) -> dict[str, Any]:
         "hostname": platform.node(),
         "git_commit": git_commit(),
     }
+
+
+def machine_label(env: Any) -> str | None:
+    """Where a run's or a benchmark's speed and memory were measured, from its record: the accelerator by name, or
+    the CPU by name and core count (None for a record without a device)."""
+    if not isinstance(env, Mapping) or not env.get("device"):
+        return None
+    if env["device"] != "cpu":
+        return str(env["device"])
+    details = [str(env["cpu"])] if env.get("cpu") else []
+    if isinstance(env.get("cpu_count"), int):
+        details.append(f"{env['cpu_count']} cores")
+    return f"cpu ({', '.join(details)})" if details else "cpu"
+
+
+def describe_machine(env: Mapping[str, Any]) -> str:
+    """One line for a results table: the machine, torch's vector ISA and BLAS, torch, threads and commit."""
+    parts = [machine_label(env) or "unknown machine"]
+    parts += [f"{key} {env[key]}" for key in ("cpu_capability", "blas") if env.get(key)]
+    parts += [f"torch {env['torch']}"] if env.get("torch") else []
+    parts += [f"{env['threads']} threads"] if env.get("threads") else []
+    parts += [f"commit {str(env['git_commit'])[:12]}"] if env.get("git_commit") else []
+    return "; ".join(parts)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from bkexp.environment import describe_machine
 from bkexp.utils import atomic_save_figure, atomic_write_text
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -113,6 +114,8 @@ def write_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], out_dir:
     frame = pd.DataFrame(list(rows), columns=list(columns))
     atomic_write_text(out_dir / f"{stem}.csv", frame.to_csv(index=False))
     md = frame.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else frame.to_string(index=False)
+    if isinstance(meta.get("environment"), dict):  # a table copied elsewhere keeps where it was measured
+        md += f"\n\nMeasured on {describe_machine(meta['environment'])}."
     atomic_write_text(out_dir / f"{stem}.md", md + "\n")
     return md
 

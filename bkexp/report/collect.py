@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from bkexp.environment import machine_label
 from bkexp.rundir import (  # noqa: F401  (re-exported)
     SUMMARY_FILE, RunDirError, atomic_write_text, checkpoint_step, find_run_dirs)
 from bkexp.utils import flatten
@@ -71,19 +72,6 @@ class RunSet:
         ok = self.frame[self.frame["status"] == "ok"]
         counts = Counter(m for m in ok.get("machine", pd.Series(dtype=object)) if isinstance(m, str))
         return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
-
-
-def machine_label(env: Any) -> str | None:
-    """Where a run's speed and memory were measured, from its ``env`` record: the accelerator by name, or the
-    CPU by name and core count (None when the run recorded no environment)."""
-    if not isinstance(env, Mapping) or not env.get("device"):
-        return None
-    if env["device"] != "cpu":
-        return str(env["device"])
-    details = [str(env["cpu"])] if env.get("cpu") else []
-    if isinstance(env.get("cpu_count"), int):
-        details.append(f"{env['cpu_count']} cores")
-    return f"cpu ({', '.join(details)})" if details else "cpu"
 
 
 def sort_key(value: Any) -> tuple:

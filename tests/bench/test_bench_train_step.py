@@ -30,6 +30,13 @@ def test_train_step_writes_per_token_and_component_tables(tmp_path: Path, capsys
         assert f"N={n:<6} bk/transformer" in printed and f"mamba/transformer {ratio:.3f}x" in printed
     for name in ("train_step.csv", "train_step.md", "train_step.png", "components.csv", "components.md"):
         assert (out / name).stat().st_size > 0
+    # a table copied out of its directory still says where it was measured
+    from bkexp.environment import describe_machine
+
+    machine = describe_machine(result["meta"]["environment"])
+    assert machine.startswith("cpu (") and "torch " in machine
+    for name in ("train_step.md", "components.md"):
+        assert (out / name).read_text().rstrip().endswith(f"Measured on {machine}.")
     comp = {(r["model"], r["component"]): r for r in json.loads((out / "components.json").read_text())["rows"]}
     assert {c for _, c in comp} >= {"mixer (AttentionMixer)", "ffn (MLP)", "mixer (BKMixer)", "ffn (MoEFeedForward)",
                                     "BK-Core op", "mixer (MambaMixer)", "selective scan op"}

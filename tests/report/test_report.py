@@ -289,6 +289,17 @@ def test_runs_from_two_machines_are_named_and_flagged(tmp_path: Path, capsys: py
     assert {m for d, m in machines.items() if d.startswith(str(first))} == {"cpu"}
 
 
+def test_the_report_stack_does_not_import_torch() -> None:
+    """``bkexp report`` reads records (machines included) without paying for torch and the kernels."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bkexp.report.cli, bkexp.report.collect, bkexp.report.tables; "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "False", done.stderr
+
+
 def test_several_dirs_need_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     first = write_sweep(tmp_path, "a", failed=False)
     second = write_sweep(tmp_path, "b", failed=False)
