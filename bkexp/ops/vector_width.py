@@ -1,6 +1,7 @@
 """SIMD width per numba kernel: compile chosen kernels for 512-bit vectors, leave the rest as LLVM picks.
 
-On AVX-512 machines LLVM's x86 backend still prefers 256-bit vectors (wider ones can lower the clock), and
+On Intel's AVX-512 cores LLVM's x86 backend still prefers 256-bit vectors (wider ones can lower the clock; for
+AMD Zen 4 its default is 512-bit already, so there every kernel is wide and this module changes nothing), and
 numba compiles every kernel for one target machine, so its only switch (``NUMBA_CPU_FEATURES`` without
 ``prefer-256-bit``) is process-wide. Kernels differ: measured on a 2-core AVX-512 Xeon, the selective scan's
 forward+backward takes 0.86-0.94x its time with 512-bit vectors at 1 thread (0.93x at 2), while the BK-Core
