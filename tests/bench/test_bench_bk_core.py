@@ -79,6 +79,8 @@ def test_bad_arguments_name_the_value(capsys) -> None:
     assert "rows/diagonal" in capsys.readouterr().err
 
 
+# slow: with the other bench test (its kernels compile for these shapes only; 11 s on a 2-core AMD EPYC)
+@pytest.mark.slow
 def test_without_the_torch_backend_no_empty_speedup_plot_is_written(tmp_path: Path, capsys) -> None:
     out = tmp_path / "bk"
     argv = ["bench", "bk-core", "--n", "32", "--channels", "64", "--batch", "1", "--backends", "cpu",
