@@ -10,6 +10,8 @@ import pytest
 from bkexp.cli import main as bkexp_main
 
 
+# slow: 31-61 s on a 2-core AMD EPYC, most of it compiling every model's kernels at the bench's shapes
+@pytest.mark.slow
 def test_train_step_writes_per_token_and_component_tables(tmp_path: Path, capsys) -> None:
     out = tmp_path / "ts"
     argv = ["bench", "train-step", "--size", "tiny", "--n", "16,32", "--tokens", "64", "--vocab", "64",
