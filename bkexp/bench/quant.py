@@ -175,7 +175,7 @@ def main(argv: list[str]) -> int:
             r = rows[-1]
             print(f"  {label:<16} {name:<26} {r['forward_ms']:9.3f} ms  x{r['speedup_vs_bf16']:.2f} vs bf16  "
                   f"{r['weights_mb']:8.2f} MB  err {r['rel_err_vs_fp32']:.2e}", flush=True)
-    meta = {"env": environment(), "torchao": ao_info if available else None,
+    meta = {"environment": environment(), "torchao": ao_info if available else None,
             "torchao_unavailable_reason": None if available else ao_info,
             "model": {"d_model": args.d_model, "n_layers": args.n_layers, "vocab": args.vocab,
                       "params": base.param_counts()},

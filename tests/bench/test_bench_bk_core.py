@@ -12,7 +12,7 @@ from bkexp.bench.bk_core import LAYOUTS, MIN_BYTES_PER_ELEMENT, peak_bandwidth_g
 from bkexp.cli import main as bkexp_main
 
 
-# slow: 26s on a 2-core AMD EPYC (the default suite stays under 10 minutes there); .ci/run runs it
+# slow: 26 s on a 2-core AMD EPYC (the default suite stays under 10 minutes there); .ci/run runs it
 @pytest.mark.slow
 def test_bench_bk_core_writes_tables_plots_and_roofline(tmp_path: Path) -> None:
     out = tmp_path / "bench"

@@ -12,7 +12,7 @@ from bkexp.bench.decode import crossings
 from bkexp.cli import main as bkexp_main
 
 
-# slow: 37s on a 2-core AMD EPYC (the default suite stays under 10 minutes there); .ci/run runs it
+# slow: 37 s on a 2-core AMD EPYC (the default suite stays under 10 minutes there); .ci/run runs it
 @pytest.mark.slow
 def test_bench_decode_writes_table_plot_and_state_sizes(tmp_path: Path) -> None:
     out = tmp_path / "bench"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bkexp.bench.quant import torchao_status
 from bkexp.cli import main as bkexp_main
+from bkexp.environment import describe_machine
 
 
 def test_bench_quant_writes_its_table(tmp_path: Path) -> None:
@@ -20,6 +21,10 @@ def test_bench_quant_writes_its_table(tmp_path: Path) -> None:
     available, info = torchao_status()
     assert ("torchao int8 weight-only" in variants) == available
     assert (result["meta"]["torchao"] == info) == available
+    # the table names the machine it was measured on, as every bench table does
+    machine = describe_machine(result["meta"]["environment"])
+    assert machine.startswith("cpu (") and "torch " in machine
+    assert (out / "quant.md").read_text().rstrip().endswith(f"Measured on {machine}.")
     for row in result["rows"]:
         assert row["forward_ms"] > 0 and row["weights_mb"] > 0
         if row["variant"] != "float32":

@@ -11,7 +11,7 @@ from bkexp.cli import main as bkexp_main
 from runhelpers import MQAR_TINY, TINY, read_summary
 
 
-# slow: 20s on a 2-core AMD EPYC (the default suite stays under 10 minutes there); .ci/run runs it
+# slow: 20 s on a 2-core AMD EPYC (the default suite stays under 10 minutes there); .ci/run runs it
 @pytest.mark.slow
 def test_bench_run_times_modes_and_evaluates_the_same_slice(train, capsys) -> None:
     run_dir = train(*TINY, *MQAR_TINY, "model=bk")
