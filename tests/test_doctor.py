@@ -21,4 +21,4 @@ def test_doctor_lists_every_op_with_the_backend_auto_picks(capsys) -> None:
 def test_doctor_measures_what_a_parallel_region_costs(capsys) -> None:
     assert bkexp_main(["doctor"]) == 0
     cost = json.loads(capsys.readouterr().out)["cpu_parallel_region"]
-    assert cost["threads"] >= 1 and cost["exp_65536_us"] > 0 and cost["exp_65536_one_thread_us"] > 0
+    assert cost["threads"] >= 1 and cost["add_65536_us"] > 0 and cost["add_65536_one_thread_us"] > 0
