@@ -36,6 +36,7 @@ from bkexp.ops.backends import compiled_cpu_path_applies
 
 BLOCK = 32  # buffer rows per parallel job (8 KB of float32 at d=64; 32 KB at d=256)
 PARALLEL_MIN_ELEMENTS = 1 << 16  # rows * d below which the serial variants run (a decoding step, tiny tests)
+SLOT_QUANTUM = 8  # the kernels take the experts' buffers as a tuple of a multiple of this many arrays (see _slots)
 
 
 def _dispatch(src, bufs, assign, starts, counts, job_slot, job_row, top_k):
@@ -242,7 +243,7 @@ def router_fusion_exact(n_experts: int, d: int, dtype: torch.dtype) -> bool:
         grad_logits = torch.randn(1024, n_experts, generator=gen, dtype=dtype)
         weight = torch.randn(n_experts, d, generator=gen, dtype=dtype)
         ref = grad_logits.mm(weight)
-        zeros = (np.zeros((1024, d), ref.numpy().dtype),) + (np.empty((0, d), ref.numpy().dtype),) * (n_experts - 1)
+        zeros = _padded((np.zeros((1024, d), ref.numpy().dtype),), n_experts)
         rows = np.arange(1024, dtype=np.int64)
         exact = True
         threads = torch.get_num_threads()
@@ -295,12 +296,22 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-def _slots(tensors, lay: Layout) -> tuple[np.ndarray, ...]:
-    """The slots' arrays, padded with empty ones to ``n_experts``: one numba signature per expert count, not
-    one per number of experts with work (each new signature is a compile of a second or two)."""
-    arrays = tuple(_np(t) for t in tensors)
+def _padded(arrays: tuple[np.ndarray, ...], n_experts: int) -> tuple[np.ndarray, ...]:
+    """``arrays`` padded with empty arrays to ``n_experts`` rounded up to whole ``SLOT_QUANTUM``s.
+
+    numba compiles a kernel once per tuple length, and a parallel kernel takes a few seconds to compile. Padding
+    to the expert count alone would still compile once per expert count (a sweep over ``n_experts`` 2..8 paid
+    it seven times per kernel and dtype); up to eight experts now share one signature. The padding costs an
+    unboxed empty array per missing slot (~1 µs), and the kernels never index past the slots with work.
+    """
     pad = np.empty((0, arrays[0].shape[1]), arrays[0].dtype)
-    return arrays + (pad,) * (lay.n_experts - len(arrays))
+    return arrays + (pad,) * (-(-n_experts // SLOT_QUANTUM) * SLOT_QUANTUM - len(arrays))
+
+
+def _slots(tensors, lay: Layout) -> tuple[np.ndarray, ...]:
+    """The slots' arrays, padded (``_padded``) so the signature depends neither on the number of experts with work
+    nor on the expert count."""
+    return _padded(tuple(_np(t) for t in tensors), lay.n_experts)
 
 
 class Dispatch(torch.autograd.Function):

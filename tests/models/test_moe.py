@@ -287,6 +287,24 @@ def test_compiled_row_moves_are_bit_identical_to_the_pytorch_ops(n_experts: int,
         assert (got is None and ref is None) or torch.equal(got, ref)
 
 
+def test_compiled_row_moves_compile_one_signature_for_up_to_eight_experts() -> None:
+    """The experts' buffers reach the kernels as a tuple padded to a whole SLOT_QUANTUM of arrays, so MoE layers of
+    2 to 8 experts share one compiled signature per kernel (a sweep over n_experts compiles nothing new)."""
+    from numba.core.types import BaseTuple
+
+    from bkexp.ops import moe_dispatch
+
+    for n_experts in (2, 3, 5, 8):
+        moe = make_moe(n_experts, 1, d_model=32).float()
+        x = torch.randn(2, 40, 32, requires_grad=True)
+        out = moe(x)
+        (out.sum() + moe.aux_loss).backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+    lengths = {len(arg) for variants in moe_dispatch.KERNELS.values() for kernel in variants.values()
+               for sig in kernel.overloads for arg in sig if isinstance(arg, BaseTuple)}
+    assert lengths == {moe_dispatch.SLOT_QUANTUM}
+
+
 def test_compiled_path_aux_only_gradient_and_hooked_router() -> None:
     """Differentiating only the auxiliary loss (the dispatch gets no gradient) gives the PyTorch path's router
     and input gradients bit for bit; a router with a forward hook is still called as a module."""

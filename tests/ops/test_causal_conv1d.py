@@ -70,6 +70,25 @@ def test_cpu_is_causal_bit_exact() -> None:
         assert not torch.equal(out[..., j], base[..., j])
 
 
+@numba_only
+def test_cpu_kernels_compile_one_signature_per_dtype_whatever_the_layout() -> None:
+    """The mixer's strided half, a channel-major and a position-major input all reach the kernels as contiguous
+    position-major arrays: one compiled signature per dtype (numba's any-layout code also ran 3x slower)."""
+    import numba
+
+    from bkexp.ops.causal_conv1d import cpu
+
+    half, weight, bias = inputs(2, 12, 40, 4, True)
+    for x in (half, half.contiguous(), half.transpose(1, 2).contiguous().transpose(1, 2)):
+        out, grads = with_grads(lambda x, w, bb: causal_conv1d(x, w, bb, "silu", backend="cpu"), (x, weight, bias),
+                                torch.float64)
+        ref_out, _ = with_grads(lambda x, w, bb: conv_oracle(x, w, bb, "silu"), (x, weight, bias), torch.float64)
+        assert_rel_close(out, ref_out, 1e-13, "out")
+    for kernel in (cpu._conv_forward, cpu._conv_backward):
+        float64 = {sig for sig in kernel.overloads if sig[0].dtype == numba.float64}
+        assert len(float64) == 1, f"{kernel.py_func.__name__}: {sorted(map(str, float64))}"
+
+
 def test_backend_resolution_and_bad_inputs() -> None:
     with pytest.raises(ValueError, match="unknown causal_conv1d backend 'triton'; valid: auto, cpu, ref"):
         resolve_backend("triton", "cpu")

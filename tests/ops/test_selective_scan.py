@@ -94,7 +94,7 @@ def test_cpu_mixer_layout_and_softplus_range(dtype) -> None:
     """The Mamba mixer's call: (b, d, l) views of position-major tensors, z a strided half of one projection,
     B/C strided slices of another; delta + bias across softplus' whole range (below exp's underflow, around
     0, past the threshold 20), so the fused vectorised softplus and its slope are checked against torch's.
-    In float64 the strided views reach the kernel as they are; float32 casts keep their position-major order."""
+    The strided views are copied into contiguous position-major order before they reach the kernel."""
     g = torch.Generator().manual_seed(3)
     b, l, d, n, rank = 2, 37, 136, 5, 3  # d = 136: one full CHANNEL_BLOCK (128) of channels and a ragged one
 
@@ -118,6 +118,30 @@ def test_cpu_mixer_layout_and_softplus_range(dtype) -> None:
     assert_rel_close(out, ref_out, tol[0], "out")
     for name in NAMES:
         assert_rel_close(grads[name], ref_grads[name], tol[1], f"d{name}")
+
+
+def test_cpu_kernels_compile_one_signature_per_dtype_whatever_the_layout() -> None:
+    """Position-major, channel-major and strided-half inputs all reach the kernels as contiguous position-major
+    arrays, so a dtype never compiles a second signature (each is a ~13 s compile on first use)."""
+    import numba
+
+    from bkexp.ops.selective_scan import cpu
+
+    g = torch.Generator().manual_seed(5)
+    b, l, d, n = 2, 9, 8, 4
+    channel_major = make_inputs(b, d, n, l)
+    position_major = {**channel_major, **{k: channel_major[k].transpose(1, 2).contiguous().transpose(1, 2)
+                                          for k in ("u", "delta", "z")}}
+    xz = torch.randn(b, l, 2 * d, generator=g, dtype=torch.float64)
+    strided_half = {**position_major, "u": xz[..., :d].transpose(1, 2), "z": xz[..., d:].transpose(1, 2)}
+    for inputs in (position_major, channel_major, strided_half):
+        out, grads = run_with_grads(inputs, "cpu")
+        ref_out, ref_grads = run_with_grads(inputs, "ref")
+        assert_rel_close(out, ref_out, 1e-12, "out")
+        assert_rel_close(grads["z"], ref_grads["z"], 1e-11, "dz")
+    for kernel in (cpu._scan_forward, cpu._scan_backward):
+        float64 = {sig for sig in kernel.overloads if sig[0].dtype == numba.float64}
+        assert len(float64) == 1, f"{kernel.py_func.__name__}: {sorted(map(str, float64))}"
 
 
 def test_reference_matches_closed_form() -> None:

@@ -2,8 +2,9 @@
 
 Layout: ``x`` and the gradients are position-major ``(b, l, d)``, so every inner loop runs over contiguous
 channels and vectorises; the taps are ``(w, d)``. (That takes C-contiguous ``(b, l, d)`` arrays: a view with
-a longer row, such as one half of a joint projection's output, compiles to numba's any-layout code, which
-does not vectorise and ran 3x slower.) Each position's row of channels is done in one go: the taps, then
+a longer row, such as one half of a joint projection's output, would compile to numba's any-layout code, which
+does not vectorise and ran 3x slower, so such inputs are copied into contiguous order first, as the scan's are;
+each dtype then compiles one signature.) Each position's row of channels is done in one go: the taps, then
 the SiLU or its derivative with the exp in registers. Work items are (sequence, chunk of ``CHUNK`` positions),
 taken by threads in parallel, so a batch of one long sequence keeps every core busy as well as many short
 ones. The backward recomputes the pre-activation of its chunk plus the ``w - 1`` positions after it (whose
@@ -21,7 +22,7 @@ from numba import njit, prange
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from bkexp.ops.selective_scan.cpu import _FASTMATH, _exp  # the shared vectorisable exp
+from bkexp.ops.selective_scan.cpu import _FASTMATH, _exp, _position_major  # the shared exp and layout
 from bkexp.ops.vector_width import wide_vectors
 
 CHUNK = 64  # positions per work item
@@ -130,12 +131,6 @@ def _conv_backward(x, w_t, bias, has_bias, silu, chunk, dout, dx, dw_part, dbias
             if has_bias:
                 for c in range(nd):
                     db[c] += g_t[c]
-
-
-def _position_major(t: Tensor) -> Tensor:
-    """A (b, d, l) tensor as a (b, l, d) view with unit channel stride (a copy only when it has none)."""
-    t = t.detach().transpose(1, 2)
-    return t if t.stride(2) == 1 else t.contiguous()
 
 
 class _ConvFunction(torch.autograd.Function):

@@ -9,8 +9,10 @@ and no intermediate activations between its projections and its output gate.
 
 Layout and parallelism: channels are cut into blocks of up to ``CHANNEL_BLOCK`` channels that share one
 B/C group; each thread steps whole blocks through time. Per-position vectors (``u``, ``delta``, ``z``,
-gradients) are passed position-major ``(batch, l, d)`` -- which is how the Mamba mixer holds them, so its
-``(b, d, l)`` views reach the kernel without a copy -- and the block's state is ``(n, channels)``, so every
+gradients) are passed position-major ``(batch, l, d)`` and contiguous -- which is how the Mamba mixer holds them,
+so its ``(b, d, l)`` views reach the kernel without a copy; any other layout (e.g. ``z`` as a strided half of a
+quantized projection's output) is copied into it once, so each dtype compiles one signature of each kernel
+(a compile takes ~13 s) -- and the block's state is ``(n, channels)``, so every
 inner loop runs over contiguous channels and vectorises, including the decays ``exp(delta A)`` (``_exp``,
 computed in registers inside the scan's loops), the gate ``sigmoid(z)`` and ``softplus``, which use a
 vectorisable exp and log (``_exp_into``, ``_softplus_into``; scalar libm calls would cost most of the time
@@ -526,9 +528,9 @@ def _reduce_blocks(part: Tensor, kernel_shape: torch.Size, batch: int, groups: i
 
 
 def _position_major(t: Tensor) -> Tensor:
-    """A (b, d, l) tensor as a (b, l, d) view with unit channel stride (a copy only when it has none)."""
-    t = t.detach().transpose(1, 2)
-    return t if t.stride(2) == 1 else t.contiguous()
+    """A (b, d, l) tensor as a contiguous (b, l, d) tensor: a view of a position-major tensor, a copy otherwise
+    (the kernels are compiled for contiguous arrays only, see the module docstring)."""
+    return t.detach().transpose(1, 2).contiguous()
 
 
 def _numpy(t: Tensor | None, like: np.ndarray) -> np.ndarray:
