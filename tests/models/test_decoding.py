@@ -53,15 +53,10 @@ def stepped_logits(model: LanguageModel, ids: torch.Tensor, prompt: int) -> torc
     return torch.cat(out, dim=1)
 
 
-# Mamba quantized in float64 runs in the slow suite (13-14 s each on a 2-core AMD EPYC, most of it compiling
-# kernels for that case alone); float32 and unquantized float64 cover the same code in the default suite.
-STEP_CASES = [pytest.param(mixer, ffn, bits, dtype, id=f"{mixer}-{ffn}-bits{bits}-{name}",
-                           marks=pytest.mark.slow if mixer == "mamba" and bits < 32 and dtype == torch.float64 else ())
-              for mixer in MIXERS for ffn in FFNS for bits in QUANT
-              for dtype, name in ((torch.float64, "f64"), (torch.float32, "f32"))]
-
-
-@pytest.mark.parametrize("mixer, ffn, bits, dtype", STEP_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("bits", list(QUANT), ids=lambda b: f"bits{b}")
+@pytest.mark.parametrize("ffn", list(FFNS))
+@pytest.mark.parametrize("mixer", list(MIXERS))
 def test_step_logits_equal_forward(mixer: str, ffn: str, bits: int, dtype: torch.dtype) -> None:
     model = build(mixer, ffn, bits, dtype)
     ids = torch.randint(0, VOCAB, (3, LENGTH), generator=torch.Generator().manual_seed(1))

@@ -111,9 +111,7 @@ def test_prepare_quantizes_exactly_the_policy(model_name: str, embeddings: bool)
     assert "BK-Core op computes in float32" in info["full_precision"]
 
 
-# mamba in the slow suite: 20 s on a 2-core AMD EPYC (the default suite stays under 10 minutes there)
-@pytest.mark.parametrize("model_name", [pytest.param(m, marks=pytest.mark.slow) if m == "mamba" else m
-                                        for m in MODEL_CONFIGS])
+@pytest.mark.parametrize("model_name", MODEL_CONFIGS)
 def test_qat_model_trains_through_quantizer_and_stays_causal(model_name: str) -> None:
     model, _ = build(model_name)
     spec = QuantSpec(method="qat", bits=2, act_bits=8, embeddings=True).validate()

@@ -76,8 +76,6 @@ def test_pruning_reaches_the_asked_sparsity(train):
     assert float((weight == 0).float().mean()) == pytest.approx(0.6, abs=1e-3)
 
 
-# slow: a Mamba training run that compiles kernels no other default test needs (18 s on a 2-core AMD EPYC)
-@pytest.mark.slow
 def test_pruning_leaves_directly_read_weights_dense_on_mamba(train):
     summary = read_summary(train(*TINY, *MQAR_TINY, *NO_TEST, "model=mamba", "flags=pruning",
                                  "flags.pruning_amount=0.5"))
