@@ -12,7 +12,7 @@ B/C group; each thread steps whole blocks through time. Per-position vectors (``
 gradients) are passed position-major ``(batch, l, d)`` and contiguous -- which is how the Mamba mixer holds them,
 so its ``(b, d, l)`` views reach the kernel without a copy; any other layout (e.g. ``z`` as a strided half of a
 quantized projection's output) is copied into it once, so each dtype compiles one signature of each kernel
-(a compile takes ~13 s) -- and the block's state is ``(n, channels)``, so every
+(~13 s each, child start-up included, on a 2-core VM) -- and the block's state is ``(n, channels)``, so every
 inner loop runs over contiguous channels and vectorises, including the decays ``exp(delta A)`` (``_exp``,
 computed in registers inside the scan's loops), the gate ``sigmoid(z)`` and ``softplus``, which use a
 vectorisable exp and log (``_exp_into``, ``_softplus_into``; scalar libm calls would cost most of the time
