@@ -4,11 +4,11 @@ A decoding step (``LanguageModel.step``: one new token per row) is ~100 small op
 parallel region wakes the pool's sleeping workers first (bkexp sets ``OMP_WAIT_POLICY=PASSIVE``: see
 ``bkexp/__init__.py``), and on the 2-core VMs measured a wake-up costs ~30-80 µs, more than most of these ops'
 own work. A step that reads a large decoding state (attention's KV cache at a large batch or context) is bound
-by memory bandwidth instead, and more cores read it faster. So by default (``DECODE_THREADS = "auto"``) a step runs on one thread
-while its state is at most ``AUTO_STATE_BYTES``, and on the process's threads above. Measured on the 2-core Xeon VM
-(``docs/decoding.md``, *Threads*): one thread took 1.5-2.5 ms per step at batch 1 against 3.9-6.7 ms on two,
-and was faster for every state up to 55 MB; from 101 MB on, two threads were 1.16-1.8x faster. The prefill, a
-forward pass over the whole prompt, always runs on the process's threads.
+by memory bandwidth instead, and more cores read it faster. So by default (``DECODE_THREADS = "auto"``) a step
+runs on one thread while its state is at most ``AUTO_STATE_BYTES``, and on the process's threads above.
+Measured on the 2-core Xeon VM (``docs/decoding.md``, *Threads*): one thread took 1.5-2.5 ms per step at
+batch 1 against 3.9-6.7 ms on two, and was faster for every state up to 55 MB; from 101 MB on, two threads
+were 1.16-1.8x faster. The prefill, a forward pass over the whole prompt, always runs on the process's threads.
 
 The thread count can change a step's last bits (a reduction split across threads: Mamba's step differs by
 ~1e-6 between one and two threads; attention and BK steps were bit-identical). So the choice follows from the
