@@ -1,4 +1,5 @@
-"""Lightning callbacks bkexp adds to every run: measured throughput, step time and peak memory (``bkexp.memory``)."""
+"""Lightning callbacks bkexp adds to every run: measured throughput, step time and peak memory (``bkexp.memory``),
+and the layer table at the start of training with bkexp's FLOP count in place of Lightning's."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.callbacks import model_summary as lightning_model_summary
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table, get_human_readable_count
 
 from bkexp.memory import peak_memory_mb
 
@@ -98,3 +102,35 @@ class ThroughputMonitor(pl.Callback):
             "train_tokens_per_sec": self.train_tokens / self.train_time if self.train_time > 0 else None,
             "eval_tokens_per_sec": self.eval_tokens / self.eval_time if self.eval_time > 0 else None,
         }
+
+
+class LayerSummary(ModelSummary):
+    """Lightning's layer table (``enable_model_summary``), with FLOPs only where they were counted.
+
+    Lightning counts FLOPs for its table only on the module's ``example_input_array``, which bkexp does not set
+    (bkexp counts them itself, on a training batch and with its own kernels' FLOPs: ``bkexp.train.flops``), so
+    its table would show a FLOPs column of zeros and "0 Total Flops". This table leaves both out and ends with
+    bkexp's count instead, the ``flops`` of summary.json, when the run counted them (``compute_flops``).
+    """
+
+    def __init__(self, flops: dict[str, Any] | None = None, max_depth: int = 1) -> None:
+        super().__init__(max_depth=max_depth)
+        self.flops = flops or {}
+
+    def summarize(self, summary_data: list[tuple[str, list[str]]], total_parameters: int,
+                  trainable_parameters: int, model_size: float, total_training_modes: dict[str, int],
+                  total_flops: int, **summarize_kwargs: Any) -> None:
+        if total_flops:  # the module has an example input: Lightning counted, keep its table
+            super().summarize(summary_data, total_parameters, trainable_parameters, model_size,
+                              total_training_modes, total_flops, **summarize_kwargs)
+            return
+        columns = [column for column in summary_data if column[0] != "FLOPs"]
+        lines = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
+                                      0, *columns).splitlines()
+        lines = [line for line in lines if not line.endswith("Total Flops")]
+        per_token = self.flops.get("train_step_per_token")
+        if per_token:
+            lines.append(f"{get_human_readable_count(int(per_token)):<10}Training FLOPs per token "
+                         f"(forward {get_human_readable_count(int(self.flops['forward_per_token']))}; bkexp's count, "
+                         "summary.json 'flops')")
+        lightning_model_summary.log.info("\n" + "\n".join(lines))

@@ -24,7 +24,7 @@ from bkexp.environment import environment
 from bkexp.memory import peak_memory_mb, reset_peak_memory, resident_memory_mb
 from bkexp.quant import QuantSpec
 from bkexp.techniques import RunContext, Techniques
-from bkexp.train.callbacks import ThroughputMonitor
+from bkexp.train.callbacks import LayerSummary, ThroughputMonitor
 from bkexp.train.causality import check_causality
 from bkexp.threads import cpu_threads
 from bkexp.train.config import run_threads, validate_config
@@ -161,6 +161,9 @@ def run(cfg: DictConfig) -> float | None:
         loggers, dashboards = build_loggers(cfg, identity, wandb_id)
         record.update(dashboards=dashboards)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+        if cfg.trainer.get("enable_model_summary", True) and not any(isinstance(c, pl.callbacks.ModelSummary)
+                                                                      for c in callbacks):
+            callbacks.append(LayerSummary(flops=record.data.get("flops")))  # instead of Lightning's default one
         lifecycle = Lifecycle(datamodule.vocab_size, limits, cfg.get("checkpoint_every_n_steps"))
         trainer = watch.trainer = instantiate(cfg.trainer, logger=loggers or False,
                                               callbacks=callbacks + technique_callbacks + [lifecycle])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 
 import pytest
@@ -175,3 +176,31 @@ def test_the_console_headline_states_the_test_numbers_with_chance(train, capsys)
     assert line in printed and line.startswith("[bkexp] transformer on mqar (seq_len 32, 32-bit)")
     assert f"test answer accuracy {summary['metrics']['test/acc']:.3f} (chance 0.031)" in line  # 1/32 values
     assert f"test loss {summary['metrics']['test/loss']:.4g}" in line
+
+
+@pytest.mark.parametrize("count", [True, False])
+def test_the_layer_table_shows_bkexps_flop_count_not_lightnings_zeros(train, count: bool) -> None:
+    from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
+
+    class Keep(logging.Handler):  # Lightning's loggers do not propagate to the root logger that caplog watches
+        def emit(self, record: logging.LogRecord) -> None:
+            tables.append(record.getMessage())
+
+    tables: list[str] = []
+    summary_log, keep = logging.getLogger("lightning.pytorch.callbacks.model_summary"), Keep()
+    summary_log.addHandler(keep)
+    overrides = [o for o in TINY if o not in ("trainer.enable_model_summary=false", "compute_flops=false")]
+    try:
+        run = train(*overrides, *MQAR_TINY, f"compute_flops={str(count).lower()}")
+    finally:
+        summary_log.removeHandler(keep)
+    (table,) = tables
+    assert "| Name " in table and "| Params " in table and "Total params" in table  # Lightning's table otherwise
+    assert "FLOPs |" not in table and "Total Flops" not in table  # the column and the total Lightning never counted
+    flops = read_summary(run).get("flops")
+    if count:
+        expected = (f"{get_human_readable_count(int(flops['train_step_per_token'])):<10}Training FLOPs per token "
+                    f"(forward {get_human_readable_count(int(flops['forward_per_token']))};")
+        assert table.splitlines()[-1].startswith(expected) and flops["train_step_per_token"] > 0
+    else:
+        assert flops is None and "FLOPs" not in table
