@@ -1,6 +1,7 @@
 """bkexp: train and compare ResNet-BK, Mamba and Transformer language models on identical pipelines."""
 
 import os
+import warnings
 
 # PyTorch's OpenMP workers (which also run the numba kernels: both use torch's libgomp pool) spin for ~3 ms
 # after every parallel region by default. When other processes share the CPU, the spinning takes the cores
@@ -10,5 +11,11 @@ import os
 # when torch loads, so it only takes effect when bkexp is imported before torch (train.py and the bkexp command
 # do that); a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT always wins (libgomp prefers GOMP_SPINCOUNT).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# Two deprecations that dependencies raise against torch 2.13 on every run, inside their own code: torchdata's
+# StatefulDataLoader calls torch.set_vital, Lightning's pytree helper tests for LeafSpec. A bkexp user can do
+# nothing about them, and in a run's log they read like a problem with the run. Only these messages are hidden.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 __version__ = "0.1.0"
