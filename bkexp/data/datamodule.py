@@ -10,7 +10,7 @@ summary.json).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sized
 from typing import Any
 
 import lightning as L
@@ -162,6 +162,13 @@ class TokenDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        train = self.datasets.get("train")
+        examples = len(train) if isinstance(train, Sized) else None  # a streamed split has no length
+        if self.drop_last and examples is not None and examples < self.batch_size:
+            # else every epoch would be empty: the first batch is a bare StopIteration, and Lightning skips training
+            raise ValueError(f"dataset {self.name!r}: the training split has {examples} example(s), fewer than one "
+                             f"batch (batch_size={self.batch_size}), and drop_last=true drops it, so no epoch has a "
+                             f"batch; valid: batch_size <= {examples}, or drop_last=false")
         return self._loader("train", self.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -120,3 +120,16 @@ def test_bad_sizes_are_rejected_with_the_name(bad: dict) -> None:
     kwargs = {"name": "iid", "seq_len": 8, "batch_size": 2, "vocab_size": 8, **bad}
     with pytest.raises(ValueError, match=next(iter(bad))):
         IIDDataModule(**kwargs)
+
+
+def test_a_training_split_smaller_than_one_dropped_batch_is_refused_by_its_values() -> None:
+    dm = IIDDataModule("iid", seq_len=8, batch_size=16, vocab_size=8, num_train=10, num_val=4, num_test=4,
+                       drop_last=True)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"training split has 10 example\(s\), fewer than one batch \(batch_size=16\)"
+                                         r".*valid: batch_size <= 10, or drop_last=false"):
+        dm.train_dataloader()
+    dm.drop_last = False  # the last, smaller batch is kept: one batch of 10 per epoch
+    assert [len(b["input_ids"]) for b in dm.train_dataloader()] == [10]
+    dm.drop_last, dm.batch_size = True, 10
+    assert [len(b["input_ids"]) for b in dm.train_dataloader()] == [10]
