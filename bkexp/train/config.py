@@ -110,6 +110,16 @@ def validate_values(cfg: DictConfig) -> None:
             _number("optimizer.eps", optimizer.get("eps"), 0, True, valid="a number > 0")
         for i, beta in enumerate(optimizer.get("betas") or []):
             _number(f"optimizer.betas[{i}]", beta, 0, False, 1, valid="a number in [0, 1)")
+    trainer = cfg.get("trainer")
+    if trainer is not None:
+        steps = trainer.get("max_steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not (steps >= 1 or steps == -1):
+            raise ConfigError(f"trainer.max_steps={steps!r} is not valid; valid: a positive integer (the training "
+                              "budget in optimizer steps), or -1 with +trainer.max_epochs=N (no step limit)")
+        interval = trainer.get("val_check_interval")  # Lightning checks its other forms; 0 divides by zero there
+        if isinstance(interval, int) and not isinstance(interval, bool) and interval < 1:
+            raise ConfigError(f"trainer.val_check_interval={interval!r} is not valid; valid: a positive integer "
+                              "(training batches between validations), or a duration 'DD:HH:MM:SS'")
     every = cfg.get("checkpoint_every_n_steps")
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise ConfigError(f"checkpoint_every_n_steps={every!r} is not valid; valid: a positive integer or null")

@@ -18,7 +18,12 @@ from runhelpers import MQAR_TINY, TINY, compose_train, data_overrides, read_summ
     ("checkpoint_every_n_steps=0", r"checkpoint_every_n_steps=0 is not valid; valid: a positive integer or null"),
     ("divergence.margin=-1", r"divergence.margin=-1 must be a positive number of nats or null"),
     ("threads=0", r"threads=0 is not valid; valid: a positive integer or null \(torch's default, one per core\)"),
-], ids=["d_model", "n_heads", "lr-negative", "lr-text", "betas", "checkpoint-every", "divergence-margin", "threads"])
+    ("trainer.max_steps=0", r"trainer.max_steps=0 is not valid; valid: a positive integer \(the training budget"),
+    ("trainer.max_steps=-5", r"trainer.max_steps=-5 is not valid; valid: a positive integer .*or -1 with"),
+    ("trainer.val_check_interval=0", r"trainer.val_check_interval=0 is not valid; valid: a positive integer"),
+    ("trainer.val_check_interval=-3", r"trainer.val_check_interval=-3 is not valid; .*or a duration 'DD:HH:MM:SS'"),
+], ids=["d_model", "n_heads", "lr-negative", "lr-text", "betas", "checkpoint-every", "divergence-margin", "threads",
+        "max-steps-0", "max-steps-negative", "val-interval-0", "val-interval-negative"])
 def test_bad_value_is_refused_before_building(train, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         train(*TINY, *MQAR_TINY, override)
