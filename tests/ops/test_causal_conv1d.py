@@ -82,8 +82,11 @@ def test_cpu_kernels_compile_one_signature_per_dtype_whatever_the_layout() -> No
     for x in (half, half.contiguous(), half.transpose(1, 2).contiguous().transpose(1, 2)):
         out, grads = with_grads(lambda x, w, bb: causal_conv1d(x, w, bb, "silu", backend="cpu"), (x, weight, bias),
                                 torch.float64)
-        ref_out, _ = with_grads(lambda x, w, bb: conv_oracle(x, w, bb, "silu"), (x, weight, bias), torch.float64)
+        ref_out, ref_grads = with_grads(lambda x, w, bb: conv_oracle(x, w, bb, "silu"), (x, weight, bias),
+                                        torch.float64)
         assert_rel_close(out, ref_out, 1e-13, "out")
+        for name, grad, ref in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+            assert_rel_close(grad, ref, 1e-13, name)
     for kernel in (cpu._conv_forward, cpu._conv_backward):
         float64 = {sig for sig in kernel.overloads if sig[0].dtype == numba.float64}
         assert len(float64) == 1, f"{kernel.py_func.__name__}: {sorted(map(str, float64))}"
