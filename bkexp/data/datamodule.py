@@ -109,6 +109,31 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
+def eval_shard_sampler(dataset: Dataset, split: str) -> Sampler[int] | None:
+    """Under DDP, this rank's share of an evaluation split, every example on exactly one rank (None otherwise).
+
+    Lightning would give evaluation loaders a ``DistributedSampler``, which pads every rank to the same number of
+    examples by repeating the first ones: with 1919 test chunks on two ranks, chunk 0 was scored twice, and the
+    DDP-synced mean loss in summary.json was no longer the split's. Here rank r takes examples r, r + W, ...
+    (Lightning's ``UnrepeatedDistributedSampler``, a ``DistributedSampler``, so Lightning leaves it in place);
+    ranks may run one batch apart, which evaluation allows (no gradient sync; the metrics sync once, at the end).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    world = torch.distributed.get_world_size()
+    if world == 1 or not isinstance(dataset, Sized):
+        return None  # a streamed split is split by its source
+    if len(dataset) < world:
+        # a rank without a batch would leave the others waiting (DDP syncs buffers at a validation's first forward)
+        raise ValueError(f"split {split!r} has {len(dataset)} example(s), fewer than the {world} DDP processes, "
+                         f"so some process would evaluate nothing; valid: at least {world} examples, or fewer "
+                         f"processes (trainer.devices)")
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=torch.distributed.get_rank(),
+                                        shuffle=False)
+
+
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -121,7 +146,8 @@ class TokenDataModule(L.LightningDataModule):
     The training loader (a torchdata ``StatefulDataLoader``: its position is checkpointed) shuffles with a
     ``torch.Generator`` seeded from ``seed`` (a new order every epoch, the same sequence of orders for the
     same seed) and keeps the last, smaller batch (``drop_last=False``)
-    so an epoch trains on every token once. Evaluation loaders keep the data order.
+    so an epoch trains on every token once. Evaluation loaders keep the data order; under DDP every example of an
+    evaluation split is scored by exactly one process (:func:`eval_shard_sampler`).
     """
 
     autoregressive: bool = True
@@ -154,8 +180,9 @@ class TokenDataModule(L.LightningDataModule):
         # The training loader is stateful: Lightning stores its position (epoch and place in the epoch's
         # permutation) in every checkpoint and resumes mid-epoch from there.
         dataset = self.datasets[split]
+        sampler = EpochShuffleSampler(len(dataset), self.seed) if train else eval_shard_sampler(dataset, split)
         return (StatefulDataLoader if train else DataLoader)(
-            dataset, batch_size=batch_size, sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
+            dataset, batch_size=batch_size, sampler=sampler,
             generator=torch.Generator().manual_seed(self.seed),
             drop_last=self.drop_last if train else False, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from bkexp.ops.cross_entropy import token_cross_entropy
 from bkexp.train.callbacks import logs_this_step
 from bkexp.techniques.active_learning import highest_loss_rows
+
+# Under DDP Lightning asks for sync_dist=True on every epoch-level tensor it is given. The evaluation metrics below
+# are torchmetrics states, summed over all processes by compute(): every process logs the same, exact value, and a
+# second all-reduce would average it again (in float32, not always bit-identical). Only these names are hidden.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/(loss|ppl|acc)', \.\.\., "
+                        r"sync_dist=True\)`")
 
 IGNORE_INDEX = -100
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import sys
 import pytest
 
 from runhelpers import STREAMING_DATASETS, TEXT_DATASETS, data_overrides, options, read_summary
+
+from bkexp.cli import main as bkexp_main
 from testpaths import REPO_ROOT
 
 FAST = ["debug=fast_dev_run", "seq_len=32", "model.d_model=32", "model.n_layers=1", "dataset.batch_size=2",
@@ -48,3 +51,27 @@ def test_ddp_cpu_two_processes(tmp_path):
     assert summary["config"]["trainer"]["devices"] == 2
     # Two processes each saw its own shard: the token count covers both ranks.
     assert summary["tokens"]["train"] == 4 * 4 * 32 * 2
+
+
+@pytest.mark.slow
+def test_ddp_cpu_test_perplexity_scores_every_test_chunk_once(tmp_path, wikitext_slice):
+    # seq_len 40 cuts the slice's test split into an odd number of chunks: Lightning's DistributedSampler would
+    # score chunk 0 twice on two processes, and the synced test loss would not be the split's.
+    cmd = [sys.executable, str(REPO_ROOT / "train.py"), "hardware=ddp_cpu", f"paths.root_dir={tmp_path}",
+           "dataset=text", *data_overrides("text", wikitext_slice), "seq_len=40", "model.d_model=32",
+           "model.n_layers=1", "dataset.batch_size=4", "dataset.eval_batch_size=8", "trainer.max_steps=4",
+           "trainer.val_check_interval=4", "trainer.enable_progress_bar=false", "compute_flops=false"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # bkexp's metrics are synced by torchmetrics: Lightning's advice to resync them, and to evaluate on one
+    # device, does not apply and is not printed
+    assert "sync_dist=True" not in proc.stderr and "Using `DistributedSampler`" not in proc.stderr
+    (run_dir,) = list((tmp_path / "outputs").iterdir())
+    summary = read_summary(run_dir)
+    assert summary["status"] == "ok"
+    assert summary["data"]["splits"]["test"]["examples"] % 2 == 1
+    # One process, the same checkpoint, every chunk once: the loss two DDP processes recorded.
+    assert bkexp_main(["eval", str(run_dir)]) == 0
+    (own,) = json.loads((run_dir / "eval" / "perplexity.json").read_text())["datasets"]
+    assert own["loss"] == pytest.approx(summary["metrics"]["test/loss"], rel=1e-6)
