@@ -44,7 +44,9 @@ class CausalResampler(nn.Module):
         b, n, d = x.shape
         if n % 2:
             x = F.pad(x, (0, 0, 0, 1))  # the padded pair is only read by fine positions >= n
-        return self.down(x.reshape(b, (n + 1) // 2, 2 * d))
+        # in x's dtype: under autocast the projection returns bf16, and the coarse blocks would add their outputs to
+        # a bf16 residual stream, where the fine blocks' stream stays float32
+        return self.down(x.reshape(b, (n + 1) // 2, 2 * d)).to(x.dtype)
 
     @staticmethod
     def upsample(delta: Tensor, n: int) -> Tensor:

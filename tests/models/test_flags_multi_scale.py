@@ -27,6 +27,19 @@ def test_middle_layers(n_layers: int, span: tuple[int, int]) -> None:
     assert middle_layers(n_layers) == span
 
 
+def test_under_autocast_every_block_reads_a_float32_residual_stream() -> None:
+    # As in the plain model, where a bf16 block output added to the float32 stream stays float32: the coarse
+    # blocks too (the down-projection's bf16 output made their whole stream bf16).
+    model = build(n_layers=4)
+    dtypes = {}
+    for i, blk in enumerate(model.blocks):
+        blk.register_forward_pre_hook(lambda module, inputs, i=i: dtypes.__setitem__(i, inputs[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randint(0, VOCAB, (2, 15)))
+    assert dtypes == dict.fromkeys(range(4), torch.float32)
+    assert torch.isfinite(logits).all()
+
+
 @pytest.mark.parametrize("n", [15, 16])
 def test_middle_blocks_see_half_length_sequences(n: int) -> None:
     model = build(n_layers=4)
