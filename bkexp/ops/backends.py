@@ -20,9 +20,16 @@ _logged: set[str] = set()
 
 
 @functools.cache
+def _find_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+# Ops resolve their backend on every call, also inside torch.compile'd models: dynamo runs this once per graph and
+# keeps the answer (it would otherwise trace into the cache and warn about it on every compiled run).
+@torch.compiler.assume_constant_result
 def module_available(name: str) -> bool:
     """Whether ``name`` can be imported; cached, as ``find_spec`` costs about as much as a small op call."""
-    return importlib.util.find_spec(name) is not None
+    return _find_module(name)
 
 
 def resolve(op: str, backend: str, device: torch.device | str, backends: Sequence[str],
@@ -97,8 +104,10 @@ def pytorch_ops_required() -> bool:
     """Whether CPU autocast, a dispatch mode (FLOP counting, fake tensors) or ``torch.compile`` is active: a
     compiled CPU kernel must then leave the work to PyTorch's ops, whose casting rules, dispatch and tracing
     apply to them and not to a numba call."""
-    return (torch.is_autocast_enabled("cpu") or _get_current_dispatch_mode() is not None
-            or torch.compiler.is_compiling())
+    # is_compiling first: dynamo folds it to True and never reaches the dispatch-mode query, which it cannot trace
+    # (a graph break at every op, after which the rest of the test ran eagerly and picked the numba kernel)
+    return (torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+            or _get_current_dispatch_mode() is not None)
 
 
 def compiled_cpu_path_applies(*tensors: torch.Tensor | None) -> bool:

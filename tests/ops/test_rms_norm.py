@@ -3,6 +3,8 @@ the fallbacks, and the models' norm module against ``nn.RMSNorm``."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -92,6 +94,18 @@ def test_fallbacks_run_pytorch() -> None:
     assert_rel_close(out, oracle(x, weight, torch.finfo(torch.float32).eps), 2e-6, "under a dispatch mode")
     assert not compiled_cpu_path_applies(x.double(), weight)  # weight dtype differs from x's
     assert compiled_cpu_path_applies(x, weight) and compiled_cpu_path_applies(x, None)
+
+
+def test_under_torch_compile_the_backend_choice_is_a_constant_without_a_warning() -> None:
+    """Dynamo evaluates the import check once per graph instead of tracing its cache (which it warned about)."""
+    x = torch.randn(8, 16)
+    weight = torch.rand(16) + 0.5
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(rms_norm, backend="eager", fullgraph=True)(x, weight)
+    assert not [str(w.message) for w in caught if "lru_cache" in str(w.message)]
+    assert_rel_close(out, oracle(x, weight, torch.finfo(torch.float32).eps), 2e-6, "compiled")
 
 
 def test_bad_input_is_refused() -> None:

@@ -13,6 +13,8 @@ from bkexp.ops.bk_core import BACKENDS, bk_core, bk_core_state, bk_core_step, re
 
 COUPLING_MODES = ("head", "input")
 SPARSE_LOGIT_INIT = 3.0
+# the complex dtype of z for the op's compute dtype (dtype.to_complex() breaks a torch.compile graph)
+_COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
 def inverse_softplus(y: float) -> float:
@@ -205,7 +207,7 @@ class BKMixer(Mixer):
             n = v.shape[-1]
             self.energy = ((v.sum(-1) + 2 * k.sqrt().sum(-1)) / n).mean()
         compute = self._compute_dtype(v)
-        re, im = bk_core(v.to(compute), k.to(compute), z.to(compute.to_complex()),
+        re, im = bk_core(v.to(compute), k.to(compute), z.to(_COMPLEX[compute]),
                          causal=self.causal, backend=self.backend)
         features = torch.cat([re, im], dim=1).transpose(1, 2)  # (B, N, 2H): [Re y_h..., Im y_h...]
         return self._output(features, heads, x.dtype), re, im
@@ -234,7 +236,7 @@ class BKMixer(Mixer):
         else:
             k = k[:, 0]  # (H',): one coupling per head
         compute = self._compute_dtype(v)
-        re, im, state["pivot"] = bk_core_step(v.to(compute), k.to(compute), z.to(compute.to_complex()),
+        re, im, state["pivot"] = bk_core_step(v.to(compute), k.to(compute), z.to(_COMPLEX[compute]),
                                               state["pivot"])
         features = torch.cat([re, im], dim=-1).unsqueeze(1)  # (B, 1, 2H')
         return self._output(features, heads, x.dtype)

@@ -168,6 +168,9 @@ def _shift_tensor(z: complex | Tensor, batch_shape: torch.Size, device: torch.de
     return torch.full(batch_shape, z, dtype=complex_dtype, device=device)
 
 
+# A torch.compile'd model runs the op eagerly: dynamo cannot trace its numba and Triton kernels (it failed inside
+# numba's dispatcher) and would unroll the PyTorch recurrences position by position.
+@torch.compiler.disable
 def bk_core(v: Tensor, k: float | Tensor, z: complex | Tensor, *, causal: bool = True,
             backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Real and imaginary parts of ``y`` (each shaped like ``v``, in ``v``'s dtype); see the module doc."""

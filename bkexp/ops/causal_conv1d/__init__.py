@@ -47,6 +47,9 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None = Non
     return (F.silu(out) if silu else out).transpose(1, 2)
 
 
+# A torch.compile'd model runs the op eagerly: dynamo cannot trace its numba kernel (it failed inside numba's
+# dispatcher).
+@torch.compiler.disable
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
                   backend: str = "auto") -> Tensor:
     """(batch, d, l) in ``x``'s dtype; see the module docstring."""

@@ -124,6 +124,9 @@ def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
             raise ValueError(f"{name} is on {param.device} but u is on {u.device}; all inputs must share a device")
 
 
+# A torch.compile'd model runs the op eagerly: dynamo cannot trace its numba and CUDA-extension kernels (it
+# failed inside numba's dispatcher) and would unroll the reference's recurrence position by position.
+@torch.compiler.disable
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                    return_last_state: bool = False, backend: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
