@@ -345,7 +345,7 @@ def make_task(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         print(f"[bkexp] eval: wrote {write_local_task(args.out, args.name, args.kind, args.data)}")
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"bkexp eval make-task: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -186,13 +187,65 @@ def end_of_line_id(tokenizer: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- local tasks
+TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# What each line of a local task's JSON-lines file holds (the fields its base YAML's templates read).
+TASK_FIELDS = {"multiple_choice": '{"query": str, "choices": [str, str, ...], "gold": index into choices}',
+               "rolling": '{"text": str}'}
+
+
+def _line_problem(doc: Any, kind: str) -> str | None:
+    """What is wrong with one parsed line of a ``kind`` task file (None: nothing)."""
+    if not isinstance(doc, dict):
+        return f"a JSON object was expected, got {type(doc).__name__}"
+    need = ("query", "choices", "gold") if kind == "multiple_choice" else ("text",)
+    missing = [key for key in need if key not in doc]
+    if missing:
+        return f"missing {', '.join(repr(k) for k in missing)} (it has: {', '.join(map(repr, doc)) or 'nothing'})"
+    if kind == "rolling":
+        return None if isinstance(doc["text"], str) and doc["text"] else "'text' must be a non-empty string"
+    choices, gold = doc["choices"], doc["gold"]
+    if not isinstance(doc["query"], str):
+        return "'query' must be a string"
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        return "'choices' must be a list of at least two strings"
+    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+        return f"'gold' must be the index of the answer in choices (0 to {len(choices) - 1}), got {gold!r}"
+    return None
+
+
+def check_task_data(data_file: Path, kind: str) -> int:
+    """The number of documents in a local task's JSON-lines file; raises ``ValueError`` naming the first bad line.
+
+    lm_eval reads the file only when the task runs, and a missing field then surfaces as a Jinja
+    ``UndefinedError`` from deep inside it, after the model has loaded.
+    """
+    documents = 0
+    with open(data_file, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                problem = _line_problem(json.loads(line), kind)
+            except json.JSONDecodeError as exc:
+                problem = f"not JSON ({exc.msg})"
+            if problem is not None:
+                raise ValueError(f"task data {data_file}, line {number}: {problem}; each line of a {kind} task is "
+                                 f"{TASK_FIELDS[kind]}")
+            documents += 1
+    if documents == 0:
+        raise ValueError(f"task data {data_file}: no documents; each line of a {kind} task is {TASK_FIELDS[kind]}")
+    return documents
 def write_local_task(out_dir: Path, name: str, kind: str, data_file: Path) -> Path:
     """A task YAML ``out_dir/NAME.yaml`` that runs the base config of ``kind`` on the JSON-lines ``data_file``."""
     if kind not in TASK_KINDS:
         raise ValueError(f"task kind {kind!r}; valid: {', '.join(TASK_KINDS)}")
+    if not TASK_NAME.fullmatch(name):
+        raise ValueError(f"task name {name!r}: use letters, digits, '_', '-' and '.' (it names the file "
+                         f"{name}.yaml and is what --tasks takes)")
     data_file = Path(data_file).resolve()
     if not data_file.is_file():
         raise FileNotFoundError(f"task data {data_file}: no such file (JSON lines, see {TASKS_DIR / TASK_KINDS[kind]})")
+    check_task_data(data_file, kind)
     import yaml
 
     from bkexp.utils import atomic_write_text

@@ -124,6 +124,34 @@ def test_bad_task_files_are_refused(tmp_path: Path):
         write_local_task(tmp_path, "t", "essay", tmp_path / "x.jsonl")
     with pytest.raises(FileNotFoundError, match="no such file"):
         write_local_task(tmp_path, "t", "rolling", tmp_path / "x.jsonl")
+    # lm_eval would read these only when the task runs, and fail in a Jinja template after loading the model
+    bad_lines = [
+        ("multiple_choice", {"question": "Q", "choices": ["a", "b"], "answer": 0},
+         r"line 2: missing 'query', 'gold' \(it has: 'question', 'choices', 'answer'\)"),
+        ("multiple_choice", {"query": "Q", "choices": ["a", "b"], "gold": 2},
+         r"line 2: 'gold' must be the index of the answer in choices \(0 to 1\), got 2"),
+        ("multiple_choice", {"query": "Q", "choices": "a b", "gold": 0}, "'choices' must be a list of at least two"),
+        ("rolling", {"text": ""}, "line 2: 'text' must be a non-empty string"),
+        ("rolling", ["text"], "line 2: a JSON object was expected, got list"),
+    ]
+    for kind, line, message in bad_lines:
+        good = MC[0] if kind == "multiple_choice" else DOCS[0]
+        data = write_jsonl(tmp_path / "bad.jsonl", [good, line])
+        with pytest.raises(ValueError, match=message):
+            write_local_task(tmp_path / "tasks", "t", kind, data)
+    (tmp_path / "broken.jsonl").write_text(json.dumps(DOCS[0]) + "\n{text: 1}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2: not JSON"):
+        write_local_task(tmp_path / "tasks", "t", "rolling", tmp_path / "broken.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no documents"):
+        write_local_task(tmp_path / "tasks", "t", "rolling", tmp_path / "empty.jsonl")
+    with pytest.raises(ValueError, match="task name 'my task'"):
+        write_local_task(tmp_path / "tasks", "my task", "rolling", write_jsonl(tmp_path / "ok.jsonl", DOCS))
+    assert not (tmp_path / "tasks").exists()  # nothing written for a refused task
+    # the command says so and exits 2
+    assert bkexp_main(["eval", "make-task", "t", "--kind", "rolling", "--data", str(tmp_path / "empty.jsonl"),
+                       "--out", str(tmp_path / "tasks")]) == 2
+    assert write_local_task(tmp_path / "tasks", "t", "rolling", tmp_path / "ok.jsonl").is_file()
 
 
 @pytest.mark.slow  # indexes every built-in lm_eval task
