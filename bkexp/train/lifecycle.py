@@ -18,6 +18,14 @@ SIGTERM is handled by Lightning: it sets ``trainer.received_sigterm`` and raises
 ``SystemExit`` with code 0) at the next batch boundary. SIGINT raises ``KeyboardInterrupt``, which Lightning
 turns into ``sys.exit(1)``. Neither says which signal it was, so :class:`SignalWatch` records the signal
 itself; :class:`Lifecycle` saves ``last.ckpt`` at the interrupted step so nothing trained is lost.
+
+Under DDP a signal only reaches some ranks, or reaches them at different points of a step (``timeout``, SLURM
+and Ctrl-C signal every process; ``kill PID`` only rank 0), and every rank must stop at the same step or the
+others wait forever in the next collective. Lightning 2.6 broadcasts from inside its SIGTERM handler, which on
+2-process CPU runs hung whenever both ranks were signalled (Lightning issue #20806). So under DDP bkexp's
+handler only records the signal (:meth:`SignalWatch.defer`), and the ranks agree once per step, in the
+all-reduce that also makes the divergence test see the mean loss of all ranks (:class:`Lifecycle`): all of them
+stop after the same step, save ``last.ckpt`` together and report ``interrupted``. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -108,16 +116,49 @@ class SignalWatch:
     def name(self) -> str | None:
         return signal.Signals(self.signum).name if self.signum is not None else None
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
+    def _note(self, signum: int, how: str = "stopping") -> None:
         if self.signum is None:
             self.signum = signum
             self.step = self.trainer.global_step if self.trainer is not None else None
-            log.warning("received %s%s; stopping", signal.Signals(signum).name,
-                        f" at step {self.step}" if self.step is not None else "")
+            log.warning("received %s%s; %s", signal.Signals(signum).name,
+                        f" at step {self.step}" if self.step is not None else "", how)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self._note(signum)
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         if signal.getsignal(signum) is self._handle:  # Lightning's handler is not active: stop here
             raise Interrupted(signum, self.step)
+
+    def _record_only(self, signum: int, frame: FrameType | None) -> None:
+        repeated = self.signum is not None
+        self._note(signum, "all processes stop after the next step"
+                   + (" (Ctrl-C again: stop now)" if signum == signal.SIGINT else ""))
+        if repeated and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    def defer(self) -> None:
+        """Under DDP: from now until Lightning restores its handlers (the end of ``fit``/``validate``/``test``), a
+        signal is only recorded, for the ranks to agree on at a step boundary (:class:`Lifecycle`); no collective
+        and no exception runs inside the handler."""
+        try:
+            for signum in WATCHED_SIGNALS:
+                signal.signal(signum, self._record_only)
+        except ValueError:  # not the main thread: signals cannot be handled here
+            pass
+
+    def agree(self, trainer: pl.Trainer) -> int | None:
+        """The signal any rank received (SIGTERM before SIGINT), the same on every rank; a collective."""
+        return signal_of(all_ranks_sum(trainer, [0.0, *self.received()])[1:])
+
+    def received(self) -> list[float]:
+        """``[SIGTERM received, SIGINT received]`` as 0/1: what this rank adds to the ranks' agreement."""
+        return [float(self.signum == signum) for signum in WATCHED_SIGNALS]
+
+    def adopt(self, signum: int, step: int) -> None:
+        """Another rank received ``signum``: this one stops with it too (and its status names it)."""
+        if self.signum is None:
+            self.signum, self.step = signum, step
 
     def __enter__(self) -> SignalWatch:
         try:
@@ -130,6 +171,20 @@ class SignalWatch:
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def all_ranks_sum(trainer: pl.Trainer, values: list[float]) -> list[float]:
+    """``values`` summed over the DDP ranks (one all-reduce; the values themselves without DDP)."""
+    if trainer.world_size <= 1 or not torch.distributed.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def signal_of(received: list[float]) -> int | None:
+    """The signal of a ``SignalWatch.received()`` sum over ranks (None: no rank received one)."""
+    return next((int(signum) for signum, count in zip(WATCHED_SIGNALS, received) if count > 0), None)
 
 
 def classify(exc: BaseException, watch: SignalWatch, step: int | None) -> tuple[str, dict[str, Any]]:
@@ -214,21 +269,56 @@ class Lifecycle(pl.Callback):
     (restored on resume, so dropout draws the same numbers as in the uninterrupted run), the step training
     resumed from each time, and the training step the divergence test is counting.
 
+    Under DDP (see the module docstring) every step begins with one all-reduce of the loss and of the signals
+    each rank received: the divergence test sees the mean loss of all ranks, so they stop together, and a signal
+    any rank received stops all of them after that step. A signal in the last validation stops them at the end of
+    ``fit``, one during a later ``validate``/``test`` when it ends.
+
     Args:
         vocab_size: ``ln(vocab_size)`` is the loss of uniform guessing, the base of the divergence limit.
         limits: the divergence test.
         every_n_train_steps: also write ``last.ckpt`` every this many optimizer steps (null: only where
             ModelCheckpoint writes it), so a killed run loses at most this many steps.
+        signals: the run's :class:`SignalWatch`, which records signals under DDP for the ranks to agree on.
     """
 
     def __init__(self, vocab_size: int, limits: DivergenceLimits | None = None,
-                 every_n_train_steps: int | None = None) -> None:
+                 every_n_train_steps: int | None = None, signals: SignalWatch | None = None) -> None:
         self.limits = limits or DivergenceLimits()
         self.limit = math.log(vocab_size) + self.limits.margin if self.limits.margin is not None else None
         self.every_n_train_steps = every_n_train_steps
         self._above = 0
         self.saved_on_interrupt: str | None = None
         self.resumes: list[dict[str, Any]] = []  # one entry per resume: from which step
+        self.signals = signals
+        self._stop_after_step: int | None = None  # under DDP: the signal the ranks agreed to stop for
+
+    def _defer_signals(self, trainer: pl.Trainer) -> None:
+        # Lightning installs its SIGTERM handler at the start of every fit/validate/test: replace it until the end
+        if trainer.world_size > 1 and self.signals is not None:
+            self.signals.defer()
+
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._defer_signals(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._defer_signals(trainer)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._defer_signals(trainer)
+
+    def _stop_if_any_rank_was_signalled(self, trainer: pl.Trainer) -> None:
+        if trainer.world_size > 1 and self.signals is not None:
+            stop = self.signals.agree(trainer)
+            if stop is not None:
+                self.signals.adopt(stop, trainer.global_step)
+                raise Interrupted(stop, trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_if_any_rank_was_signalled(trainer)  # a signal during the last validation
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_if_any_rank_was_signalled(trainer)
 
     def _last_path(self, trainer: pl.Trainer) -> str | None:
         ckpt = trainer.checkpoint_callback
@@ -247,6 +337,8 @@ class Lifecycle(pl.Callback):
             # the full state (optimizer, loops, callbacks): an exact resume needs it; explicit, or Lightning
             # logs that it chose this itself on every save
             trainer.save_checkpoint(path, weights_only=False)
+        if self._stop_after_step is not None:  # every rank, after the same step: on_exception saves last.ckpt
+            raise Interrupted(self._stop_after_step, trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": rng_states(), "resumes": list(self.resumes), "above_limit": self._above}
@@ -257,12 +349,22 @@ class Lifecycle(pl.Callback):
         self.resumes = list(state_dict.get("resumes", []))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._defer_signals(trainer)
         if trainer.ckpt_path:  # the loops are restored by now: global_step is the checkpoint's
             self.resumes.append({"from_step": trainer.global_step, "checkpoint": str(trainer.ckpt_path)})
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         value = float(loss.detach())
         step = trainer.global_step
+        if trainer.world_size > 1:
+            # one all-reduce: the mean loss (a NaN on any rank makes it NaN) and the signals any rank received
+            received = self.signals.received() if self.signals is not None else [0.0] * len(WATCHED_SIGNALS)
+            total, *received = all_ranks_sum(trainer, [value, *received])
+            value = total / trainer.world_size
+            stop = signal_of(received)
+            if stop is not None and self._stop_after_step is None and self.signals is not None:
+                self.signals.adopt(stop, step)
+                self._stop_after_step = stop
         if not math.isfinite(value):  # before backward: non-finite gradients never reach the weights
             raise Diverged("train/loss", value, step)
         if self.limit is None or step < self.limits.after_steps:

@@ -164,7 +164,7 @@ def run(cfg: DictConfig) -> float | None:
         if cfg.trainer.get("enable_model_summary", True) and not any(isinstance(c, pl.callbacks.ModelSummary)
                                                                       for c in callbacks):
             callbacks.append(LayerSummary(flops=record.data.get("flops")))  # instead of Lightning's default one
-        lifecycle = Lifecycle(datamodule.vocab_size, limits, cfg.get("checkpoint_every_n_steps"))
+        lifecycle = Lifecycle(datamodule.vocab_size, limits, cfg.get("checkpoint_every_n_steps"), signals=watch)
         trainer = watch.trainer = instantiate(cfg.trainer, logger=loggers or False,
                                               callbacks=callbacks + technique_callbacks + [lifecycle])
         record.update(**running_record())
