@@ -34,6 +34,28 @@ class SignalAt(pl.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class SignalWhile(pl.Callback):
+    """``os.kill(os.getpid(), signum)`` once, at the first batch of a ``trainer.validate`` or ``trainer.test``
+    (``stage``) on rank ``rank``: a signal that arrives after training, while the run evaluates."""
+
+    def __init__(self, stage: str, signum: int, rank: int = 0) -> None:
+        self.stage = stage
+        self.signum = signum
+        self.rank = rank
+        self.sent = False
+
+    def _maybe_signal(self, trainer: pl.Trainer) -> None:
+        if not self.sent and trainer.global_rank == self.rank and trainer.state.fn == self.stage:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._maybe_signal(trainer)
+
+    def on_test_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._maybe_signal(trainer)
+
+
 class NanWeightAt(pl.Callback):
     """Sets one weight of rank ``rank``'s model copy to NaN before training step ``step``: that rank's loss, and
     no other rank's, is NaN at that step (DDP syncs gradients, not weights)."""

@@ -235,6 +235,8 @@ def check_task_data(data_file: Path, kind: str) -> int:
     if documents == 0:
         raise ValueError(f"task data {data_file}: no documents; each line of a {kind} task is {TASK_FIELDS[kind]}")
     return documents
+
+
 def write_local_task(out_dir: Path, name: str, kind: str, data_file: Path) -> Path:
     """A task YAML ``out_dir/NAME.yaml`` that runs the base config of ``kind`` on the JSON-lines ``data_file``."""
     if kind not in TASK_KINDS:

@@ -21,11 +21,12 @@ itself; :class:`Lifecycle` saves ``last.ckpt`` at the interrupted step so nothin
 
 Under DDP a signal only reaches some ranks, or reaches them at different points of a step (``timeout``, SLURM
 and Ctrl-C signal every process; ``kill PID`` only rank 0), and every rank must stop at the same step or the
-others wait forever in the next collective. Lightning 2.6 broadcasts from inside its SIGTERM handler, which on
-2-process CPU runs hung whenever both ranks were signalled (Lightning issue #20806). So under DDP bkexp's
-handler only records the signal (:meth:`SignalWatch.defer`), and the ranks agree once per step, in the
-all-reduce that also makes the divergence test see the mean loss of all ranks (:class:`Lifecycle`): all of them
-stop after the same step, save ``last.ckpt`` together and report ``interrupted``. A second Ctrl-C stops at once.
+others wait forever in the next collective. Lightning 2.6 broadcasts from inside its SIGTERM handler: 2-process
+CPU runs hung in 3 of 4 tries with every rank signalled, and with rank 1 alone (Lightning issue #20806). So under
+DDP bkexp's handler only records the signal (:meth:`SignalWatch.defer`), and the ranks agree once per step, in
+the all-reduce that also makes the divergence test see the mean loss of all ranks (:class:`Lifecycle`): all of
+them stop after the same step, save ``last.ckpt`` together and report ``interrupted``. A second Ctrl-C stops at
+once.
 """
 
 from __future__ import annotations
@@ -271,8 +272,8 @@ class Lifecycle(pl.Callback):
 
     Under DDP (see the module docstring) every step begins with one all-reduce of the loss and of the signals
     each rank received: the divergence test sees the mean loss of all ranks, so they stop together, and a signal
-    any rank received stops all of them after that step. A signal in the last validation stops them at the end of
-    ``fit``, one during a later ``validate``/``test`` when it ends.
+    any rank received stops all of them at the end of that step. A signal in the last validation stops them at the
+    end of ``fit``, one during a later ``validate``/``test`` when it ends.
 
     Args:
         vocab_size: ``ln(vocab_size)`` is the loss of uniform guessing, the base of the divergence limit.
@@ -291,7 +292,7 @@ class Lifecycle(pl.Callback):
         self.saved_on_interrupt: str | None = None
         self.resumes: list[dict[str, Any]] = []  # one entry per resume: from which step
         self.signals = signals
-        self._stop_after_step: int | None = None  # under DDP: the signal the ranks agreed to stop for
+        self._stop_signal: int | None = None  # under DDP: the signal the ranks agreed to stop for
 
     def _defer_signals(self, trainer: pl.Trainer) -> None:
         # Lightning installs its SIGTERM handler at the start of every fit/validate/test: replace it until the end
@@ -337,8 +338,8 @@ class Lifecycle(pl.Callback):
             # the full state (optimizer, loops, callbacks): an exact resume needs it; explicit, or Lightning
             # logs that it chose this itself on every save
             trainer.save_checkpoint(path, weights_only=False)
-        if self._stop_after_step is not None:  # every rank, after the same step: on_exception saves last.ckpt
-            raise Interrupted(self._stop_after_step, trainer.global_step)
+        if self._stop_signal is not None:  # every rank, after the same step: on_exception saves last.ckpt
+            raise Interrupted(self._stop_signal, trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": rng_states(), "resumes": list(self.resumes), "above_limit": self._above}
@@ -362,9 +363,9 @@ class Lifecycle(pl.Callback):
             total, *received = all_ranks_sum(trainer, [value, *received])
             value = total / trainer.world_size
             stop = signal_of(received)
-            if stop is not None and self._stop_after_step is None and self.signals is not None:
+            if stop is not None and self._stop_signal is None and self.signals is not None:
                 self.signals.adopt(stop, step)
-                self._stop_after_step = stop
+                self._stop_signal = stop
         if not math.isfinite(value):  # before backward: non-finite gradients never reach the weights
             raise Diverged("train/loss", value, step)
         if self.limit is None or step < self.limits.after_steps:
@@ -374,6 +375,8 @@ class Lifecycle(pl.Callback):
             raise Diverged("train/loss", value, step, self.limit)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # trainer.validate after fit (during fit: at the next step)
+            self._stop_if_any_rank_was_signalled(trainer)
         if trainer.sanity_checking:
             return
         value = trainer.callback_metrics.get("val/loss")

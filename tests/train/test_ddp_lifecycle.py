@@ -75,6 +75,18 @@ def test_a_signal_on_any_rank_stops_every_rank_after_the_same_step(tmp_path, sig
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_a_signal_while_the_trained_run_evaluates_ends_it_interrupted(tmp_path, stage):
+    # validation at steps 15 and 30 of 40: the run validates the final weights after fit, then tests
+    result = ddp_run(tmp_path, "trainer.val_check_interval=15", f"test_after_fit={stage == 'test'}",
+                     "+callbacks.s._target_=signals.SignalWhile", f"+callbacks.s.stage={stage}",
+                     f"+callbacks.s.signum={int(signal.SIGTERM)}", "+callbacks.s.rank=1")
+    assert result.returncode == 128 + signal.SIGTERM, result.stdout[-2000:] + result.stderr[-3000:]
+    summary = read_summary(only_run(tmp_path))
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM" and summary["step"] == 40
+
+
+@pytest.mark.slow
 def test_a_loss_that_diverges_on_one_rank_stops_every_rank(tmp_path):
     result = ddp_run(tmp_path, "+callbacks.nan._target_=signals.NanWeightAt", "+callbacks.nan.step=6",
                      "+callbacks.nan.rank=1")
