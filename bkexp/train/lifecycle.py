@@ -270,9 +270,10 @@ class Lifecycle(pl.Callback):
     (restored on resume, so dropout draws the same numbers as in the uninterrupted run), the step training
     resumed from each time, and the training step the divergence test is counting.
 
-    Under DDP (see the module docstring) every step begins with one all-reduce of the loss and of the signals
-    each rank received: the divergence test sees the mean loss of all ranks, so they stop together, and a signal
-    any rank received stops all of them at the end of that step. A signal in the last validation stops them at the
+    Under DDP (see the module docstring) every optimizer step makes one all-reduce of the loss and of the signals
+    each rank received, after the gradients' all-reduce and before the update: the divergence test sees the mean
+    loss of all ranks, so they stop together, and a signal any rank received stops all of them at the end of that
+    step. A signal in the last validation stops them at the
     end of ``fit``, one during a later ``validate``/``test`` when it ends.
 
     Args:
@@ -293,6 +294,7 @@ class Lifecycle(pl.Callback):
         self.resumes: list[dict[str, Any]] = []  # one entry per resume: from which step
         self.signals = signals
         self._stop_signal: int | None = None  # under DDP: the signal the ranks agreed to stop for
+        self._step_losses: list[float] = []  # under DDP: this rank's micro-batch losses of the current step
 
     def _defer_signals(self, trainer: pl.Trainer) -> None:
         # Lightning installs its SIGTERM handler at the start of every fit/validate/test: replace it until the end
@@ -356,17 +358,33 @@ class Lifecycle(pl.Callback):
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         value = float(loss.detach())
-        step = trainer.global_step
         if trainer.world_size > 1:
-            # one all-reduce: the mean loss (a NaN on any rank makes it NaN) and the signals any rank received
-            received = self.signals.received() if self.signals is not None else [0.0] * len(WATCHED_SIGNALS)
-            total, *received = all_ranks_sum(trainer, [value, *received])
-            value = total / trainer.world_size
-            stop = signal_of(received)
-            if stop is not None and self._stop_signal is None and self.signals is not None:
-                self.signals.adopt(stop, step)
-                self._stop_signal = stop
-        if not math.isfinite(value):  # before backward: non-finite gradients never reach the weights
+            # A rank must not stop alone here: the others would wait in the gradient all-reduce. The ranks decide
+            # together before the optimizer step (a NaN loss makes the averaged gradients NaN on every rank, and
+            # the weights never see them).
+            self._step_losses.append(value)
+            return
+        self._check_loss(value, trainer.global_step)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if trainer.world_size <= 1 or not self._step_losses:
+            return
+        # One all-reduce, where the gradient all-reduce has just brought the ranks together: the mean loss of this
+        # step's last micro-batch (NaN if any micro-batch of any rank had a non-finite loss) and the signals any
+        # rank received.
+        last = self._step_losses[-1] if all(math.isfinite(v) for v in self._step_losses) else math.nan
+        self._step_losses.clear()
+        received = self.signals.received() if self.signals is not None else [0.0] * len(WATCHED_SIGNALS)
+        total, *received = all_ranks_sum(trainer, [last, *received])
+        stop = signal_of(received)
+        if stop is not None and self._stop_signal is None and self.signals is not None:
+            self.signals.adopt(stop, trainer.global_step)
+            self._stop_signal = stop
+        self._check_loss(total / trainer.world_size, trainer.global_step)
+
+    def _check_loss(self, value: float, step: int) -> None:
+        if not math.isfinite(value):  # before the update: non-finite gradients never reach the weights
             raise Diverged("train/loss", value, step)
         if self.limit is None or step < self.limits.after_steps:
             return
