@@ -37,6 +37,7 @@ import os
 import random
 import signal
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -148,18 +149,15 @@ class SignalWatch:
         except ValueError:  # not the main thread: signals cannot be handled here
             pass
 
-    def agree(self, trainer: pl.Trainer) -> int | None:
-        """The signal any rank received (SIGTERM before SIGINT), the same on every rank; a collective."""
-        return signal_of(all_ranks_sum(trainer, [0.0, *self.received()])[1:])
-
-    def received(self) -> list[float]:
-        """``[SIGTERM received, SIGINT received]`` as 0/1: what this rank adds to the ranks' agreement."""
-        return [float(self.signum == signum) for signum in WATCHED_SIGNALS]
-
-    def adopt(self, signum: int, step: int) -> None:
-        """Another rank received ``signum``: this one stops with it too (and its status names it)."""
-        if self.signum is None:
-            self.signum, self.step = signum, step
+    def agree(self, trainer: pl.Trainer, values: Sequence[float] = ()) -> tuple[int | None, list[float]]:
+        """The signal any rank received (SIGTERM before SIGINT; None: none), now also this rank's, and ``values``
+        summed over the ranks: one all-reduce, which every rank must call at the same point."""
+        received = [float(self.signum == signum) for signum in WATCHED_SIGNALS]
+        summed = all_ranks_sum(trainer, [*values, *received])
+        stop = next((int(s) for s, count in zip(WATCHED_SIGNALS, summed[len(values):]) if count > 0), None)
+        if stop is not None and self.signum is None:  # another rank's: this one stops with it (its status says so)
+            self.signum, self.step = stop, trainer.global_step
+        return stop, summed[:len(values)]
 
     def __enter__(self) -> SignalWatch:
         try:
@@ -181,11 +179,6 @@ def all_ranks_sum(trainer: pl.Trainer, values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
     torch.distributed.all_reduce(tensor)
     return tensor.tolist()
-
-
-def signal_of(received: list[float]) -> int | None:
-    """The signal of a ``SignalWatch.received()`` sum over ranks (None: no rank received one)."""
-    return next((int(signum) for signum, count in zip(WATCHED_SIGNALS, received) if count > 0), None)
 
 
 def classify(exc: BaseException, watch: SignalWatch, step: int | None) -> tuple[str, dict[str, Any]]:
@@ -312,9 +305,8 @@ class Lifecycle(pl.Callback):
 
     def _stop_if_any_rank_was_signalled(self, trainer: pl.Trainer) -> None:
         if trainer.world_size > 1 and self.signals is not None:
-            stop = self.signals.agree(trainer)
+            stop, _ = self.signals.agree(trainer)
             if stop is not None:
-                self.signals.adopt(stop, trainer.global_step)
                 raise Interrupted(stop, trainer.global_step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -375,12 +367,11 @@ class Lifecycle(pl.Callback):
         # rank received.
         last = self._step_losses[-1] if all(math.isfinite(v) for v in self._step_losses) else math.nan
         self._step_losses.clear()
-        received = self.signals.received() if self.signals is not None else [0.0] * len(WATCHED_SIGNALS)
-        total, *received = all_ranks_sum(trainer, [last, *received])
-        stop = signal_of(received)
-        if stop is not None and self._stop_signal is None and self.signals is not None:
-            self.signals.adopt(stop, trainer.global_step)
-            self._stop_signal = stop
+        if self.signals is None:
+            (total,) = all_ranks_sum(trainer, [last])
+        else:
+            stop, (total,) = self.signals.agree(trainer, [last])
+            self._stop_signal = self._stop_signal or stop
         self._check_loss(total / trainer.world_size, trainer.global_step)
 
     def _check_loss(self, value: float, step: int) -> None:
