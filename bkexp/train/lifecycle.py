@@ -105,7 +105,9 @@ class SignalWatch:
     Inside ``trainer.fit``/``test`` Lightning composes its own SIGTERM handler with this one (it keeps handlers
     that were installed before it) and stops at the next batch boundary; outside them (data setup, the
     causality check) SIGTERM raises :class:`Interrupted` at once. SIGINT always raises ``KeyboardInterrupt``,
-    as Python does by default. The previous handlers are restored on exit.
+    as Python does by default. Under DDP, :meth:`defer` makes both only recorded inside ``fit``/``validate``/
+    ``test``, and :meth:`agree` tells every rank what any of them received. The previous handlers are restored
+    on exit.
     """
 
     def __init__(self) -> None:
