@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from runhelpers import read_summary
-from test_lifecycle import env_with_tests, only_run
+from test_lifecycle import env_with_tests, only_run, signal_at
 from testpaths import REPO_ROOT
 
 # 2 processes, 160 training examples in batches of 4 per process: 20 steps an epoch, no epoch end nearby.
@@ -38,11 +38,6 @@ def ddp_run(root: Path, *overrides: str, timeout: float = 240) -> subprocess.Com
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
-def signal_on(name: str, rank: int, step: int, signum: int) -> list[str]:
-    return [f"+callbacks.{name}._target_=signals.SignalAt", f"+callbacks.{name}.step={step}",
-            f"+callbacks.{name}.signum={int(signum)}", f"+callbacks.{name}.rank={rank}"]
-
-
 def saved_steps(run_dir: Path) -> list[int]:
     """The step at which each rank saved last.ckpt on the interrupt, from the two ranks' logs."""
     steps = []
@@ -59,7 +54,8 @@ def saved_steps(run_dir: Path) -> list[int]:
     pytest.param([(0, 6, signal.SIGINT), (1, 6, signal.SIGINT)], id="SIGINT-both-ranks"),
 ])
 def test_a_signal_on_any_rank_stops_every_rank_after_the_same_step(tmp_path, signals):
-    overrides = [arg for i, (rank, step, signum) in enumerate(signals) for arg in signal_on(f"s{i}", rank, step, signum)]
+    overrides = [arg for i, (rank, step, signum) in enumerate(signals)
+                 for arg in signal_at(step, signum, rank, name=f"s{i}")]
     result = ddp_run(tmp_path, *overrides)
     signum = signals[0][2]
     assert result.returncode == 128 + signum, result.stdout[-2000:] + result.stderr[-3000:]

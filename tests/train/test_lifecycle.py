@@ -26,9 +26,11 @@ def train_subprocess(root: Path, *overrides: str, timeout: float = 300) -> subpr
                           cwd=REPO_ROOT, env=env_with_tests(), capture_output=True, text=True, timeout=timeout)
 
 
-def signal_at(step: int, signum: int) -> list[str]:
-    return ["+callbacks.signal._target_=signals.SignalAt", f"+callbacks.signal.step={step}",
-            f"+callbacks.signal.signum={int(signum)}"]
+def signal_at(step: int, signum: int, rank: int | None = None, name: str = "signal") -> list[str]:
+    """Overrides adding a ``signals.SignalAt`` callback ``name`` (under DDP: on rank ``rank`` only)."""
+    only_rank = [f"+callbacks.{name}.rank={rank}"] if rank is not None else []
+    return [f"+callbacks.{name}._target_=signals.SignalAt", f"+callbacks.{name}.step={step}",
+            f"+callbacks.{name}.signum={int(signum)}", *only_rank]
 
 
 def env_with_tests() -> dict[str, str]:
@@ -219,8 +221,7 @@ def test_slurm_requeue_signal_path(tmp_path):
            "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "train.py"), f"paths.root_dir={tmp_path}", *SHORT, "trainer.max_steps=40",
-         *signal_at(3, signal.SIGUSR1),
-         "+callbacks.term._target_=signals.SignalAt", "+callbacks.term.step=4", f"+callbacks.term.signum={int(signal.SIGTERM)}"],
+         *signal_at(3, signal.SIGUSR1), *signal_at(4, signal.SIGTERM, name="term")],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
     assert calls.read_text().split() == ["requeue", "4242"]
