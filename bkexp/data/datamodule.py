@@ -3,8 +3,8 @@
 All of them yield batches ``{"input_ids": (B, N), "labels": (B, N)}`` (int64) where ``labels[:, t]`` is the
 target for the logits at position t and ``IGNORE_INDEX`` (-100) marks positions without loss. After
 ``prepare_data(); setup(stage)`` they expose ``vocab_size``, ``autoregressive``, ``has_answer_mask``,
-``ignore_index``, ``tokenizer`` (saved into the run directory) and ``describe()`` (the dataset record in
-summary.json).
+``ignore_index``, ``tokenizer`` (saved into the run directory), ``describe()`` (the dataset record in
+summary.json) and ``overlapping_splits()`` (pairs of splits that are the same data, :mod:`bkexp.held_out`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from bkexp.data.sources import SPLITS, HubTextSource, LocalTextSource
 from bkexp.data.synthetic import IGNORE_INDEX, iid_tokens, mqar, split_seed
 from bkexp.data.tokenizers import IdTokenizer, Tokenizer
+from bkexp.held_out import RECORD_KEY, overlapping_pairs
 
 
 class ChunkedStream(Dataset):
@@ -140,6 +141,16 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+def _same_examples(a: Dataset, b: Dataset) -> bool:
+    """Whether two in-memory splits hold the same tokens (False for anything else, e.g. streams)."""
+    if isinstance(a, ChunkedStream) and isinstance(b, ChunkedStream):
+        return (isinstance(a.stream, torch.Tensor) and isinstance(b.stream, torch.Tensor)
+                and torch.equal(a.stream, b.stream))
+    if isinstance(a, ExampleDataset) and isinstance(b, ExampleDataset):
+        return torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+    return False
+
+
 class TokenDataModule(L.LightningDataModule):
     """Shared loaders and attributes; subclasses fill ``self.datasets[split]`` in ``setup``.
 
@@ -204,6 +215,10 @@ class TokenDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size, train=False)
 
+    def overlapping_splits(self) -> list[list[str]]:
+        """Pairs of set-up splits that hold the same examples (e.g. validation and test read one file)."""
+        return overlapping_pairs(self.datasets, lambda a, b: _same_examples(self.datasets[a], self.datasets[b]))
+
     def _split_counts(self) -> dict[str, dict[str, int]]:
         """Per split: examples (chunks), input tokens and labelled (predicted) tokens."""
         counts = {}
@@ -250,6 +265,11 @@ class TextDataModule(TokenDataModule):
             self.source = HubTextSource.build(name, hub, files)
         self.streams: dict[str, torch.Tensor] = {}
 
+    def overlapping_splits(self) -> list[list[str]]:
+        """Pairs of splits that read overlapping source data or hold the same tokens."""
+        return overlapping_pairs(self.datasets, lambda a, b: self.source.shares_data(a, b)
+                                 or _same_examples(self.datasets[a], self.datasets[b]))
+
     def prepare_data(self) -> None:
         if isinstance(self.source, HubTextSource):
             self.source.prepare()
@@ -281,7 +301,7 @@ class TextDataModule(TokenDataModule):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source.describe(), "tokenizer": self.tokenizer.describe(),
                 "vocab_size": self.vocab_size if self.streams else None, "seq_len": self.seq_len,
-                "splits": self._split_counts()}
+                "splits": self._split_counts(), RECORD_KEY: self.overlapping_splits()}
 
 
 class _SyntheticDataModule(TokenDataModule):
@@ -323,7 +343,7 @@ class _SyntheticDataModule(TokenDataModule):
         return {"name": self.name, "source": {"kind": "synthetic", "task": self.task, "seed": self.seed,
                                               **self._task_params()},
                 "tokenizer": None, "vocab_size": self.vocab_size, "seq_len": self.seq_len,
-                "splits": self._split_counts()}
+                "splits": self._split_counts(), RECORD_KEY: self.overlapping_splits()}
 
 
 class MQARDataModule(_SyntheticDataModule):

@@ -7,6 +7,7 @@ the source is built, i.e. before any training starts.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,9 +44,49 @@ def local_override_hint(files: Mapping[str, str]) -> str:
     return "dataset.data_dir=DIR " + " ".join(f"dataset.files.{s}={files[s]}" for s in SPLITS)
 
 
+_LINE_RANGE = re.compile(r"^(?P<name>.+)\[(?P<start>[^\[\]:]*):(?P<stop>[^\[\]:]*)\]$")
+_BOUND = re.compile(r"^-?\d+$|^-?(\d+\.?\d*|\.\d+)%$")  # a line index, or a percentage of the lines
+
+
+def parse_line_range(spec: str) -> tuple[str, str | None, str | None]:
+    """``"valid.txt[:90%]"`` -> ``("valid.txt", None, "90%")``; a name without a range -> ``(name, None, None)``.
+
+    The range selects lines as Hugging Face datasets' split slicing selects rows (``train[:90%]``): each bound is
+    empty, a line index or a percentage of the file's lines (rounded to the closest line), negative counting
+    from the end.
+    """
+    match = _LINE_RANGE.match(spec)
+    if match is None:
+        return spec, None, None
+    bounds = [match["start"].strip() or None, match["stop"].strip() or None]
+    for bound in bounds:
+        if bound is not None and (not _BOUND.match(bound) or (bound.endswith("%") and abs(float(bound[:-1])) > 100)):
+            raise ValueError(f"file {spec!r}: bad line range bound {bound!r}; valid: NAME[START:STOP] with each "
+                             "bound empty, a line index (e.g. -1000) or a percentage from -100% to 100%, e.g. "
+                             "valid.txt[:90%] and valid.txt[90%:]")
+    return match["name"], bounds[0], bounds[1]
+
+
+def _line_index(bound: str | None, n_lines: int, default: int) -> int:
+    """A bound of :func:`parse_line_range` as a line index in ``[0, n_lines]``."""
+    if bound is None:
+        return default
+    if bound.endswith("%"):
+        index = round(float(bound[:-1]) / 100 * n_lines)
+    else:
+        index = int(bound)
+        if abs(index) > n_lines:
+            raise ValueError(f"line {index} is outside the file's {n_lines} lines")
+    return index + n_lines if index < 0 else index
+
+
 @dataclass
 class LocalTextSource:
-    """Plain-text splits in ``data_dir``, one file per split (names from ``files``), read as UTF-8."""
+    """Plain-text splits in ``data_dir``, one file per split (names from ``files``), read as UTF-8.
+
+    A file name may end in a line range, ``valid.txt[:90%]`` (:func:`parse_line_range`), so that two splits can be
+    cut from one file without overlapping, e.g. a validation split held out of the training file.
+    """
 
     data_dir: str
     files: dict[str, str]
@@ -61,17 +102,27 @@ class LocalTextSource:
             raise FileNotFoundError(f"dataset.data_dir={data_dir!r}: no such folder ({folder})")
         if not folder.is_dir():
             raise NotADirectoryError(f"dataset.data_dir={data_dir!r} is not a folder ({folder})")
-        for split, name in files.items():
-            path = folder / name
+        source = cls(str(folder), files)
+        for split, spec in files.items():
+            try:
+                path = source.path(split)
+            except ValueError as err:
+                raise ValueError(f"dataset.files.{split}: {err}") from None
             if not path.is_file():
                 present = sorted(p.name for p in folder.iterdir() if p.is_file())
                 raise FileNotFoundError(
-                    f"dataset.files.{split}={name!r}: no such file {path} (files in that folder: {present}); "
+                    f"dataset.files.{split}={spec!r}: no such file {path} (files in that folder: {present}); "
                     f"set dataset.files.{split}=NAME")
-        return cls(str(folder), files)
+        return source
 
-    def load(self, split: str) -> list[str]:
-        path = Path(self.data_dir) / self.files[split]
+    def path(self, split: str) -> Path:
+        """The file of ``split`` (a name that exists as given is a file name, brackets and all)."""
+        spec = self.files[split]
+        name = spec if (Path(self.data_dir) / spec).is_file() else parse_line_range(spec)[0]
+        return Path(self.data_dir) / name
+
+    def _read_lines(self, split: str) -> list[str]:
+        path = self.path(split)
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
@@ -80,6 +131,33 @@ class LocalTextSource:
                 f"{err.start}); convert it, e.g. `iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt`"
             ) from None
         return split_lines(text)
+
+    def line_range(self, split: str, n_lines: int) -> tuple[int, int]:
+        """``[start, stop)`` of the lines ``split`` reads out of its file's ``n_lines``."""
+        spec = self.files[split]
+        if (Path(self.data_dir) / spec).is_file():
+            return 0, n_lines
+        _, start, stop = parse_line_range(spec)
+        try:
+            return _line_index(start, n_lines, 0), _line_index(stop, n_lines, n_lines)
+        except ValueError as err:
+            raise ValueError(f"dataset.files.{split}={spec!r}: {err}") from None
+
+    def load(self, split: str) -> list[str]:
+        lines = self._read_lines(split)
+        start, stop = self.line_range(split, len(lines))
+        if start >= stop:
+            raise ValueError(f"dataset.files.{split}={self.files[split]!r} selects no lines (lines {start} to "
+                             f"{stop} of {len(lines)}); valid: a range whose start comes before its stop")
+        return lines[start:stop]
+
+    def shares_data(self, a: str, b: str) -> bool:
+        """Whether splits ``a`` and ``b`` read overlapping lines of one file."""
+        if self.path(a).resolve() != self.path(b).resolve():
+            return False
+        n_lines = len(self._read_lines(a))
+        (start_a, stop_a), (start_b, stop_b) = self.line_range(a, n_lines), self.line_range(b, n_lines)
+        return max(start_a, start_b) < min(stop_a, stop_b)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "local", "data_dir": self.data_dir, "files": dict(self.files)}
@@ -144,6 +222,10 @@ class HubTextSource:
         """Download into the datasets cache (Lightning calls this on one process only)."""
         self._load_all()
 
+    def shares_data(self, a: str, b: str) -> bool:
+        """Whether splits ``a`` and ``b`` read the same hub split."""
+        return self.split_names[a] == self.split_names[b]
+
     def load(self, split: str) -> list[str]:
         rows = self._load_all()[self.split_names[split]][self.text_field]
         lines: list[str] = []
@@ -152,7 +234,8 @@ class HubTextSource:
         return lines
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "hub", "path": self.path, "name": self.name, "text_field": self.text_field}
+        return {"kind": "hub", "path": self.path, "name": self.name, "text_field": self.text_field,
+                "splits": dict(self.split_names)}
 
 
 @contextmanager

@@ -31,9 +31,10 @@ import torch
 from torch.utils.data import IterableDataset
 
 from bkexp.data.datamodule import ChunkedStream, TokenDataModule, _positive_int
-from bkexp.data.sources import SPLITS, split_lines
+from bkexp.data.sources import SPLITS, parse_line_range, split_lines
 from bkexp.data.synthetic import IGNORE_INDEX
 from bkexp.data.tokenizers import Tokenizer, WordTokenizer, _absolute, hub_unavailable
+from bkexp.held_out import RECORD_KEY, overlapping_pairs
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,10 @@ class StreamSource:
             patterns = [files[split]] if isinstance(files[split], str) else list(files[split])
             matched: list[str] = []
             for pattern in patterns:
+                if parse_line_range(pattern)[1:] != (None, None) and not (folder / pattern).is_file():
+                    raise ValueError(f"dataset.files.{split}={pattern!r}: a line range selects lines of a plain-text "
+                                     "file read in memory (dataset.streaming=false); a streamed split reads whole "
+                                     "files")
                 found = sorted(glob.glob(str(folder / pattern)))
                 if not found:
                     present = sorted(p.name for p in folder.iterdir() if p.is_file())[:20]
@@ -133,6 +138,12 @@ class StreamSource:
             return datasets.load_dataset(self.path, self.name, split=self.split_names[split], streaming=True)
         return datasets.load_dataset(self.builder, data_files={split: self.data_files[split]}, split=split,
                                      streaming=True)
+
+    def shares_data(self, a: str, b: str) -> bool:
+        """Whether splits ``a`` and ``b`` read the same hub split or share a local file."""
+        if self.path is not None:
+            return self.split_names[a] == self.split_names[b]
+        return bool(set(self.data_files[a]) & set(self.data_files[b]))
 
     def describe(self) -> dict[str, Any]:
         if self.path is not None:
@@ -251,7 +262,7 @@ def chunk_sources(files: Mapping[str, Any] | None, streaming: bool | str) -> boo
         return streaming
     if streaming != "auto":
         raise ValueError(f"dataset.streaming must be true, false or auto, got {streaming!r}")
-    names: Sequence[str] = [f for v in dict(files or {}).values()
+    names: Sequence[str] = [parse_line_range(f)[0] for v in dict(files or {}).values()
                             for f in ([v] if isinstance(v, str) else list(v))]
     formats = {file_format(f) for f in names}
     return bool(formats & STREAMING_FORMATS)
@@ -359,11 +370,16 @@ class StreamingTextDataModule(TokenDataModule):
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
+    def overlapping_splits(self) -> list[list[str]]:
+        """Pairs of splits that read the same source data (a token cache is keyed by its source)."""
+        return overlapping_pairs(SPLITS, self.source.shares_data)
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source.describe(), "tokenizer": self.tokenizer.describe(),
                 "vocab_size": self.vocab_size, "seq_len": self.seq_len, "streaming": True,
                 "reading": dict(self.reading), "eval_chunks": self.eval_chunks,
-                "shuffle_buffer": self.shuffle_buffer, "splits": self._split_counts()}
+                "shuffle_buffer": self.shuffle_buffer, "splits": self._split_counts(),
+                RECORD_KEY: self.overlapping_splits()}
 
 
 def text_datamodule(streaming: bool | str = "auto", **kwargs: Any) -> TokenDataModule:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bkexp.data.sources import SPLITS, HubTextSource, split_lines
+from bkexp.data.sources import SPLITS, HubTextSource, LocalTextSource, split_lines
 
 TEXT_FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
 
@@ -123,10 +123,15 @@ def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
     data_dir = path or config.get("data_dir")
     if isinstance(data_dir, str) and "${" in data_dir:  # the run's own config: resolve its interpolations
         data_dir = OmegaConf.to_container(cfg.dataset, resolve=True).get("data_dir")
-    if data_dir:
-        file = Path(data_dir).expanduser() / str(files.get(split))
-        return Corpus(label, {"kind": "local", "dataset": name, "path": str(file.resolve())},
-                      _read_file(file, label))
+    if data_dir:  # the split's file, or its line range (valid.txt[90%:]), as the run's datamodule reads it
+        source = LocalTextSource(str(Path(data_dir).expanduser().resolve()), {split: str(files.get(split))})
+        try:
+            file = source.path(split)
+            _read_file(file, label)  # a missing or empty file, named
+            lines = source.load(split)
+        except ValueError as err:
+            raise CorpusError(f"--datasets {label}: {err}") from None
+        return Corpus(label, {"kind": "local", "dataset": name, "path": str(file), "file": files.get(split)}, lines)
     hub = config.get("hub")
     if not hub:
         raise CorpusError(f"--datasets {label}: dataset {name!r} has no hub source; give its folder: {name}:DIR "

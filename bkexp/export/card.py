@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import math
 import shlex
+from pathlib import Path
 from typing import Any
+
+from bkexp.held_out import caveats, record_pairs, short_caveat
 
 TEMPLATE = """---
 {{ card_data }}
@@ -37,6 +40,8 @@ Trained with bkexp (`python train.py {{ overrides }}`), exported from run `{{ ru
 | metric | value |
 | --- | --- |
 {% for key, value in result_rows %}| {{ key }} | {{ value }} |
+{% endfor %}{% for caveat in caveats %}
+**Caveat:** {{ caveat }}.
 {% endfor %}
 ## Reproduce
 
@@ -91,9 +96,11 @@ def model_card(summary: dict[str, Any], config: dict[str, Any], folder_hint: str
     dataset = summary.get("dataset") or data.get("name")
     hub_dataset = source.get("path") if str(source.get("kind", "")).startswith("hub") else None
     test_ppl = metrics.get("test/ppl")
+    overlap = record_pairs(data)
+    test_held_out = not any("test" in pair for pair in overlap)
 
-    eval_results = []
-    if isinstance(test_ppl, (int, float)) and math.isfinite(test_ppl):
+    eval_results = []  # the card's machine-readable results, which leaderboards read: held-out numbers only
+    if isinstance(test_ppl, (int, float)) and math.isfinite(test_ppl) and test_held_out:
         eval_results.append(EvalResult(task_type="text-generation", dataset_type=hub_dataset or str(dataset),
                                        dataset_name=str(dataset), dataset_split="test", metric_type="perplexity",
                                        metric_value=float(test_ppl)))
@@ -117,6 +124,7 @@ def model_card(summary: dict[str, Any], config: dict[str, Any], folder_hint: str
     splits = data.get("splits") or {}
     data_rows = [
         ("dataset", f"{dataset} ({_describe_source(source)})"),
+        *((f"{split} split", value) for split, value in _split_sources(source).items()),
         ("tokenizer", _fmt(tokenizer.get("name"))),
         ("sequence length", _fmt(summary.get("seq_len"))),
         # the defaults `python train.py` applied beyond the overrides in the command (the default MQAR experiment)
@@ -136,12 +144,20 @@ def model_card(summary: dict[str, Any], config: dict[str, Any], folder_hint: str
                                                             else "")
     description = (f"A {name} language model ({_fmt(params.get('total'))} parameters) trained on {dataset} at "
                    f"sequence length {summary.get('seq_len')} and {summary.get('bits')}-bit weights"
-                   + (f"; test perplexity {_fmt(test_ppl)}." if test_ppl is not None else "."))
+                   + (f"; test perplexity {_fmt(test_ppl)}" if test_ppl is not None else "")
+                   + ("" if test_held_out or test_ppl is None else f" ({short_caveat(overlap)}, not held out)") + ".")
     return ModelCard.from_template(
         card_data, template_str=TEMPLATE, title=f"bkexp {name} on {dataset}", description=description,
         overrides=overrides, run=config["source"]["run"], checkpoint=config["source"]["checkpoint"],
-        model_rows=model_rows, data_rows=data_rows, result_rows=result_rows,
+        model_rows=model_rows, data_rows=data_rows, result_rows=result_rows, caveats=caveats(overlap),
         command=f"python train.py {overrides}".strip(), versions=versions, folder_hint=folder_hint)
+
+
+def _split_sources(source: dict[str, Any]) -> dict[str, str]:
+    """What each split read: its local file(s) or its hub split; empty for synthetic data."""
+    per_split = source.get("files") or source.get("splits") or {}
+    return {split: ", ".join(f"`{Path(f).name}`" for f in ([files] if isinstance(files, str) else files))
+            for split, files in per_split.items()}
 
 
 def _describe_source(source: dict[str, Any]) -> str:

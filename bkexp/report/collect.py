@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from bkexp.held_out import record_pairs, short_caveat
 from bkexp.environment import machine_label
 from bkexp.rundir import (  # noqa: F401  (re-exported)
     SUMMARY_FILE, RunDirError, atomic_write_text, checkpoint_step, find_run_dirs)
@@ -291,6 +292,8 @@ def collect_runs(dirs: Sequence[str | os.PathLike]) -> RunSet:
             "error": summary.get("error"),
             "recipe": summary.get("recipe"),  # the conf/recipe/ settings the run composed, if any
             "machine": machine_label(summary.get("env")),  # speed and memory are this machine's
+            # splits that are the same data, e.g. "validation = test data": their metrics are not held out
+            "not_held_out": short_caveat(record_pairs(summary.get("data"))),
         }
         for key in [*IDENTITY_KEYS, *[k for k in swept if k not in IDENTITY_KEYS]]:
             row[key] = _hashable(_key_value(summary, flat_config, key))
@@ -312,8 +315,8 @@ def collect_runs(dirs: Sequence[str | os.PathLike]) -> RunSet:
 
     frame = pd.DataFrame(rows)
     # Keys stay Python objects: a None (failed run) must not turn seq_len 128 into 128.0 in labels and the CSV.
-    key_columns = ["run_dir", "status", "error", "recipe", "machine", *IDENTITY_KEYS, *swept, "sweep.dir",
-                   "sweep.job_num", *(f"config.{k}" for k in config_keys)]
+    key_columns = ["run_dir", "status", "error", "recipe", "machine", "not_held_out", *IDENTITY_KEYS, *swept,
+                   "sweep.dir", "sweep.job_num", *(f"config.{k}" for k in config_keys)]
     for column in dict.fromkeys(key_columns):
         if column in frame.columns:
             frame[column] = pd.Series([row.get(column) for row in rows], index=frame.index, dtype=object)

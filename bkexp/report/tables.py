@@ -175,7 +175,7 @@ def format_cell(cell: Cell | None) -> str:
 def summary_frame(runs: RunSet) -> pd.DataFrame:
     """One row per run: where, status/error, recipe, identity and swept keys, varying config keys, then all metrics."""
     frame = runs.frame
-    first = ["run_dir", "status", "error", "recipe", "machine", *IDENTITY_KEYS]
+    first = ["run_dir", "status", "error", "recipe", "machine", "not_held_out", *IDENTITY_KEYS]
     first += [k for k in runs.swept_keys if k not in first]
     first += ["sweep.dir", "sweep.job_num", *runs.config_keys]
     rest = sorted(c for c in frame.columns if c not in first)
@@ -545,6 +545,18 @@ def _comparison_md(result: dict[str, Any], runs: RunSet) -> list[str]:
     return lines + [""]
 
 
+def _not_held_out_md(runs: RunSet) -> list[str]:
+    """A warning above the tables when some runs evaluated on data they trained on or were selected on."""
+    flagged = runs.frame["not_held_out"].dropna() if "not_held_out" in runs.frame else pd.Series(dtype=object)
+    if flagged.empty:
+        return []
+    counts = ", ".join(f"`{caveat}` ({count} runs)" for caveat, count in flagged.value_counts(sort=False).items())
+    return [f"**Not held out** in {len(flagged)} of {len(runs.frame)} runs: {counts}. Where validation and test are "
+            "the same data, the best checkpoint was chosen on the test data; where training data is evaluated, "
+            "those metrics measure fit, not generalisation. summary.csv's `not_held_out` column says which runs.",
+            ""]
+
+
 def summary_markdown(runs: RunSet, metrics: Sequence[Metric], comparison_result: dict[str, Any] | None,
                      title: str, best_over: Sequence[dict[str, Any]] = ()) -> str:
     seeds = sorted({display(s) for s in runs.frame["seed"]}) if "seed" in runs.frame else []
@@ -564,6 +576,7 @@ def summary_markdown(runs: RunSet, metrics: Sequence[Metric], comparison_result:
                   + ", ".join(f"`{machine}` ({count} runs)" for machine, count in machines.items())
                   + ". Speed and memory depend on the machine, so the speed and memory cells and ratios below mix "
                   "machines; summary.csv's `machine` column says which run ran where.", ""]
+    lines += _not_held_out_md(runs)
     for metric in metrics:
         direction = f", {metric.better} is better" if metric.better else ""
         lines += [f"## {metric.label}", "", f"`{metric.column}`{direction}", ""]

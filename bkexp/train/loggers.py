@@ -42,9 +42,12 @@ from bkexp.dashboards import (
     sweep_overrides,
     swept_keys,
 )
+from bkexp.held_out import record_pairs, short_caveat
 from bkexp.utils import flatten
 
 log = logging.getLogger(__name__)
+
+NOT_HELD_OUT_TAG = "not-held-out"  # W&B tag of a run whose validation or test data is not held out
 
 
 def dashboard_identity(cfg: DictConfig, identity: Mapping[str, Any]) -> dict[str, Any]:
@@ -131,6 +134,10 @@ def _wandb_summary(run: Any, summary: Mapping[str, Any], numbers: Mapping[str, A
         if finite_number(value) is not None or isinstance(value, str):
             update[key] = value
     update["status"] = summary.get("status")
+    not_held_out = short_caveat(record_pairs(summary.get("data")))
+    if not_held_out:  # in the runs table's columns and filterable by tag, like summary.csv's column
+        update["not_held_out"] = not_held_out
+        run.tags = (*run.tags, NOT_HELD_OUT_TAG)
     run.summary.update(update)
 
 

@@ -21,12 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from bkexp.allocator import configure_cpu_allocator
 from bkexp.environment import environment
+from bkexp.held_out import caveats, record_pairs
 from bkexp.memory import peak_memory_mb, reset_peak_memory, resident_memory_mb
 from bkexp.quant import QuantSpec
 from bkexp.techniques import RunContext, Techniques
+from bkexp.threads import cpu_threads
 from bkexp.train.callbacks import LayerSummary, ThroughputMonitor
 from bkexp.train.causality import check_causality
-from bkexp.threads import cpu_threads
 from bkexp.train.config import run_threads, validate_config
 from bkexp.train.lifecycle import DivergenceLimits, Lifecycle, SignalWatch, classify, running_record
 from bkexp.train.loggers import build_loggers, finish_loggers
@@ -121,6 +122,8 @@ def run(cfg: DictConfig) -> float | None:
         datamodule.prepare_data()
         datamodule.setup("fit")
         record.update(data=datamodule.describe())
+        for caveat in caveats(record_pairs(record.data["data"])):
+            log.warning("dataset %s: %s", cfg.dataset.get("name"), caveat)
         if rank_zero_only.rank == 0 and getattr(datamodule, "tokenizer", None) is not None:
             datamodule.tokenizer.save(run_dir / "tokenizer")  # eval, generate and export rebuild it from here
         techniques.check_data(datamodule, cfg.dataset.get("name"))

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from bkexp.held_out import record_pairs, short_caveat
 from bkexp.utils import atomic_write_text
 
 
@@ -30,7 +31,8 @@ def _jsonable(value: Any) -> Any:
 def headline(summary: dict[str, Any]) -> str:
     """The run's result in one console line: what was trained, the test numbers, size, speed and time.
 
-    On MQAR it names the chance level (1 / number of value tokens) so the accuracy can be read at a glance.
+    On MQAR it names the chance level (1 / number of value tokens) so the accuracy can be read at a glance; splits
+    that are the same data (:mod:`bkexp.held_out`) are named at the end.
     """
     metrics = summary.get("metrics") or {}
     data = summary.get("data") or {}
@@ -52,6 +54,9 @@ def headline(summary: dict[str, Any]) -> str:
         parts.append(f"{tokens_per_s:,.0f} train tokens/s")
     if isinstance(summary.get("wall_time_s"), (int, float)):
         parts.append(f"{summary['wall_time_s']:.0f} s")
+    overlap = short_caveat(record_pairs(data))
+    if overlap:
+        parts.append(f"not held out: {overlap}")
     return "[bkexp] " + " | ".join(parts)
 
 

@@ -1,0 +1,47 @@
+"""Which splits of a run's data are the same data, and what that does to the numbers reported on them.
+
+A "test" number is only held out if the test data took no part in training or in choosing the checkpoint. Local
+data often has two files for three splits (WikiText-2's valid.txt and test.txt; a streamed split cannot be cut out
+of a file), and a typo can point two splits at one file. The datamodules record the pairs of splits that share
+data in summary.json (``data.overlapping_splits``); the run's log, its console headline, ``bkexp report`` and the
+exported model card all state the consequence next to the numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import combinations
+from typing import Any
+
+RECORD_KEY = "overlapping_splits"  # key of the pairs in the dataset record (summary.json "data")
+
+
+def overlapping_pairs(splits: Iterable[str], overlap: Callable[[str, str], bool]) -> list[list[str]]:
+    """``[[a, b], ...]`` for every pair of ``splits`` (in the given order) for which ``overlap(a, b)``."""
+    return [[a, b] for a, b in combinations(list(splits), 2) if overlap(a, b)]
+
+
+def caveats(pairs: Sequence[Sequence[str]] | None) -> list[str]:
+    """One sentence per consequence of the overlapping ``pairs`` for the metrics measured on them."""
+    shared = {frozenset(pair) for pair in pairs or ()}
+    found = []
+    if frozenset(("validation", "test")) in shared:
+        found.append("validation and test are the same data: the best checkpoint was chosen on the test data, so "
+                     "test metrics are not held out")
+    for split in ("validation", "test"):
+        if frozenset(("train", split)) in shared:
+            found.append(f"{split} data is also training data: {split} metrics measure fit to the training data, "
+                         "not generalisation")
+    return found
+
+
+def short_caveat(pairs: Sequence[Sequence[str]] | None) -> str | None:
+    """The overlapping pairs in a few words for a headline or a table (``validation = test data``), or None."""
+    if not pairs:
+        return None
+    return ", ".join(f"{a} = {b} data" for a, b in pairs)
+
+
+def record_pairs(data: Mapping[str, Any] | None) -> list[list[str]]:
+    """The overlapping pairs of a summary.json ``data`` record (none when the record predates them)."""
+    return [list(pair) for pair in (data or {}).get(RECORD_KEY) or ()]

@@ -1,0 +1,177 @@
+"""Held-out splits: line ranges cut disjoint splits out of one file, and splits that are the same data are found,
+recorded in summary.json and stated wherever their numbers are shown (run log and headline, report, model card)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from testpaths import WIKITEXT2_DIR
+
+from bkexp.cli import main as bkexp_main
+from bkexp.data import ByteTokenizer, MQARDataModule, StreamingTextDataModule, TextDataModule, text_datamodule
+from bkexp.held_out import caveats, short_caveat
+from bkexp.export import export_run
+from bkexp.report.cli import write_report
+import wandb_files
+from runhelpers import TINY, compose_train, read_summary
+
+N_LINES = 120
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """corpus.txt (120 WikiText-2 lines), copy.txt (the same bytes), other.txt (different lines)."""
+    lines = (WIKITEXT2_DIR / "valid.txt").read_text(encoding="utf-8").split("\n")
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "corpus.txt").write_text("\n".join(lines[:N_LINES]) + "\n", encoding="utf-8")
+    (out / "copy.txt").write_text("\n".join(lines[:N_LINES]) + "\n", encoding="utf-8")
+    (out / "other.txt").write_text("\n".join(lines[200:260]) + "\n", encoding="utf-8")
+    return out
+
+
+def text_dm(folder: Path, train: str, validation: str, test: str) -> TextDataModule:
+    dm = TextDataModule(name="text", seq_len=16, batch_size=2, tokenizer=ByteTokenizer(), data_dir=str(folder),
+                        files={"train": train, "validation": validation, "test": test})
+    dm.setup("fit")
+    return dm
+
+
+def encoded(folder: Path, lines: slice) -> torch.Tensor:
+    """The lines tokenised independently of the datamodule: each line's UTF-8 bytes, then the byte tokenizer's
+    end of line."""
+    text = (folder / "corpus.txt").read_text(encoding="utf-8").split("\n")[:-1][lines]
+    return ByteTokenizer().encode_lines(text)
+
+
+@pytest.mark.parametrize("train,validation,train_lines,validation_lines", [
+    ("corpus.txt[:90%]", "corpus.txt[90%:]", slice(0, 108), slice(108, 120)),
+    ("corpus.txt[:-20]", "corpus.txt[-20:]", slice(0, 100), slice(100, 120)),
+    ("corpus.txt[10:50]", "corpus.txt[50%:75%]", slice(10, 50), slice(60, 90)),
+])
+def test_line_ranges_cut_disjoint_splits_from_one_file(folder: Path, train: str, validation: str,
+                                                       train_lines: slice, validation_lines: slice) -> None:
+    dm = text_dm(folder, train, validation, "other.txt")
+    assert torch.equal(dm.streams["train"], encoded(folder, train_lines))
+    assert torch.equal(dm.streams["validation"], encoded(folder, validation_lines))
+    assert dm.overlapping_splits() == []
+    assert dm.describe()["overlapping_splits"] == []
+    assert dm.describe()["source"]["files"] == {"train": train, "validation": validation, "test": "other.txt"}
+
+
+@pytest.mark.parametrize("train,validation,test,pairs", [
+    ("corpus.txt", "other.txt", "other.txt", [["validation", "test"]]),  # one file for two splits
+    ("corpus.txt[:90%]", "corpus.txt[80%:]", "other.txt", [["train", "validation"]]),  # ranges that overlap
+    ("corpus.txt", "other.txt", "copy.txt", [["train", "test"]]),  # another file with the same text
+    ("corpus.txt[:50%]", "corpus.txt[50%:]", "corpus.txt", [["train", "test"], ["validation", "test"]]),
+])
+def test_splits_that_share_data_are_found(folder: Path, train: str, validation: str, test: str,
+                                          pairs: list[list[str]]) -> None:
+    dm = text_dm(folder, train, validation, test)
+    assert dm.overlapping_splits() == pairs
+    assert dm.describe()["overlapping_splits"] == pairs
+
+
+def test_bad_line_ranges_are_refused_naming_the_value(folder: Path) -> None:
+    with pytest.raises(ValueError, match=r"dataset.files.train: .*'corpus.txt\[a:\]'.*bad line range bound 'a'"):
+        text_dm(folder, "corpus.txt[a:]", "other.txt", "other.txt")
+    with pytest.raises(ValueError, match=r"bad line range bound '150%'.*-100% to 100%"):
+        text_dm(folder, "corpus.txt[:150%]", "other.txt", "other.txt")
+    with pytest.raises(ValueError, match=r"bad line range bound '2.5'"):
+        text_dm(folder, "corpus.txt[2.5:]", "other.txt", "other.txt")
+    with pytest.raises(FileNotFoundError, match=r"dataset.files.validation='nothere.txt\[:10\]'"):
+        text_dm(folder, "corpus.txt", "nothere.txt[:10]", "other.txt")
+    with pytest.raises(ValueError, match=rf"dataset.files.train='corpus.txt\[:500\]': line 500 is outside the "
+                                         rf"file's {N_LINES} lines"):
+        text_dm(folder, "corpus.txt[:500]", "other.txt", "other.txt")
+    with pytest.raises(ValueError, match=r"'corpus.txt\[60:50%\]' selects no lines \(lines 60 to 60 of 120\)"):
+        text_dm(folder, "corpus.txt[60:50%]", "other.txt", "other.txt")
+
+
+def test_a_file_named_with_brackets_is_read_whole(folder: Path) -> None:
+    (folder / "odd[1:2]").write_text("a\nb\nc\n", encoding="utf-8")
+    dm = text_dm(folder, "corpus.txt", "odd[1:2]", "other.txt")
+    assert torch.equal(dm.streams["validation"], ByteTokenizer().encode_lines(["a", "b", "c"]))
+
+
+def test_streamed_splits_that_share_a_file_are_found_and_ranges_are_refused(folder: Path) -> None:
+    for name in ("corpus", "other"):
+        lines = (folder / f"{name}.txt").read_text(encoding="utf-8").split("\n")[:-1]
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines), "utf-8")
+    dm = text_datamodule(name="text", seq_len=16, batch_size=2, tokenizer=ByteTokenizer(), data_dir=str(folder),
+                         files={"train": "corpus.jsonl", "validation": "other.jsonl", "test": "*.jsonl"})
+    assert isinstance(dm, StreamingTextDataModule)
+    assert dm.overlapping_splits() == [["train", "test"], ["validation", "test"]]
+    with pytest.raises(ValueError, match=r"dataset.files.train='corpus.jsonl\[:90%\]': a line range .* in memory"):
+        text_datamodule(name="text", seq_len=16, batch_size=2, tokenizer=ByteTokenizer(), data_dir=str(folder),
+                        files={"train": "corpus.jsonl[:90%]", "validation": "other.jsonl", "test": "other.jsonl"})
+
+
+def test_synthetic_splits_do_not_overlap() -> None:
+    dm = MQARDataModule(name="mqar", seq_len=16, batch_size=4, vocab_size=32, num_train=32, num_val=8, num_test=8)
+    dm.setup("fit")
+    assert dm.describe()["overlapping_splits"] == []
+
+
+def test_caveats_say_what_each_overlap_means() -> None:
+    assert caveats([]) == [] and short_caveat([]) is None
+    (selection,) = caveats([["validation", "test"]])
+    assert "best checkpoint was chosen on the test data" in selection
+    assert [c.split(" data")[0] for c in caveats([["train", "validation"], ["train", "test"]])] == \
+        ["validation", "test"]
+    assert short_caveat([["train", "test"], ["validation", "test"]]) == "train = test data, validation = test data"
+
+
+def test_wikitext2_local_validates_on_lines_held_out_of_training(tmp_path: Path) -> None:
+    files = compose_train(["experiment=wikitext2_local"], tmp_path).dataset.files
+    assert dict(files) == {"train": "valid.txt[:90%]", "validation": "valid.txt[90%:]", "test": "test.txt"}
+
+
+def test_a_run_on_shared_splits_says_so_everywhere(train, folder: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path),
+                       "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config")}.items():
+        monkeypatch.setenv(key, value)
+    text = ["dataset=text", "tokenizer=byte", f"dataset.data_dir={folder}"]
+    shared = train(*text, "dataset.files.train=corpus.txt", "dataset.files.validation=other.txt",
+                   "dataset.files.test=other.txt", "logger=wandb", *TINY)
+    printed = capsys.readouterr().out
+    held_out = train(*text, 'dataset.files.train="corpus.txt[:80%]"', 'dataset.files.validation="corpus.txt[80%:]"',
+                     "dataset.files.test=other.txt", *TINY)
+
+    summary = read_summary(shared)
+    assert summary["status"] == "ok" and summary["data"]["overlapping_splits"] == [["validation", "test"]]
+    assert read_summary(held_out)["data"]["overlapping_splits"] == []
+    assert "| not held out: validation = test data" in printed.splitlines()[-2]  # the headline, then "run ok"
+    assert "validation and test are the same data: the best checkpoint was chosen on the test data" in \
+        (shared / "train.log").read_text()
+    assert "held out" not in (held_out / "train.log").read_text()
+
+    (run_file,) = shared.glob("wandb/offline-run-*/run-*.wandb")
+    wandb_run = wandb_files.run_info(run_file)
+    assert "not-held-out" in wandb_run["tags"] and wandb_run["summary"]["not_held_out"] == "validation = test data"
+
+    write_report([shared.parent], tmp_path / "report", plots=False)
+    md = (tmp_path / "report" / "summary.md").read_text()
+    assert "**Not held out** in 1 of 2 runs: `validation = test data` (1 runs)" in md
+    rows = {r["run_dir"]: r["not_held_out"] for r in csv.DictReader(open(tmp_path / "report" / "summary.csv"))}
+    assert rows == {str(shared): "validation = test data", str(held_out): ""}
+
+    card = (export_run(shared, tmp_path / "shared_export") / "README.md").read_text()
+    assert "(validation = test data, not held out)" in card and "model-index" not in card
+    assert "| validation split | `other.txt` |" in card and "| test split | `other.txt` |" in card
+    card = (export_run(held_out, tmp_path / "held_out_export") / "README.md").read_text()
+    assert "not held out" not in card.lower() and "model-index" in card
+    assert "| train split | `corpus.txt[:80%]` |" in card
+
+    # bkexp eval reads the run's validation range as training did: the same tokens, the best validation loss
+    assert bkexp_main(["eval", str(held_out), "--split", "validation"]) == 0
+    (scored,) = json.loads((held_out / "eval" / "perplexity.json").read_text())["datasets"]
+    summary = read_summary(held_out)
+    assert scored["tokens"] == summary["data"]["splits"]["validation"]["tokens"]
+    assert scored["ppl"] == pytest.approx(summary["metrics"]["best/val_ppl"], rel=1e-5)
