@@ -3,6 +3,7 @@ what a parallel region costs here."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import pkgutil
@@ -61,8 +62,17 @@ def parallel_region_cost(repeat: int = 200) -> dict[str, float | int]:
     return {"threads": threads, "add_65536_us": round(on_all, 1), "add_65536_one_thread_us": round(on_one, 1)}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog="bkexp doctor", description="Print, as JSON: library versions and the machine (what every run records "
+        "as `env`), what a parallel region costs on this CPU, and per device which kernel backends each op can run "
+        "and which one `auto` picks.")
+
+
 def main(argv: list[str]) -> int:
     from bkexp.environment import environment
+
+    build_parser().parse_args(argv)
 
     info = {"env": environment(), "cpu_parallel_region": parallel_region_cost(), "backends": {}}
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
