@@ -250,4 +250,10 @@ def _record_callbacks(record: RunRecord, trainer: pl.Trainer) -> None:
     for callback in trainer.callbacks:
         if isinstance(callback, ThroughputMonitor):
             record.update(throughput=callback.results())
+        if isinstance(callback, pl.callbacks.EarlyStopping) and callback.stopping_reason_message is not None:
+            # Lightning's own reason, e.g. "Monitored metric val/loss did not improve in the last 3 records."
+            record.update(stopped_early={"step": trainer.global_step, "reason": callback.stopping_reason.name.lower(),
+                                         "message": callback.stopping_reason_message.strip(),
+                                         "monitor": callback.monitor, "best": float(callback.best_score)})
+            log.info("stopped early at step %d: %s", trainer.global_step, callback.stopping_reason_message.strip())
     record.update(memory={**record.data.get("memory", {}), "peak_mb": peak_memory_mb(trainer.strategy.root_device)})

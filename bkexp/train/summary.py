@@ -54,6 +54,10 @@ def headline(summary: dict[str, Any]) -> str:
         parts.append(f"{tokens_per_s:,.0f} train tokens/s")
     if isinstance(summary.get("wall_time_s"), (int, float)):
         parts.append(f"{summary['wall_time_s']:.0f} s")
+    stopped = summary.get("stopped_early")
+    if stopped:
+        parts.append(f"stopped early at step {stopped['step']} ({stopped['monitor']}: "
+                     f"{stopped['reason'].replace('_', ' ')})")
     overlap = short_caveat(record_pairs(data))
     if overlap:
         parts.append(f"not held out: {overlap}")

@@ -205,3 +205,24 @@ def test_the_layer_table_shows_bkexps_flop_count_not_lightnings_zeros(train, cou
         assert table.splitlines()[-1].startswith(expected) and flops["train_step_per_token"] > 0
     else:
         assert flops is None and "FLOPs" not in table
+
+
+def test_early_stopping_stops_after_patience_validations_and_records_why(train, capsys) -> None:
+    """callbacks=early_stopping: with a min_delta no validation can meet, the run stops at the validation after
+    `patience` more, mid-epoch, well before max_steps; summary.json and the headline say when and why."""
+    tiny = [o for o in TINY if not o.startswith("trainer.max_steps=")]
+    run = train(*tiny, *MQAR_TINY, "trainer.max_steps=40", "callbacks=early_stopping",
+                "callbacks.early_stopping.patience=2", "callbacks.early_stopping.min_delta=100")
+    summary = read_summary(run)
+    validations = [(int(r["step"]) + 1, float(r["val/loss"]))  # the CSV logs step s after optimizer step s + 1
+                   for r in csv.DictReader((run / "csv/metrics.csv").open()) if r.get("val/loss")]
+    assert [step for step, _ in validations] == [2, 4, 6]  # one improvement (from inf), then two without
+    assert summary["status"] == "ok" and summary["steps"] == 6 and summary["tokens"]["train"] == 6 * 4 * 32
+    stopped = summary["stopped_early"]
+    assert stopped["step"] == 6 and stopped["reason"] == "patience_exhausted" and stopped["monitor"] == "val/loss"
+    assert stopped["best"] == pytest.approx(validations[0][1], rel=1e-6)
+    assert "did not improve in the last 2 records" in stopped["message"]
+    best_step = min(validations, key=lambda v: v[1])[0]  # the checkpoint keeps the lowest loss, min_delta or not
+    assert summary["metrics"]["test/checkpoint"] == f"best-{best_step}.ckpt"
+    assert "| stopped early at step 6 (val/loss: patience exhausted)" in capsys.readouterr().out
+    assert "stopped_early" not in read_summary(train(*TINY, *MQAR_TINY))  # the default callbacks do not stop
