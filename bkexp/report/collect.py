@@ -28,7 +28,8 @@ IDENTITY_KEYS = ("model", "dataset", "seq_len", "bits", "seed")
 ROW_KEY = "model"
 REPLICATE_KEY = "seed"
 # Summary sections flattened into metric columns ("metrics.val/ppl", "throughput.train_tokens_per_sec", ...).
-METRIC_SECTIONS = ("metrics", "throughput", "memory", "flops", "params", "tokens", "backends")
+METRIC_SECTIONS = ("metrics", "throughput", "memory", "flops", "params", "tokens", "backends",
+                   "stopped_early")  # stopped_early: step, reason, best score of a run EarlyStopping ended
 METRIC_SCALARS = ("steps", "state_size", "wall_time_s")
 # Config subtrees that differ per run for bookkeeping reasons (paths, Hydra's own settings), not as a treatment.
 CONFIG_NOISE_PREFIXES = ("hydra.", "paths.")

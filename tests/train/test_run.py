@@ -225,4 +225,8 @@ def test_early_stopping_stops_after_patience_validations_and_records_why(train, 
     best_step = min(validations, key=lambda v: v[1])[0]  # the checkpoint keeps the lowest loss, min_delta or not
     assert summary["metrics"]["test/checkpoint"] == f"best-{best_step}.ckpt"
     assert "| stopped early at step 6 (val/loss: patience exhausted)" in capsys.readouterr().out
+    from bkexp.report.cli import write_report
+
+    (row,) = csv.DictReader(open(write_report([run], plots=False).summary_csv))
+    assert (row["stopped_early.step"], row["stopped_early.reason"]) == ("6", "patience_exhausted")
     assert "stopped_early" not in read_summary(train(*TINY, *MQAR_TINY))  # the default callbacks do not stop
