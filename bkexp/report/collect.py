@@ -16,8 +16,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from bkexp.held_out import record_pairs, short_caveat
 from bkexp.environment import machine_label
+from bkexp.held_out import record_pairs, short_caveat
 from bkexp.rundir import (  # noqa: F401  (re-exported)
     SUMMARY_FILE, RunDirError, atomic_write_text, checkpoint_step, find_run_dirs)
 from bkexp.utils import flatten

@@ -31,8 +31,8 @@ def _jsonable(value: Any) -> Any:
 def headline(summary: dict[str, Any]) -> str:
     """The run's result in one console line: what was trained, the test numbers, size, speed and time.
 
-    On MQAR it names the chance level (1 / number of value tokens) so the accuracy can be read at a glance; splits
-    that are the same data (:mod:`bkexp.held_out`) are named at the end.
+    On MQAR it names the chance level (1 / number of value tokens) so the accuracy can be read at a glance; an
+    early stop and splits that are the same data (:mod:`bkexp.held_out`) are named at the end.
     """
     metrics = summary.get("metrics") or {}
     data = summary.get("data") or {}
