@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 import time
 import traceback
 from contextlib import ExitStack
@@ -82,7 +83,8 @@ def run(cfg: DictConfig) -> float | None:
     identity = job_identity()
     plan = plan_resume(run_dir) if cfg.get("resume") else None
     if plan is not None and plan.finished:
-        print(f"[bkexp] run {run_dir} already finished (status ok); skipped", flush=True)
+        print(f"[bkexp] run {run_dir} already finished (status ok); skipped{_train_further_hint(run_dir, plan)}",
+              flush=True)
         return plan.previous.get("metrics", {}).get("best/val_loss")
     if plan is not None and plan.previous.get("sweep") and not identity["multirun"]:
         identity.update(sweep=plan.previous["sweep"], overrides=plan.previous.get("overrides", []))
@@ -211,6 +213,19 @@ def run(cfg: DictConfig) -> float | None:
             finish_loggers(loggers, record.data)  # the same numbers as summary.json; records where they went
             if rank_zero_only.rank == 0:
                 record.write()
+
+
+def _train_further_hint(run_dir: Path, plan: Any) -> str:
+    """How to continue a finished run: a new run from its last checkpoint (resuming in place would overwrite the
+    results it finished with)."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return ""
+    overrides = [o for o in plan.previous.get("overrides") or []
+                 if not o.startswith(("resume=", "ckpt_path=", "trainer.max_steps="))]
+    command = shlex.join(["python", "train.py", *overrides, f"ckpt_path={last.resolve()}"])
+    return (f". It stopped at step {plan.previous.get('steps')}; to train it further, start a new run from its last "
+            f"checkpoint with a larger budget:\n  {command} trainer.max_steps=N")
 
 
 def _count_flops(model: torch.nn.Module, sample: torch.Tensor) -> dict[str, Any]:

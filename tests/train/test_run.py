@@ -230,3 +230,21 @@ def test_early_stopping_stops_after_patience_validations_and_records_why(train, 
     (row,) = csv.DictReader(open(write_report([run], plots=False).summary_csv))
     assert (row["stopped_early.step"], row["stopped_early.reason"]) == ("6", "patience_exhausted")
     assert "stopped_early" not in read_summary(train(*TINY, *MQAR_TINY))  # the default callbacks do not stop
+
+
+def test_resuming_a_finished_run_skips_it_and_prints_how_to_train_it_further(train, capsys) -> None:
+    import shlex
+
+    finished = train(*TINY, *MQAR_TINY)
+    before = (finished / "summary.json").read_text()
+    capsys.readouterr()
+    train(f"resume={finished}", "trainer.max_steps=8")
+    printed = capsys.readouterr().out
+    assert (finished / "summary.json").read_text() == before  # skipped: its results stay
+    assert f"run {finished} already finished (status ok); skipped. It stopped at step 4" in printed
+    (command,) = [line.strip() for line in printed.splitlines() if line.strip().startswith("python train.py")]
+    args = shlex.split(command.replace("trainer.max_steps=N", "trainer.max_steps=8"))
+    assert args[:2] == ["python", "train.py"] and f"ckpt_path={finished / 'checkpoints' / 'last.ckpt'}" in args
+    further = read_summary(train(*args[2:]))  # the printed command, as a user would paste it
+    assert further["status"] == "ok" and further["steps"] == 8
+    assert further["resumes"] == [{"from_step": 4, "checkpoint": str(finished / "checkpoints" / "last.ckpt")}]
