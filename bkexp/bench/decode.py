@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from bkexp.bench.common import CONF_DIR, MODELS, build_model, model_list, time_fn, write_table
+from bkexp.devices import device_argument
 from bkexp.environment import environment
 from bkexp.threads import AUTO_STATE_BYTES, DECODE_THREADS, cpu_threads, decode_threads_for, thread_option
 
@@ -152,7 +153,8 @@ def main(argv: list[str]) -> int:
                              "process's count above; N; 0: the process's count); the prefill uses the process's count")
     parser.add_argument("--vocab", type=int, default=512, help="vocabulary size of the random-token models")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", type=device_argument,
+                        help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--config-dir", type=Path, default=CONF_DIR, help="bkexp's conf/ tree")
     parser.add_argument("--out", type=Path, default=Path("bench_results/decode"), help="output directory")
     args = parser.parse_args(argv)
@@ -170,7 +172,7 @@ def main(argv: list[str]) -> int:
         print(f"bkexp bench decode: {err}", file=sys.stderr)
         return 2
     contexts, batches = _ints(args.context, "--context"), _ints(args.batch, "--batch")
-    device = torch.device(args.device)
+    device = args.device
     dtype = getattr(torch, args.dtype)
 
     rows: list[dict] = []

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bkexp.bench.common import log_log_plot, time_fn, write_table
+from bkexp.devices import device_argument
 from bkexp.environment import environment
 from bkexp.models.mixers.attention import AttentionMixer
 from bkexp.models.mixers.mamba import MambaMixer
@@ -130,7 +131,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--verbatim-max", type=int, default=0,
                         help="largest N timed with selective_scan_ref as written (quadratic backward; 0: skip)")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions per row (median reported)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", type=device_argument,
+                        help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     args = parser.parse_args(argv)
     try:
         lengths = sorted({int(v) for v in args.n.split(",") if v.strip()})
@@ -140,7 +142,7 @@ def main(argv: list[str]) -> int:
     if not lengths or min(lengths) < 1:
         print(f"bkexp bench mamba: --n needs positive lengths, got {args.n!r}", file=sys.stderr)
         return 2
-    device = torch.device(args.device)
+    device = args.device
     backends = [b for b in ("cuda", "cpu") if b in available_backends(device)]
     d_inner = args.expand * args.d_model
     torch.manual_seed(0)

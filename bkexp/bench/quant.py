@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from bkexp.bench.common import interleaved, write_table
+from bkexp.devices import device_argument
 from bkexp.environment import environment
 from bkexp.models import LanguageModel
 from bkexp.models.ffn import MLP
@@ -117,10 +118,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeat", type=int, default=20, help="timed forwards per row (median reported)")
     parser.add_argument("--backend", default="auto", choices=["auto", "torchao", "none"],
                         help="real int8 backend: auto (torchao when it imports), torchao (required), none")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", type=device_argument,
+                        help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--out", type=Path, default=Path("bench_results/quant"), help="output directory")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     available, ao_info = torchao_status()
     if args.backend == "torchao" and not available:
         print(f"bkexp bench quant: --backend torchao but torchao does not import ({ao_info}); install it with "

@@ -32,6 +32,7 @@ from hydra.utils import instantiate
 import bkexp.models.mixers.bk as bk_module
 from bkexp.bench.common import (CONF_DIR, MODELS, NO_RECIPE, compose_config, interleaved, log_log_plot,
                                 model_list, write_table)
+from bkexp.devices import device_argument
 from bkexp.environment import environment
 from bkexp.models.ffn import MLP
 from bkexp.ops.cross_entropy import token_cross_entropy
@@ -63,7 +64,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--components-n", type=int, default=256, help="N of the components table (default 256)")
     p.add_argument("--components-batch", type=int, default=32, help="batch of the components table (default 32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default="auto", type=device_argument,
+                   help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default="32", choices=["32", "bf16-mixed"],
                    help="32: float32; bf16-mixed: bfloat16 autocast with float32 weights (flash SDPA on GPU)")
     p.add_argument("--override", action="append", default=[],
@@ -82,9 +84,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         p.error(f"unknown --baseline {args.baseline!r}; valid: {', '.join(MODELS)}")
     if args.baseline not in args.models:  # a valid model that was not timed: nothing to divide by
         args.baseline = None
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
     return args
 
 

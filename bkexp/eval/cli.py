@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from bkexp.devices import device_argument
 from bkexp.eval.corpora import CorpusError, bits_per_byte, check_pairing, encode, load_corpus, parse_datasets
 from bkexp.utils import atomic_write_text
 
@@ -95,18 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples per task")
     p.add_argument("--limit", type=float, default=None, help="lm-eval: at most this many documents per task")
     p.add_argument("--bits", default=None, help="post-training quantization sweep, e.g. 16,8,4 (bkexp eval-quant)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", type=device_argument,
+                   help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="change the run's config before rebuilding, e.g. dataset.data_dir=/data/wt2 (repeatable)")
     p.add_argument("--no-causality-check", action="store_true",
                    help="skip the causality check (only for models that are not autoregressive by design)")
     return p
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -311,7 +307,7 @@ def write_lengths(out: Path, record: dict[str, Any]) -> list[Path]:
 
 # ----------------------------------------------------------------------------- driver
 def eval_one(run_dir: Path, args: argparse.Namespace) -> list[Path]:
-    device = resolve_device(args.device)
+    device = args.device
     run = load_run(run_dir, args.checkpoint, args.override, device)
     out = run_dir / EVAL_DIR
     written: list[Path] = []
@@ -384,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             from bkexp.eval.quant import main as eval_quant
 
             code = eval_quant([*map(str, runs), "--bits", args.bits, "--checkpoint", args.checkpoint,
-                               "--device", args.device, *[f"--override={o}" for o in args.override]])
+                               "--device", str(args.device), *[f"--override={o}" for o in args.override]])
             if code:
                 return code
         for run_dir in runs:

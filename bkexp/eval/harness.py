@@ -62,7 +62,7 @@ class BkexpLM(TemplateLM):
                  tokenizer: Any = None, max_length: int | None = None, batch_size: int | str = 16,
                  device: str | None = None, decode_threads: int | str = DECODE_THREADS, **unused: Any) -> None:
         super().__init__()
-        from bkexp.eval.cli import resolve_device
+        from bkexp.devices import resolve_device
 
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             # lm_eval's command line passes --device cuda by default, also on machines without a GPU

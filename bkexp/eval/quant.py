@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from bkexp.devices import device_argument
 from bkexp.quant.fake_quant import GRANULARITIES
 from bkexp.quant.spec import CLIPS, EVAL_BITS, QuantConfigError, QuantSpec
 from bkexp.rundir import RunDir, RunDirError, atomic_save_figure, atomic_write_text, find_run_dirs, is_run_dir
@@ -81,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the run's embeddings switch (quantize embedding + LM head)")
     p.add_argument("--clip", choices=CLIPS, default=None, help="override the run's clip (percentile: PTQ clipping)")
     p.add_argument("--percentile", type=float, default=None, help="clip percentile of |w| with --clip percentile")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", type=device_argument,
+                   help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--limit-batches", type=int, default=None,
                    help="evaluate only this many batches per split (quick look; recorded in the table)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -121,12 +123,6 @@ def trained_as(cfg: DictConfig) -> str:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @torch.no_grad()
 def evaluate_split(task: Any, loader: Any, device: torch.device, has_answer_mask: bool,
                    limit_batches: int | None = None) -> dict[str, float]:
@@ -165,7 +161,7 @@ def eval_run(run_dir: Path, bits_list: Sequence[int], args: argparse.Namespace) 
         raise EvalQuantError(f"--splits: {bad or args.splits!r} invalid; valid: {', '.join(SPLITS)}")
     policy = run_policy(cfg, args)
     QuantSpec(method="ptq", bits=8, **policy).validate(EVAL_BITS)  # fail before the data is built
-    device = resolve_device(args.device)
+    device = args.device
     torch.manual_seed(int(cfg.get("seed", 0)))
 
     ckpt = run.checkpoint_path(args.checkpoint)  # a missing checkpoint fails before the data is built

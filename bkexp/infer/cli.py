@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from bkexp.devices import device_argument
 from bkexp.infer.generate import cut_at_until, generate, until_stop
 from bkexp.infer.run import load_run
 from bkexp.infer.sampling import Sampling
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=1, help="continuations of the prompt to draw (one batch)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable); cut from the output")
     parser.add_argument("--checkpoint", default="best", help="best, last or a path to a .ckpt (default best)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", default="cpu", type=device_argument,
+                        help="cpu (default), auto (cuda when available), cuda, cuda:1, ...")
     parser.add_argument("--decode-threads", default=DECODE_THREADS,
                         help=f"CPU threads of the token-by-token steps (default {DECODE_THREADS}: one up to "
                              f"{AUTO_STATE_BYTES >> 20} MiB of decoding state, the process's count above; N; 0: the "
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch < 1:
             raise ValueError(f"--batch must be >= 1, got {args.batch}")
         decode_threads = thread_option(args.decode_threads, "--decode-threads")
-        device = torch.device(args.device)
+        device = args.device
     except (ValueError, RuntimeError) as err:
         print(f"bkexp generate: {err}", file=sys.stderr)
         return 2
