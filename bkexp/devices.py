@@ -22,7 +22,7 @@ def available_devices() -> list[str]:
     return names
 
 
-def _missing(device: torch.device) -> str | None:
+def unavailable(device: torch.device) -> str | None:
     """Why this machine cannot run ``device``, or None when it can."""
     if device.type == "cpu":
         return None
@@ -48,7 +48,7 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise ValueError(f"device {name!r} is not a torch device; valid: {', '.join(available_devices())}") from None
-    why = _missing(device)
+    why = unavailable(device)
     if why is not None:
         raise ValueError(f"device {str(name)!r}: {why}; valid here: {', '.join(available_devices())}")
     return device

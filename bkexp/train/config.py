@@ -6,9 +6,11 @@ import inspect
 import math
 from typing import Any
 
+import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig
 
+from bkexp.devices import unavailable
 from bkexp.errors import ConfigError  # noqa: F401  (re-exported: raised by the checks below)
 from bkexp.quant.spec import TRAIN_BITS as VALID_BITS  # one list of training bit widths
 from bkexp.threads import check_threads
@@ -116,6 +118,12 @@ def validate_values(cfg: DictConfig) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int) or not (steps >= 1 or steps == -1):
             raise ConfigError(f"trainer.max_steps={steps!r} is not valid; valid: a positive integer (the training "
                               "budget in optimizer steps), or -1 with +trainer.max_epochs=N (no step limit)")
+        accelerator = trainer.get("accelerator")
+        device = {"gpu": "cuda", "cuda": "cuda", "mps": "mps"}.get(str(accelerator))
+        why = unavailable(torch.device(device)) if device else None
+        if why:  # Lightning would say so only when it builds the Trainer, after the data and the model
+            raise ConfigError(f"trainer.accelerator={accelerator!r} (hardware=gpu, gpu_bf16, ddp or fsdp): {why}; "
+                              "valid on this machine: hardware=cpu or hardware=ddp_cpu")
         interval = trainer.get("val_check_interval")  # Lightning checks its other forms; 0 divides by zero there
         if isinstance(interval, int) and not isinstance(interval, bool) and interval < 1:
             raise ConfigError(f"trainer.val_check_interval={interval!r} is not valid; valid: a positive integer "

@@ -6,11 +6,12 @@ import itertools
 import re
 
 import pytest
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 
-from bkexp.train.config import validate_config
+from bkexp.train.config import ConfigError, validate_config
 from runhelpers import CONF, STREAMING_DATASETS, TEXT_DATASETS, compose_train, data_overrides, options
 
 
@@ -70,6 +71,12 @@ def test_every_other_group_option_composes(group, tmp_path):
     for option in options(group):
         cfg = compose_train([f"{group}={option}"], tmp_path)
         OmegaConf.to_container(cfg, resolve=True)  # raises on an interpolation that does not resolve
+        if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+            # refused before any data or model is built, with the options that run here
+            with pytest.raises(ConfigError, match=r"trainer.accelerator='gpu' .*: no CUDA device is available .*; "
+                                                  r"valid on this machine: hardware=cpu or hardware=ddp_cpu"):
+                validate_config(cfg)
+            continue
         validate_config(cfg)  # raises on a key its _target_ does not take or a bad value
 
 

@@ -248,3 +248,13 @@ def test_resuming_a_finished_run_skips_it_and_prints_how_to_train_it_further(tra
     further = read_summary(train(*args[2:]))  # the printed command, as a user would paste it
     assert further["status"] == "ok" and further["steps"] == 8
     assert further["resumes"] == [{"from_step": 4, "checkpoint": str(finished / "checkpoints" / "last.ckpt")}]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_gpu_run_on_a_machine_without_one_fails_before_building_anything(train, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"no CUDA device is available .*valid on this machine: hardware=cpu"):
+        train(*TINY, *MQAR_TINY, "hardware=gpu")
+    (run,) = list((tmp_path / "outputs").iterdir())
+    summary = read_summary(run)
+    assert summary["status"] == "failed" and summary["error"].startswith("ConfigError: trainer.accelerator='gpu'")
+    assert "data" not in summary and not (run / "checkpoints").exists()  # no data, model or Trainer was built
