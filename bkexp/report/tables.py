@@ -557,6 +557,17 @@ def _not_held_out_md(runs: RunSet) -> list[str]:
             ""]
 
 
+def _stopped_early_md(runs: RunSet) -> list[str]:
+    """A note above the tables when EarlyStopping ended some runs: their budgets are not the configured one."""
+    column = "stopped_early.step"
+    if column not in runs.frame or runs.frame[column].dropna().empty:
+        return []
+    stopped = runs.frame[runs.frame[column].notna()]
+    where = ", ".join(f"{row[ROW_KEY]} at step {int(row[column])}" for row in stopped.to_dict("records"))
+    return [f"**Stopped early** ({len(stopped)} of {len(runs.frame)} runs): {where}. These runs trained on fewer steps "
+            "and tokens than configured; compare budgets with summary.csv's `steps` and `tokens.train`.", ""]
+
+
 def summary_markdown(runs: RunSet, metrics: Sequence[Metric], comparison_result: dict[str, Any] | None,
                      title: str, best_over: Sequence[dict[str, Any]] = ()) -> str:
     seeds = sorted({display(s) for s in runs.frame["seed"]}) if "seed" in runs.frame else []
@@ -576,7 +587,7 @@ def summary_markdown(runs: RunSet, metrics: Sequence[Metric], comparison_result:
                   + ", ".join(f"`{machine}` ({count} runs)" for machine, count in machines.items())
                   + ". Speed and memory depend on the machine, so the speed and memory cells and ratios below mix "
                   "machines; summary.csv's `machine` column says which run ran where.", ""]
-    lines += _not_held_out_md(runs)
+    lines += _not_held_out_md(runs) + _stopped_early_md(runs)
     for metric in metrics:
         direction = f", {metric.better} is better" if metric.better else ""
         lines += [f"## {metric.label}", "", f"`{metric.column}`{direction}", ""]

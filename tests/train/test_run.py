@@ -227,8 +227,10 @@ def test_early_stopping_stops_after_patience_validations_and_records_why(train, 
     assert "| stopped early at step 6 (val/loss: patience exhausted)" in capsys.readouterr().out
     from bkexp.report.cli import write_report
 
-    (row,) = csv.DictReader(open(write_report([run], plots=False).summary_csv))
+    report = write_report([run], plots=False)
+    (row,) = csv.DictReader(open(report.summary_csv))
     assert (row["stopped_early.step"], row["stopped_early.reason"]) == ("6", "patience_exhausted")
+    assert "**Stopped early** (1 of 1 runs): transformer at step 6." in report.summary_md.read_text()
     assert "stopped_early" not in read_summary(train(*TINY, *MQAR_TINY))  # the default callbacks do not stop
 
 
