@@ -29,6 +29,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from bkexp.held_out import record_pairs, short_caveat
 from bkexp.utils import flatten
 
 SEPARATOR = " · "
@@ -159,7 +160,8 @@ def run_numbers(summary: Mapping[str, Any]) -> dict[str, float | int]:
 
 
 def session_hparams(summary: Mapping[str, Any], swept: Sequence[str] | None) -> dict[str, Any]:
-    """The settings a session is filed under: the swept overrides, then the run's identity."""
+    """The settings a session is filed under: the swept overrides, then the run's identity, and which splits are
+    not held out (:mod:`bkexp.held_out`) where some are."""
     values: dict[str, Any] = {}
     for override in _parse(summary.get("overrides") or []):
         if swept is not None and override.key_or_group in swept:
@@ -167,6 +169,9 @@ def session_hparams(summary: Mapping[str, Any], swept: Sequence[str] | None) -> 
     for key in IDENTITY_HPARAMS:
         if key not in values and summary.get(key) is not None:
             values[key] = summary[key]
+    not_held_out = short_caveat(record_pairs(summary.get("data")))
+    if not_held_out:  # a column of the HParams table, as in summary.csv: "validation = test data"
+        values["not_held_out"] = not_held_out
     # Typed values (seq_len 64, not "64") sort numerically in TensorBoard's table and axes.
     return {k: _typed(v) for k, v in values.items()}
 

@@ -22,6 +22,20 @@ from runhelpers import TINY, compose_train, read_summary
 N_LINES = 120
 
 
+def session_hparams(folder: Path) -> dict:
+    """The hyper-parameters of the HParams session that a run's TensorBoard event files start."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    for path in folder.rglob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == "_hparams_/session_start_info":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                    return {k: v.string_value or v.number_value for k, v in data.session_start_info.hparams.items()}
+    raise AssertionError(f"no HParams session under {folder}")
+
+
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
     """corpus.txt (120 WikiText-2 lines), copy.txt (the same bytes), other.txt (different lines)."""
@@ -139,7 +153,7 @@ def test_a_run_on_shared_splits_says_so_everywhere(train, folder: Path, tmp_path
         monkeypatch.setenv(key, value)
     text = ["dataset=text", "tokenizer=byte", f"dataset.data_dir={folder}"]
     shared = train(*text, "dataset.files.train=corpus.txt", "dataset.files.validation=other.txt",
-                   "dataset.files.test=other.txt", "logger=wandb", *TINY)
+                   "dataset.files.test=other.txt", "logger=many", *TINY)
     printed = capsys.readouterr().out
     held_out = train(*text, 'dataset.files.train="corpus.txt[:80%]"', 'dataset.files.validation="corpus.txt[80%:]"',
                      "dataset.files.test=other.txt", *TINY)
@@ -152,6 +166,7 @@ def test_a_run_on_shared_splits_says_so_everywhere(train, folder: Path, tmp_path
         (shared / "train.log").read_text()
     assert "held out" not in (held_out / "train.log").read_text()
 
+    assert session_hparams(shared / "tensorboard")["not_held_out"] == "validation = test data"
     (run_file,) = shared.glob("wandb/offline-run-*/run-*.wandb")
     wandb_run = wandb_files.run_info(run_file)
     assert "not-held-out" in wandb_run["tags"] and wandb_run["summary"]["not_held_out"] == "validation = test data"
