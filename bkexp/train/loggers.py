@@ -48,6 +48,7 @@ from bkexp.utils import flatten
 log = logging.getLogger(__name__)
 
 NOT_HELD_OUT_TAG = "not-held-out"  # W&B tag of a run whose validation or test data is not held out
+STOPPED_EARLY_TAG = "stopped-early"  # W&B tag of a run that EarlyStopping ended before its budget
 
 
 def dashboard_identity(cfg: DictConfig, identity: Mapping[str, Any]) -> dict[str, Any]:
@@ -134,10 +135,16 @@ def _wandb_summary(run: Any, summary: Mapping[str, Any], numbers: Mapping[str, A
         if finite_number(value) is not None or isinstance(value, str):
             update[key] = value
     update["status"] = summary.get("status")
+    tags = []  # in the runs table's columns and filterable by tag, like summary.csv's columns
     not_held_out = short_caveat(record_pairs(summary.get("data")))
-    if not_held_out:  # in the runs table's columns and filterable by tag, like summary.csv's column
+    if not_held_out:
         update["not_held_out"] = not_held_out
-        run.tags = (*run.tags, NOT_HELD_OUT_TAG)
+        tags.append(NOT_HELD_OUT_TAG)
+    if summary.get("stopped_early"):
+        update["stopped_early"] = {k: summary["stopped_early"][k] for k in ("step", "reason", "monitor", "best")}
+        tags.append(STOPPED_EARLY_TAG)
+    if tags:
+        run.tags = (*run.tags, *tags)
     run.summary.update(update)
 
 

@@ -146,11 +146,7 @@ def test_wikitext2_local_validates_on_lines_held_out_of_training(tmp_path: Path)
 
 
 def test_a_run_on_shared_splits_says_so_everywhere(train, folder: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path),
-                       "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config")}.items():
-        monkeypatch.setenv(key, value)
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     text = ["dataset=text", "tokenizer=byte", f"dataset.data_dir={folder}"]
     shared = train(*text, "dataset.files.train=corpus.txt", "dataset.files.validation=other.txt",
                    "dataset.files.test=other.txt", "logger=many", *TINY)

@@ -212,7 +212,7 @@ def test_early_stopping_stops_after_patience_validations_and_records_why(train, 
     `patience` more, mid-epoch, well before max_steps; summary.json and the headline say when and why."""
     tiny = [o for o in TINY if not o.startswith("trainer.max_steps=")]
     run = train(*tiny, *MQAR_TINY, "trainer.max_steps=40", "callbacks=early_stopping",
-                "callbacks.early_stopping.patience=2", "callbacks.early_stopping.min_delta=100")
+                "callbacks.early_stopping.patience=2", "callbacks.early_stopping.min_delta=100", "logger=wandb")
     summary = read_summary(run)
     validations = [(int(r["step"]) + 1, float(r["val/loss"]))  # the CSV logs step s after optimizer step s + 1
                    for r in csv.DictReader((run / "csv/metrics.csv").open()) if r.get("val/loss")]
@@ -225,6 +225,10 @@ def test_early_stopping_stops_after_patience_validations_and_records_why(train, 
     best_step = min(validations, key=lambda v: v[1])[0]  # the checkpoint keeps the lowest loss, min_delta or not
     assert summary["metrics"]["test/checkpoint"] == f"best-{best_step}.ckpt"
     assert "| stopped early at step 6 (val/loss: patience exhausted)" in capsys.readouterr().out
+    (run_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    wandb_run = wandb_files.run_info(run_file)
+    assert "stopped-early" in wandb_run["tags"]
+    assert wandb_files.flat_summary(wandb_run["summary"])["stopped_early.step"] == 6
     from bkexp.report.cli import write_report
 
     report = write_report([run], plots=False)
