@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from bkexp.devices import device_argument
-from bkexp.eval.corpora import CorpusError, bits_per_byte, check_pairing, encode, load_corpus, parse_datasets
+from bkexp.eval.corpora import (CorpusError, bits_per_byte, check_pairing, encode, load_corpus, parse_datasets,
+                                run_splits_in)
 from bkexp.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,23 @@ def _header(run: LoadedRun, device: torch.device) -> dict[str, Any]:
             "tokenizer": run.tokenizer.describe() if run.tokenizer is not None else None}
 
 
+def _shared_run_splits(run: LoadedRun, corpus: Any) -> list[str]:
+    """The run's training/validation splits this corpus shares data with, said on the console as it is scored."""
+    shared = run_splits_in(corpus, run.cfg)
+    if shared:
+        log.warning("%s: %s shares data with the run's %s split(s): its perplexity is not held out", run.name,
+                    corpus.name, " and ".join(shared))
+    return shared
+
+
+def _not_held_out_md(dataset: str, shared: Sequence[str]) -> list[str]:
+    if not shared:
+        return []
+    what = {"train": "training data (its perplexity measures fit, not generalisation)",
+            "validation": "validation data (the best checkpoint was chosen on it)"}
+    return ["", f"**Not held out:** `{dataset}` holds the run's " + " and ".join(what[s] for s in shared) + "."]
+
+
 # ----------------------------------------------------------------------------- perplexity on several corpora
 def eval_datasets(run: LoadedRun, items: Sequence[str], split: str, device: torch.device) -> dict[str, Any]:
     from bkexp.eval.scoring import score_stream
@@ -220,7 +238,8 @@ def eval_datasets(run: LoadedRun, items: Sequence[str], split: str, device: torc
                "loss": score.loss, "ppl": score.ppl, "tokens": stats["tokens"], "targets": score.targets,
                "bytes": stats["bytes"], "bits_per_byte": bits_per_byte(score.loss_sum, stats["bytes"]),
                "unk_share": stats.get("unk_share"), "oov_share": stats.get("oov_share"),
-               "tokens_per_sec": score.tokens_per_sec, "source": corpus.source}
+               "tokens_per_sec": score.tokens_per_sec, "source": corpus.source,
+               "shares_data_with": _shared_run_splits(run, corpus)}
         rows.append(row)
         log.info("%s on %s: ppl %.4f, %d tokens", run.name, corpus.name, row["ppl"], row["tokens"])
     ppl_mean, ppl_std = mean_std([r["ppl"] for r in rows])
@@ -242,6 +261,7 @@ def write_datasets(out: Path, record: dict[str, Any]) -> None:
           "`<unk>`, oov_share = share of tokens that became `<unk>` because the word is not in the training "
           "vocabulary (word-level tokenizers only).", ""]
     md += _md_table(PPL_COLUMNS, [[r[c] for c in PPL_COLUMNS] for r in rows])
+    md += [line for r in rows for line in _not_held_out_md(r["dataset"], r["shares_data_with"])]
     mean, std = record["mean"], record["std"]
     md += ["", f"Mean ± std over {len(rows)} corpora: perplexity {_fmt(mean['ppl'])} ± {_fmt(std['ppl'])}, "
            f"bits per byte {_fmt(mean['bits_per_byte'])} ± {_fmt(std['bits_per_byte'])}."]
@@ -277,6 +297,7 @@ def eval_lengths(run: LoadedRun, lengths: Sequence[int], stride: str | None, dat
         rows.append(row)
         log.info("%s L=%d: %s", run.name, length, f"ppl {row['ppl']:.4f}" if score.status == "ok" else score.status)
     return {**_header(run, device), "dataset": corpus.name, "source": corpus.source, "split": split,
+            "shares_data_with": _shared_run_splits(run, corpus),
             "targets": n_targets, "corpus_tokens": stats["tokens"],
             "mode": "sliding" if stride is not None else "non-overlapping", "stride": stride, "lengths": rows}
 
@@ -296,6 +317,7 @@ def write_lengths(out: Path, record: dict[str, Any]) -> list[Path]:
           + (f", stride {record['stride']}" if record["stride"] else "") + "). tokens/s counts scored tokens on "
           f"{record['device']}; peak_mb is the process peak (CPU: resident set) while scoring that L.", ""]
     md += _md_table(LENGTH_COLUMNS, [[r.get(c) for c in LENGTH_COLUMNS] for r in rows])
+    md += _not_held_out_md(record["dataset"], record.get("shares_data_with") or [])
     oom = [r for r in rows if r["status"] != "ok"]
     if oom:
         md += ["", "Out of memory: " + "; ".join(f"L={r['length']}: {r['error']}" for r in oom)]

@@ -58,6 +58,8 @@ class Corpus:
     name: str
     source: dict[str, Any]
     lines: list[str]
+    file: str | None = None  # a local corpus: its absolute file, with the line range it reads (valid.txt[90%:])
+    hub_split: str | None = None  # a hub corpus: the hub split it reads
 
     @property
     def num_bytes(self) -> int:
@@ -109,7 +111,8 @@ def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
             raise CorpusError("--datasets text needs a path: text:FILE or text:DIR (with test.txt)")
         target = Path(path).expanduser()
         file = target / TEXT_FILES[split] if target.is_dir() else target
-        return Corpus(item, {"kind": "local", "path": str(file.resolve())}, _read_file(file, item))
+        return Corpus(item, {"kind": "local", "path": str(file.resolve())}, _read_file(file, item),
+                      file=str(file.resolve()))
     if name == "run":
         name = str(cfg.dataset.get("name"))
         config = OmegaConf.to_container(cfg.dataset, resolve=True)
@@ -131,7 +134,8 @@ def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
             lines = source.load(split)
         except ValueError as err:
             raise CorpusError(f"--datasets {label}: {err}") from None
-        return Corpus(label, {"kind": "local", "dataset": name, "path": str(file), "file": files.get(split)}, lines)
+        return Corpus(label, {"kind": "local", "dataset": name, "path": str(file), "file": files.get(split)}, lines,
+                      file=str(Path(source.data_dir) / source.files[split]))
     hub = config.get("hub")
     if not hub:
         raise CorpusError(f"--datasets {label}: dataset {name!r} has no hub source; give its folder: {name}:DIR "
@@ -141,7 +145,29 @@ def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
         lines = source.load(split)
     except RuntimeError as err:
         raise CorpusError(f"--datasets {label}: {err} (with this command: {name}:DIR)") from err
-    return Corpus(label, source.describe(), lines)
+    return Corpus(label, source.describe(), lines, hub_split=f"{source.path}/{source.name}/{source.split_names[split]}")
+
+
+def run_splits_in(corpus: Corpus, cfg: DictConfig) -> list[str]:
+    """The run's training and validation splits whose data ``corpus`` shares: the same hub split, or overlapping
+    lines of one file. A perplexity on such a corpus is not held out (:mod:`bkexp.held_out`)."""
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True) if cfg.get("dataset") is not None else {}
+    files = dataset.get("files") or {}
+    shared = []
+    for split in ("train", "validation"):
+        if not files.get(split):
+            continue
+        if dataset.get("data_dir") and corpus.file is not None:
+            run_file = str(Path(dataset["data_dir"]).expanduser().resolve() / str(files[split]))
+            # one source over both absolute files: shares_data compares resolved paths and line ranges
+            if LocalTextSource("/", {"corpus": corpus.file, split: run_file}).shares_data("corpus", split):
+                shared.append(split)
+        elif not dataset.get("data_dir") and dataset.get("hub") and corpus.hub_split is not None:
+            hub = dataset["hub"]
+            name = (hub.get("splits") or {}).get(split, split)
+            if corpus.hub_split == f"{hub.get('path')}/{hub.get('name')}/{name}":
+                shared.append(split)
+    return shared
 
 
 def parse_datasets(text: str) -> list[str]:

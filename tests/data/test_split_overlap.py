@@ -186,3 +186,12 @@ def test_a_run_on_shared_splits_says_so_everywhere(train, folder: Path, tmp_path
     summary = read_summary(held_out)
     assert scored["tokens"] == summary["data"]["splits"]["validation"]["tokens"]
     assert scored["ppl"] == pytest.approx(summary["metrics"]["best/val_ppl"], rel=1e-5)
+    assert scored["shares_data_with"] == ["validation"]  # the split the best checkpoint was chosen on
+    # other corpora are checked against the run's files and line ranges: corpus.txt is its training and validation
+    # text, other.txt only its test split
+    assert bkexp_main(["eval", str(held_out), "--datasets", f"text:{folder}/corpus.txt,text:{folder}/other.txt"]) == 0
+    record = json.loads((held_out / "eval" / "perplexity.json").read_text())
+    assert [r["shares_data_with"] for r in record["datasets"]] == [["train", "validation"], []]
+    md = (held_out / "eval" / "perplexity.md").read_text()
+    assert f"**Not held out:** `text:{folder}/corpus.txt` holds the run's training data" in md
+    assert "other.txt` holds" not in md
