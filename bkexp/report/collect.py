@@ -332,6 +332,7 @@ def collect_runs(dirs: Sequence[str | os.PathLike]) -> RunSet:
 
 EVAL_DIR = "eval"
 EVAL_PREFIX = "eval."  # columns from a run's eval/ results (written by `bkexp eval`)
+NOT_HELD_OUT = "not_held_out"  # eval.not_held_out.<dataset>: the run's splits that corpus holds
 
 
 def _read_json(path: Path) -> Any:
@@ -346,7 +347,7 @@ def eval_columns(run_dir: Path) -> dict[str, Any]:
     """Flat columns from ``eval/perplexity.json``, ``eval/length.json`` and ``eval/lm_eval.json`` of a run.
 
     ``eval.ppl.<dataset>``, ``eval.bits_per_byte.<dataset>``, ``eval.unk_share.<dataset>``, ``eval.ppl.mean`` /
-    ``.std``; ``eval.length_ppl.<L>``, ``eval.length_tokens_per_sec.<L>``, ``eval.length_peak_mb.<L>`` (an
+    ``.std``, ``eval.not_held_out.<dataset>`` (the run's splits a corpus holds, e.g. ``train+validation``); ``eval.length_ppl.<L>``, ``eval.length_tokens_per_sec.<L>``, ``eval.length_peak_mb.<L>`` (an
     out-of-memory length has no value); ``eval.lm_eval.<task>.<metric>`` and ``...<metric>_stderr``.
     """
     out: dict[str, Any] = {}
@@ -357,12 +358,16 @@ def eval_columns(run_dir: Path) -> dict[str, Any]:
             for key in ("ppl", "bits_per_byte", "unk_share"):
                 if isinstance(row.get(key), (int, float)):
                     out[f"{EVAL_PREFIX}{key}.{row['dataset']}"] = row[key]
+            if row.get("shares_data_with"):  # the run's own training/validation data: not held out
+                out[f"{EVAL_PREFIX}{NOT_HELD_OUT}.{row['dataset']}"] = "+".join(row["shares_data_with"])
         for stat in ("mean", "std"):
             value = (ppl.get(stat) or {}).get("ppl")
             if isinstance(value, (int, float)):
                 out[f"{EVAL_PREFIX}ppl.{stat}"] = value
     length = _read_json(folder / "length.json")
     if isinstance(length, dict):
+        if length.get("shares_data_with"):
+            out[f"{EVAL_PREFIX}{NOT_HELD_OUT}.{length.get('dataset')}"] = "+".join(length["shares_data_with"])
         for row in length.get("lengths") or []:
             if row.get("status") != "ok":
                 continue

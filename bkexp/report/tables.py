@@ -13,6 +13,7 @@ import pandas as pd
 
 from bkexp.report.collect import (
     EVAL_PREFIX,
+    NOT_HELD_OUT,
     IDENTITY_KEYS,
     REPLICATE_KEY,
     ROW_KEY,
@@ -459,6 +460,13 @@ def _eval_md(runs: RunSet) -> list[str]:
         return []
     lines = ["## Evaluation (eval/ of each run)", "",
              "Cells: mean ± sample std over seeds, or the single value. Written by `bkexp eval`.", ""]
+    shared = [c for c in columns if c.startswith(f"{EVAL_PREFIX}{NOT_HELD_OUT}.")]
+    columns = [c for c in columns if c not in shared]
+    for column in shared:
+        holders = runs.frame[runs.frame[column].notna()]
+        lines += [f"**Not held out:** `{column.split('.', 2)[2]}` holds the training or validation data of "
+                  + ", ".join(f"{row[ROW_KEY]} ({row[column]})" for row in holders.to_dict("records"))
+                  + "; its perplexity there is not a held-out number.", ""]
     points = runs.points()
     for prefix, title, what in EVAL_FAMILIES:
         family = [c for c in columns if c.startswith(prefix) and not c.endswith("_stderr")]

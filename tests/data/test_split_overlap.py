@@ -195,3 +195,9 @@ def test_a_run_on_shared_splits_says_so_everywhere(train, folder: Path, tmp_path
     md = (held_out / "eval" / "perplexity.md").read_text()
     assert f"**Not held out:** `text:{folder}/corpus.txt` holds the run's training data" in md
     assert "other.txt` holds" not in md
+    report = write_report([held_out], tmp_path / "eval_report", plots=False)
+    (row,) = csv.DictReader(open(report.summary_csv))
+    assert row[f"eval.not_held_out.text:{folder}/corpus.txt"] == "train+validation"
+    assert f"eval.not_held_out.text:{folder}/other.txt" not in row
+    assert f"**Not held out:** `text:{folder}/corpus.txt` holds the training or validation data of transformer " \
+           "(train+validation)" in report.summary_md.read_text()
