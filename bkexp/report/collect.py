@@ -347,8 +347,9 @@ def eval_columns(run_dir: Path) -> dict[str, Any]:
     """Flat columns from ``eval/perplexity.json``, ``eval/length.json`` and ``eval/lm_eval.json`` of a run.
 
     ``eval.ppl.<dataset>``, ``eval.bits_per_byte.<dataset>``, ``eval.unk_share.<dataset>``, ``eval.ppl.mean`` /
-    ``.std``, ``eval.not_held_out.<dataset>`` (the run's splits a corpus holds, e.g. ``train+validation``); ``eval.length_ppl.<L>``, ``eval.length_tokens_per_sec.<L>``, ``eval.length_peak_mb.<L>`` (an
-    out-of-memory length has no value); ``eval.lm_eval.<task>.<metric>`` and ``...<metric>_stderr``.
+    ``.std``, ``eval.not_held_out.<dataset>`` (the run's splits a corpus holds, e.g. ``train+validation``);
+    ``eval.length_ppl.<L>``, ``eval.length_tokens_per_sec.<L>``, ``eval.length_peak_mb.<L>`` (an out-of-memory
+    length has no value); ``eval.lm_eval.<task>.<metric>`` and ``...<metric>_stderr``.
     """
     out: dict[str, Any] = {}
     folder = run_dir / EVAL_DIR
