@@ -247,8 +247,9 @@ def _final_metrics(trainer: pl.Trainer, task: LMTask, datamodule: Any, quant: Qu
         trainer.validate(task, datamodule=datamodule, verbose=False)
     for key, value in trainer.callback_metrics.items():
         metrics[key] = float(value)
-    metrics["best/val_loss"] = task.best_val_loss
-    metrics["best/val_ppl"] = math.exp(task.best_val_loss) if task.best_val_loss < 700 else math.inf
+    if math.isfinite(task.best_val_loss):  # still inf: no validation ran (limit_val_batches=0), so no best
+        metrics["best/val_loss"] = task.best_val_loss
+        metrics["best/val_ppl"] = math.exp(task.best_val_loss) if task.best_val_loss < 700 else math.inf
     quant.finalize(task.model)
     if test:
         ckpt = trainer.checkpoint_callback

@@ -264,3 +264,13 @@ def test_a_gpu_run_on_a_machine_without_one_fails_before_building_anything(train
     summary = read_summary(run)
     assert summary["status"] == "failed" and summary["error"].startswith("ConfigError: trainer.accelerator='gpu'")
     assert "data" not in summary and not (run / "checkpoints").exists()  # no data, model or Trainer was built
+
+
+def test_a_run_without_validation_records_no_best_validation_loss(train) -> None:
+    """limit_val_batches=0: nothing was validated, so there is no best loss (it was recorded as inf) and the test
+    runs on the final weights."""
+    summary = read_summary(train(*TINY, *MQAR_TINY, "trainer.limit_val_batches=0"))
+    metrics = summary["metrics"]
+    assert summary["status"] == "ok" and metrics["test/checkpoint"] == "final weights"
+    assert not any(key.startswith(("best/", "val/")) for key in metrics)
+    assert math.isfinite(metrics["test/loss"])
