@@ -122,6 +122,7 @@ def model_card(summary: dict[str, Any], config: dict[str, Any], folder_hint: str
         ("FLOPs per token (forward)", _fmt((summary.get("flops") or {}).get("forward_per_token"))),
     ]
     splits = data.get("splits") or {}
+    config_steps = ((summary.get("config") or {}).get("trainer") or {}).get("max_steps")
     data_rows = [
         ("dataset", f"{dataset} ({_describe_source(source)})"),
         *((f"{split} split", value) for split, value in _split_sources(source).items()),
@@ -131,6 +132,8 @@ def model_card(summary: dict[str, Any], config: dict[str, Any], folder_hint: str
         ("recipe (conf/recipe/)", str(summary.get("recipe") or "none")),
         ("training tokens seen", _fmt((summary.get("tokens") or {}).get("train"))),
         ("optimizer steps", _fmt(summary.get("steps"))),
+        *([("stopped early", f"at step {stopped['step']} of {_fmt(config_steps)}: {stopped['message']}")]
+          if (stopped := summary.get("stopped_early")) else []),
         ("training split tokens", _fmt((splits.get("train") or {}).get("tokens"))),
         ("seed", _fmt(summary.get("seed"))),
     ]

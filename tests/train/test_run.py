@@ -207,7 +207,7 @@ def test_the_layer_table_shows_bkexps_flop_count_not_lightnings_zeros(train, cou
         assert flops is None and "FLOPs" not in table
 
 
-def test_early_stopping_stops_after_patience_validations_and_records_why(train, capsys) -> None:
+def test_early_stopping_stops_after_patience_validations_and_records_why(train, capsys, tmp_path) -> None:
     """callbacks=early_stopping: with a min_delta no validation can meet, the run stops at the validation after
     `patience` more, mid-epoch, well before max_steps; summary.json and the headline say when and why."""
     tiny = [o for o in TINY if not o.startswith("trainer.max_steps=")]
@@ -235,6 +235,10 @@ def test_early_stopping_stops_after_patience_validations_and_records_why(train, 
     (row,) = csv.DictReader(open(report.summary_csv))
     assert (row["stopped_early.step"], row["stopped_early.reason"]) == ("6", "patience_exhausted")
     assert "**Stopped early** (1 of 1 runs): transformer at step 6." in report.summary_md.read_text()
+    from bkexp.export import export_run
+
+    card = (export_run(run, tmp_path / "export") / "README.md").read_text()
+    assert "| stopped early | at step 6 of 40: Monitored metric val/loss did not improve in the last 2 records." in card
     assert "stopped_early" not in read_summary(train(*TINY, *MQAR_TINY))  # the default callbacks do not stop
 
 
