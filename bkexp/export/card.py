@@ -132,11 +132,12 @@ def model_card(summary: dict[str, Any], config: dict[str, Any], folder_hint: str
         ("recipe (conf/recipe/)", str(summary.get("recipe") or "none")),
         ("training tokens seen", _fmt((summary.get("tokens") or {}).get("train"))),
         ("optimizer steps", _fmt(summary.get("steps"))),
-        *([("stopped early", f"at step {stopped['step']} of {_fmt(config_steps)}: {stopped['message']}")]
-          if (stopped := summary.get("stopped_early")) else []),
         ("training split tokens", _fmt((splits.get("train") or {}).get("tokens"))),
         ("seed", _fmt(summary.get("seed"))),
     ]
+    stopped = summary.get("stopped_early")
+    if stopped:  # trained on less than its configured budget
+        data_rows.append(("stopped early", f"at step {stopped['step']} of {_fmt(config_steps)}: {stopped['message']}"))
     result_rows = [(k, _fmt(metrics[k])) for k in ("test/ppl", "test/loss", "test/acc", "best/val_ppl",
                                                     "val/ppl", "val/acc") if k in metrics]
     result_rows.append(("wall time (s)", _fmt(summary.get("wall_time_s"))))
