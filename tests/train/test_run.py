@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import shlex
 
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
+from bkexp.export import export_run
+from bkexp.report.cli import write_report
 from bkexp.train.causality import CausalityError
 from bkexp.train.config import ConfigError
 import wandb_files
@@ -229,22 +232,16 @@ def test_early_stopping_stops_after_patience_validations_and_records_why(train, 
     wandb_run = wandb_files.run_info(run_file)
     assert "stopped-early" in wandb_run["tags"]
     assert wandb_files.flat_summary(wandb_run["summary"])["stopped_early.step"] == 6
-    from bkexp.report.cli import write_report
-
     report = write_report([run], plots=False)
     (row,) = csv.DictReader(open(report.summary_csv))
     assert (row["stopped_early.step"], row["stopped_early.reason"]) == ("6", "patience_exhausted")
     assert "**Stopped early** (1 of 1 runs): transformer at step 6." in report.summary_md.read_text()
-    from bkexp.export import export_run
-
     card = (export_run(run, tmp_path / "export") / "README.md").read_text()
     assert "| stopped early | at step 6 of 40: Monitored metric val/loss did not improve in the last 2 records." in card
     assert "stopped_early" not in read_summary(train(*TINY, *MQAR_TINY))  # the default callbacks do not stop
 
 
 def test_resuming_a_finished_run_skips_it_and_prints_how_to_train_it_further(train, capsys) -> None:
-    import shlex
-
     finished = train(*TINY, *MQAR_TINY)
     before = (finished / "summary.json").read_text()
     capsys.readouterr()
