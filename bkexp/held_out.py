@@ -35,6 +35,13 @@ def caveats(pairs: Sequence[Sequence[str]] | None) -> list[str]:
     return found
 
 
+def corpus_caveat(run_splits: Sequence[str]) -> str | None:
+    """What scoring a corpus that holds these splits of a run (``train``, ``validation``) measures, or None."""
+    what = {"train": "training data (its perplexity measures fit, not generalisation)",
+            "validation": "validation data (the best checkpoint was chosen on it)"}
+    return "holds the run's " + " and ".join(what[s] for s in run_splits) if run_splits else None
+
+
 def short_caveat(pairs: Sequence[Sequence[str]] | None) -> str | None:
     """The overlapping pairs in a few words for a headline or a table (``validation = test data``), or None."""
     if not pairs:

@@ -27,6 +27,17 @@ def split_lines(text: str) -> list[str]:
     return lines
 
 
+def count_lines(path: str | Path) -> int:
+    """How many lines :func:`split_lines` finds in a UTF-8 file, counted on its bytes without decoding or keeping
+    them (a newline byte never occurs inside another UTF-8 character)."""
+    newlines, last = 0, b""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            newlines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return newlines + (0 if last in (b"\n", b"") else 1)
+
+
 def _check_files(files: Mapping[str, str] | None) -> dict[str, str]:
     if files is None:
         raise ValueError(f"dataset.files must name one file per split {list(SPLITS)}")
@@ -155,7 +166,7 @@ class LocalTextSource:
         """Whether splits ``a`` and ``b`` read overlapping lines of one file."""
         if self.path(a).resolve() != self.path(b).resolve():
             return False
-        n_lines = len(self._read_lines(a))
+        n_lines = count_lines(self.path(a))
         (start_a, stop_a), (start_b, stop_b) = self.line_range(a, n_lines), self.line_range(b, n_lines)
         return max(start_a, start_b) < min(stop_a, stop_b)
 

@@ -34,6 +34,7 @@ import torch
 from bkexp.devices import device_argument
 from bkexp.eval.corpora import (CorpusError, bits_per_byte, check_pairing, encode, load_corpus, parse_datasets,
                                 run_splits_in)
+from bkexp.held_out import corpus_caveat
 from bkexp.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -212,11 +213,8 @@ def _shared_run_splits(run: LoadedRun, corpus: Any) -> list[str]:
 
 
 def _not_held_out_md(dataset: str, shared: Sequence[str]) -> list[str]:
-    if not shared:
-        return []
-    what = {"train": "training data (its perplexity measures fit, not generalisation)",
-            "validation": "validation data (the best checkpoint was chosen on it)"}
-    return ["", f"**Not held out:** `{dataset}` holds the run's " + " and ".join(what[s] for s in shared) + "."]
+    caveat = corpus_caveat(shared)
+    return ["", f"**Not held out:** `{dataset}` {caveat}."] if caveat else []
 
 
 # ----------------------------------------------------------------------------- perplexity on several corpora

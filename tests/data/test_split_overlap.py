@@ -13,8 +13,9 @@ from testpaths import WIKITEXT2_DIR
 
 from bkexp.cli import main as bkexp_main
 from bkexp.data import ByteTokenizer, MQARDataModule, StreamingTextDataModule, TextDataModule, text_datamodule
-from bkexp.held_out import caveats, short_caveat
+from bkexp.data.sources import count_lines, split_lines
 from bkexp.export import export_run
+from bkexp.held_out import caveats, short_caveat
 from bkexp.report.cli import write_report
 import wandb_files
 from runhelpers import TINY, compose_train, read_summary
@@ -88,6 +89,13 @@ def test_splits_that_share_data_are_found(folder: Path, train: str, validation: 
     dm = text_dm(folder, train, validation, test)
     assert dm.overlapping_splits() == pairs
     assert dm.describe()["overlapping_splits"] == pairs
+
+
+@pytest.mark.parametrize("text", ["", "\n", "a", "a\n", "a\nb", "a\n\nb\n", "é\r\nü\n\n", "x\u2028y\n"])
+def test_counted_lines_are_the_lines_the_source_reads(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "f.txt"
+    path.write_bytes(text.encode("utf-8"))
+    assert count_lines(path) == len(split_lines(path.read_text(encoding="utf-8")))
 
 
 def test_bad_line_ranges_are_refused_naming_the_value(folder: Path) -> None:
