@@ -1,5 +1,6 @@
 """Lightning callbacks bkexp adds to every run: measured throughput, step time and peak memory (``bkexp.memory``),
-and the layer table at the start of training with bkexp's FLOP count in place of Lightning's."""
+the layer table at the start of training with bkexp's FLOP count in place of Lightning's, and a progress bar that
+does not print a negative epoch total under a step budget."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.callbacks import ModelSummary, RichProgressBar
 from lightning.pytorch.callbacks import model_summary as lightning_model_summary
 from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table, get_human_readable_count
 
@@ -27,6 +28,18 @@ def logs_this_step(trainer: pl.Trainer) -> bool:
         return True
     max_steps = trainer.max_steps
     return (max_steps is not None and max_steps > 0 and trainer.global_step + 1 >= max_steps) or trainer.is_last_batch
+
+
+class StepBudgetProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, whose training description reads ``Epoch 3`` instead of ``Epoch 3/-2`` when
+    training is bounded by ``max_steps`` (Lightning sets ``max_epochs=-1`` then and 2.6 prints ``max_epochs - 1``;
+    Lightning issue #21925, fixed after 2.6)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs is None or self.trainer.max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        # padded to the validation bar's description, as Lightning does, so the two bars do not flicker
+        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
 
 
 class ThroughputMonitor(pl.Callback):

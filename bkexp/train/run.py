@@ -16,6 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -27,7 +28,7 @@ from bkexp.memory import peak_memory_mb, reset_peak_memory, resident_memory_mb
 from bkexp.quant import QuantSpec
 from bkexp.techniques import RunContext, Techniques
 from bkexp.threads import cpu_threads
-from bkexp.train.callbacks import LayerSummary, ThroughputMonitor
+from bkexp.train.callbacks import LayerSummary, StepBudgetProgressBar, ThroughputMonitor
 from bkexp.train.causality import check_causality
 from bkexp.train.config import run_threads, validate_config
 from bkexp.train.lifecycle import DivergenceLimits, Lifecycle, SignalWatch, classify, running_record
@@ -169,6 +170,9 @@ def run(cfg: DictConfig) -> float | None:
         if cfg.trainer.get("enable_model_summary", True) and not any(isinstance(c, pl.callbacks.ModelSummary)
                                                                       for c in callbacks):
             callbacks.append(LayerSummary(flops=record.data.get("flops")))  # instead of Lightning's default one
+        if cfg.trainer.get("enable_progress_bar", True) and _RICH_AVAILABLE \
+                and not any(isinstance(c, pl.callbacks.ProgressBar) for c in callbacks):
+            callbacks.append(StepBudgetProgressBar())  # Lightning's default bar, without "Epoch 0/-2"
         lifecycle = Lifecycle(datamodule.vocab_size, limits, cfg.get("checkpoint_every_n_steps"), signals=watch)
         trainer = watch.trainer = instantiate(cfg.trainer, logger=loggers or False,
                                               callbacks=callbacks + technique_callbacks + [lifecycle])

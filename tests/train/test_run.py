@@ -7,12 +7,15 @@ import logging
 import math
 import shlex
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
+from lightning.pytorch.demos.boring_classes import BoringModel
 
 from bkexp.export import export_run
 from bkexp.report.cli import write_report
+from bkexp.train.callbacks import StepBudgetProgressBar
 from bkexp.train.causality import CausalityError
 from bkexp.train.config import ConfigError
 import wandb_files
@@ -275,3 +278,20 @@ def test_a_run_without_validation_records_no_best_validation_loss(train) -> None
     assert summary["status"] == "ok" and metrics["test/checkpoint"] == "final weights"
     assert not any(key.startswith(("best/", "val/")) for key in metrics)
     assert math.isfinite(metrics["test/loss"])
+
+
+def test_the_progress_bar_shows_no_negative_epoch_total_under_a_step_budget(train, capsys) -> None:
+    """Lightning 2.6's rich bar printed "Epoch 0/-2" on every run bounded by max_steps (max_epochs is -1 then)."""
+    tiny = [o for o in TINY if o != "trainer.enable_progress_bar=false"]
+    train(*tiny, *MQAR_TINY, "trainer.enable_progress_bar=true")
+    out = capsys.readouterr().out
+    assert "Epoch 0" in out and "Epoch 0/-2" not in out
+
+
+def test_the_progress_bar_keeps_the_epoch_total_of_an_epoch_budget() -> None:
+    for limits, expected in (({"max_steps": 2}, "Epoch 0"), ({"max_epochs": 3, "limit_train_batches": 1}, "Epoch 0/2")):
+        bar = StepBudgetProgressBar()
+        trainer = pl.Trainer(callbacks=[bar], logger=False, enable_checkpointing=False, enable_model_summary=False,
+                             limit_val_batches=0, accelerator="cpu", **limits)
+        trainer.fit(BoringModel())
+        assert bar._get_train_description(0).strip() == expected
