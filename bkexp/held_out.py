@@ -14,6 +14,8 @@ from itertools import combinations
 from typing import Any
 
 RECORD_KEY = "overlapping_splits"  # key of the pairs in the dataset record (summary.json "data")
+OVERLAP_N = 13  # n-gram length of `bkexp eval`'s training-data overlap (13-grams, as in GPT-3's contamination study)
+OVERLAP_COLUMN = f"train_{OVERLAP_N}gram_overlap"  # its name in eval/perplexity.json and the report's columns
 
 
 def overlapping_pairs(splits: Iterable[str], overlap: Callable[[str, str], bool]) -> list[list[str]]:

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 
 from bkexp.devices import device_argument
-from bkexp.eval.corpora import (CorpusError, bits_per_byte, check_pairing, encode, load_corpus, parse_datasets,
-                                run_splits_in)
-from bkexp.held_out import corpus_caveat
+from bkexp.eval.corpora import (CorpusError, bits_per_byte, check_pairing, encode, load_corpus, ngram_overlap,
+                                parse_datasets, run_splits_in)
+from bkexp.held_out import OVERLAP_COLUMN, OVERLAP_N, corpus_caveat
 from bkexp.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class LoadedRun:
     tokenizer: Any
     checkpoint: Path
     summary: dict[str, Any]
+    train_tokens: torch.Tensor | None = None  # the training split's tokens when the run holds them in memory
 
     @property
     def name(self) -> str:
@@ -141,7 +142,8 @@ def load_run(run_dir: Path, checkpoint: str, overrides: Sequence[str], device: t
     tokenizer = getattr(datamodule, "tokenizer", None)
     if tokenizer is not None and tokenizer.name == "ids":  # a synthetic task's token ids: no text tokenizer
         tokenizer = None
-    return LoadedRun(run_dir, cfg, model, tokenizer, ckpt, summary)
+    return LoadedRun(run_dir, cfg, model, tokenizer, ckpt, summary,
+                     train_tokens=(getattr(datamodule, "streams", None) or {}).get("train"))
 
 
 def causality_check(run: LoadedRun, stream: torch.Tensor) -> None:
@@ -212,6 +214,11 @@ def _shared_run_splits(run: LoadedRun, corpus: Any) -> list[str]:
     return shared
 
 
+def _train_overlap(run: LoadedRun, stream: torch.Tensor) -> float | None:
+    """How much of a corpus the run saw in training, by n-grams (None when its training tokens are streamed)."""
+    return None if run.train_tokens is None else ngram_overlap(stream, run.train_tokens)
+
+
 def _not_held_out_md(dataset: str, shared: Sequence[str]) -> list[str]:
     caveat = corpus_caveat(shared)
     return ["", f"**Not held out:** `{dataset}` {caveat}."] if caveat else []
@@ -237,7 +244,7 @@ def eval_datasets(run: LoadedRun, items: Sequence[str], split: str, device: torc
                "bytes": stats["bytes"], "bits_per_byte": bits_per_byte(score.loss_sum, stats["bytes"]),
                "unk_share": stats.get("unk_share"), "oov_share": stats.get("oov_share"),
                "tokens_per_sec": score.tokens_per_sec, "source": corpus.source,
-               "shares_data_with": _shared_run_splits(run, corpus)}
+               "shares_data_with": _shared_run_splits(run, corpus), OVERLAP_COLUMN: _train_overlap(run, stream)}
         rows.append(row)
         log.info("%s on %s: ppl %.4f, %d tokens", run.name, corpus.name, row["ppl"], row["tokens"])
     ppl_mean, ppl_std = mean_std([r["ppl"] for r in rows])
@@ -247,7 +254,7 @@ def eval_datasets(run: LoadedRun, items: Sequence[str], split: str, device: torc
             "std": {"ppl": ppl_std, "bits_per_byte": bpb_std}}
 
 
-PPL_COLUMNS = ("dataset", "loss", "ppl", "bits_per_byte", "tokens", "bytes", "unk_share", "oov_share")
+PPL_COLUMNS = ("dataset", "loss", "ppl", "bits_per_byte", "tokens", "bytes", "unk_share", "oov_share", OVERLAP_COLUMN)
 
 
 def write_datasets(out: Path, record: dict[str, Any]) -> None:
@@ -257,7 +264,8 @@ def write_datasets(out: Path, record: dict[str, Any]) -> None:
           f"(run/NAME datasets), windows of {record['window']} tokens (the training length, non-overlapping). "
           "bits_per_byte = summed loss in bits / UTF-8 bytes of the text; unk_share = share of tokens that are "
           "`<unk>`, oov_share = share of tokens that became `<unk>` because the word is not in the training "
-          "vocabulary (word-level tokenizers only).", ""]
+          f"vocabulary (word-level tokenizers only); {OVERLAP_COLUMN} = share of the corpus's {OVERLAP_N}-token "
+          "windows that also occur in the run's training tokens (text read in memory only).", ""]
     md += _md_table(PPL_COLUMNS, [[r[c] for c in PPL_COLUMNS] for r in rows])
     md += [line for r in rows for line in _not_held_out_md(r["dataset"], r["shares_data_with"])]
     mean, std = record["mean"], record["std"]
@@ -295,7 +303,7 @@ def eval_lengths(run: LoadedRun, lengths: Sequence[int], stride: str | None, dat
         rows.append(row)
         log.info("%s L=%d: %s", run.name, length, f"ppl {row['ppl']:.4f}" if score.status == "ok" else score.status)
     return {**_header(run, device), "dataset": corpus.name, "source": corpus.source, "split": split,
-            "shares_data_with": _shared_run_splits(run, corpus),
+            "shares_data_with": _shared_run_splits(run, corpus), OVERLAP_COLUMN: _train_overlap(run, stream),
             "targets": n_targets, "corpus_tokens": stats["tokens"],
             "mode": "sliding" if stride is not None else "non-overlapping", "stride": stride, "lengths": rows}
 

@@ -17,7 +17,7 @@ import pandas as pd
 import yaml
 
 from bkexp.environment import machine_label
-from bkexp.held_out import record_pairs, short_caveat
+from bkexp.held_out import OVERLAP_COLUMN, record_pairs, short_caveat
 from bkexp.rundir import (  # noqa: F401  (re-exported)
     SUMMARY_FILE, RunDirError, atomic_write_text, checkpoint_step, find_run_dirs)
 from bkexp.utils import flatten
@@ -347,7 +347,8 @@ def eval_columns(run_dir: Path) -> dict[str, Any]:
     """Flat columns from ``eval/perplexity.json``, ``eval/length.json`` and ``eval/lm_eval.json`` of a run.
 
     ``eval.ppl.<dataset>``, ``eval.bits_per_byte.<dataset>``, ``eval.unk_share.<dataset>``, ``eval.ppl.mean`` /
-    ``.std``, ``eval.not_held_out.<dataset>`` (the run's splits a corpus holds, e.g. ``train+validation``);
+    ``.std``, ``eval.not_held_out.<dataset>`` (the run's splits a corpus holds, e.g. ``train+validation``),
+    ``eval.train_13gram_overlap.<dataset>`` (the share of its 13-grams found in the run's training tokens);
     ``eval.length_ppl.<L>``, ``eval.length_tokens_per_sec.<L>``, ``eval.length_peak_mb.<L>`` (an out-of-memory
     length has no value); ``eval.lm_eval.<task>.<metric>`` and ``...<metric>_stderr``.
     """
@@ -356,7 +357,7 @@ def eval_columns(run_dir: Path) -> dict[str, Any]:
     ppl = _read_json(folder / "perplexity.json")
     if isinstance(ppl, dict):
         for row in ppl.get("datasets") or []:
-            for key in ("ppl", "bits_per_byte", "unk_share"):
+            for key in ("ppl", "bits_per_byte", "unk_share", OVERLAP_COLUMN):
                 if isinstance(row.get(key), (int, float)):
                     out[f"{EVAL_PREFIX}{key}.{row['dataset']}"] = row[key]
             if row.get("shares_data_with"):  # the run's own training/validation data: not held out

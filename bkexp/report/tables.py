@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from bkexp.held_out import OVERLAP_COLUMN, OVERLAP_N
 from bkexp.report.collect import (
     EVAL_PREFIX,
     NOT_HELD_OUT,
@@ -446,6 +447,8 @@ def _best_over_md(choices: Sequence[dict[str, Any]], others: Sequence[str]) -> l
 EVAL_FAMILIES = (  # (column prefix, section title, what a column suffix is)
     (f"{EVAL_PREFIX}ppl.", "Perplexity on other corpora (bkexp eval --datasets)", "dataset"),
     (f"{EVAL_PREFIX}bits_per_byte.", "Bits per byte on other corpora", "dataset"),
+    (f"{EVAL_PREFIX}{OVERLAP_COLUMN}.", f"Share of each corpus's {OVERLAP_N}-grams in the run's training tokens",
+     "dataset"),
     (f"{EVAL_PREFIX}length_ppl.", "Perplexity vs context length (bkexp eval --lengths)", "L"),
     (f"{EVAL_PREFIX}length_tokens_per_sec.", "Eval tokens/s vs context length", "L"),
     (f"{EVAL_PREFIX}length_peak_mb.", "Peak memory (MB) vs context length", "L"),

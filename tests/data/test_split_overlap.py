@@ -14,6 +14,7 @@ from testpaths import WIKITEXT2_DIR
 from bkexp.cli import main as bkexp_main
 from bkexp.data import ByteTokenizer, MQARDataModule, StreamingTextDataModule, TextDataModule, text_datamodule
 from bkexp.data.sources import count_lines, split_lines
+from bkexp.eval.corpora import ngram_overlap
 from bkexp.export import export_run
 from bkexp.held_out import caveats, short_caveat
 from bkexp.report.cli import write_report
@@ -54,6 +55,13 @@ def text_dm(folder: Path, train: str, validation: str, test: str) -> TextDataMod
                         files={"train": train, "validation": validation, "test": test})
     dm.setup("fit")
     return dm
+
+
+def ngrams(ids: torch.Tensor, n: int = 13, unique: bool = True):
+    """The n-token windows of ``ids`` as tuples: a set, or every window in order."""
+    values = ids.tolist()
+    windows = [tuple(values[i:i + n]) for i in range(len(values) - n + 1)]
+    return set(windows) if unique else windows
 
 
 def encoded(folder: Path, lines: slice) -> torch.Tensor:
@@ -139,6 +147,18 @@ def test_synthetic_splits_do_not_overlap() -> None:
     assert dm.describe()["overlapping_splits"] == []
 
 
+@pytest.mark.parametrize("vocab,n", [(3, 4), (50, 13), (1000, 13)])
+def test_ngram_overlap_is_the_share_of_windows_seen_in_the_reference(vocab: int, n: int) -> None:
+    generator = torch.Generator().manual_seed(vocab)
+    reference = torch.randint(0, vocab, (3000,), generator=generator)
+    corpus = torch.cat([reference[500:900], torch.randint(0, vocab, (400,), generator=generator), reference[:50]])
+    windows = ngrams(corpus, n, unique=False)
+    expected = sum(w in ngrams(reference, n) for w in windows) / len(windows)
+    assert ngram_overlap(corpus, reference, n) == pytest.approx(expected, abs=0)
+    assert ngram_overlap(reference, reference, n) == 1.0
+    assert ngram_overlap(corpus[: n - 1], reference, n) is None and ngram_overlap(corpus, reference[: n - 1], n) is None
+
+
 def test_caveats_say_what_each_overlap_means() -> None:
     assert caveats([]) == [] and short_caveat([]) is None
     (selection,) = caveats([["validation", "test"]])
@@ -200,6 +220,12 @@ def test_a_run_on_shared_splits_says_so_everywhere(train, folder: Path, tmp_path
     assert bkexp_main(["eval", str(held_out), "--datasets", f"text:{folder}/corpus.txt,text:{folder}/other.txt"]) == 0
     record = json.loads((held_out / "eval" / "perplexity.json").read_text())
     assert [r["shares_data_with"] for r in record["datasets"]] == [["train", "validation"], []]
+    trained = ngrams(encoded(folder, slice(0, int(0.8 * N_LINES))))  # corpus.txt[:80%], tokenised independently
+    for row, name in zip(record["datasets"], ("corpus", "other")):
+        lines = (folder / f"{name}.txt").read_text(encoding="utf-8").split("\n")[:-1]
+        windows = ngrams(ByteTokenizer().encode_lines(lines), unique=False)
+        assert row["train_13gram_overlap"] == pytest.approx(sum(w in trained for w in windows) / len(windows))
+    assert record["datasets"][0]["train_13gram_overlap"] > 0.7 > 0.1 > record["datasets"][1]["train_13gram_overlap"]
     md = (held_out / "eval" / "perplexity.md").read_text()
     assert f"**Not held out:** `text:{folder}/corpus.txt` holds the run's training data" in md
     assert "other.txt` holds" not in md
