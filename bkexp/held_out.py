@@ -4,7 +4,9 @@ A "test" number is only held out if the test data took no part in training or in
 data often has two files for three splits (WikiText-2's valid.txt and test.txt; a streamed split cannot be cut out
 of a file), and a typo can point two splits at one file. The datamodules record the pairs of splits that share
 data in summary.json (``data.overlapping_splits``); the run's log, its console headline, ``bkexp report`` and the
-exported model card all state the consequence next to the numbers.
+exported model card all state the consequence next to the numbers. Text copied rather than shared is measured by
+n-gram overlap (:func:`ngram_overlaps`): how much of the validation and test text, or of a corpus ``bkexp eval``
+scores, also occurs in the training tokens.
 """
 
 from __future__ import annotations
@@ -13,14 +15,47 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import combinations
 from typing import Any
 
+import numpy as np
+
 RECORD_KEY = "overlapping_splits"  # key of the pairs in the dataset record (summary.json "data")
-OVERLAP_N = 13  # n-gram length of `bkexp eval`'s training-data overlap (13-grams, as in GPT-3's contamination study)
-OVERLAP_COLUMN = f"train_{OVERLAP_N}gram_overlap"  # its name in eval/perplexity.json and the report's columns
+OVERLAP_N = 13  # n-gram length of the training-data overlap (13-grams, as in GPT-3's contamination study)
+OVERLAP_COLUMN = f"train_{OVERLAP_N}gram_overlap"  # its name in summary.json's splits, eval/*.json and the report
 
 
 def overlapping_pairs(splits: Iterable[str], overlap: Callable[[str, str], bool]) -> list[list[str]]:
     """``[[a, b], ...]`` for every pair of ``splits`` (in the given order) for which ``overlap(a, b)``."""
     return [[a, b] for a, b in combinations(list(splits), 2) if overlap(a, b)]
+
+
+_HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: windows hash as base-M numbers mod 2^64
+
+
+def _ngram_hashes(ids: Any, n: int) -> np.ndarray:
+    """A 64-bit hash of every window of ``n`` consecutive token ids (wrapping uint64 arithmetic)."""
+    tokens = np.asarray(ids).astype(np.uint64)
+    windows = len(tokens) - n + 1
+    hashes = np.zeros(windows, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for offset in range(n):
+            hashes = hashes * _HASH_MULTIPLIER + tokens[offset:offset + windows] + np.uint64(1)
+    return hashes
+
+
+def ngram_overlaps(corpora: Sequence[Any], reference: Any, n: int = OVERLAP_N) -> list[float | None]:
+    """Per corpus (token ids), the share of its ``n``-token windows that occur anywhere in ``reference`` (e.g. the
+    training tokens): 0 for text the model never saw, 1 for a copy of its training data; None when the corpus or the
+    reference is shorter than ``n`` tokens. Windows are compared by 64-bit hashes (a false match has probability
+    about len(reference) / 2^64); the reference is hashed once for all corpora."""
+    if len(reference) < n:
+        return [None] * len(corpora)
+    seen = np.unique(_ngram_hashes(reference, n))
+    return [float(np.isin(_ngram_hashes(corpus, n), seen).mean()) if len(corpus) >= n else None
+            for corpus in corpora]
+
+
+def ngram_overlap(corpus: Any, reference: Any, n: int = OVERLAP_N) -> float | None:
+    """:func:`ngram_overlaps` of one corpus."""
+    return ngram_overlaps([corpus], reference, n)[0]
 
 
 def caveats(pairs: Sequence[Sequence[str]] | None) -> list[str]:

@@ -22,7 +22,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from bkexp.data.sources import SPLITS, HubTextSource, LocalTextSource
 from bkexp.data.synthetic import IGNORE_INDEX, iid_tokens, mqar, split_seed
 from bkexp.data.tokenizers import IdTokenizer, Tokenizer
-from bkexp.held_out import RECORD_KEY, overlapping_pairs
+from bkexp.held_out import OVERLAP_COLUMN, RECORD_KEY, ngram_overlaps, overlapping_pairs
 
 
 class ChunkedStream(Dataset):
@@ -299,9 +299,14 @@ class TextDataModule(TokenDataModule):
         return self.tokenizer.vocab_size
 
     def describe(self) -> dict[str, Any]:
+        splits = self._split_counts()
+        if "train" in self.streams:  # how much of the evaluation text also occurs in training, by 13-grams
+            held = [s for s in ("validation", "test") if s in self.streams]
+            for split, share in zip(held, ngram_overlaps([self.streams[s] for s in held], self.streams["train"])):
+                splits[split][OVERLAP_COLUMN] = share
         return {"name": self.name, "source": self.source.describe(), "tokenizer": self.tokenizer.describe(),
                 "vocab_size": self.vocab_size if self.streams else None, "seq_len": self.seq_len,
-                "splits": self._split_counts(), RECORD_KEY: self.overlapping_splits()}
+                "splits": splits, RECORD_KEY: self.overlapping_splits()}
 
 
 class _SyntheticDataModule(TokenDataModule):

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 
 from bkexp.devices import device_argument
-from bkexp.eval.corpora import (CorpusError, bits_per_byte, check_pairing, encode, load_corpus, ngram_overlap,
-                                parse_datasets, run_splits_in)
-from bkexp.held_out import OVERLAP_COLUMN, OVERLAP_N, corpus_caveat
+from bkexp.eval.corpora import (CorpusError, bits_per_byte, check_pairing, encode, load_corpus, parse_datasets,
+                                run_splits_in)
+from bkexp.held_out import OVERLAP_COLUMN, OVERLAP_N, corpus_caveat, ngram_overlap
 from bkexp.utils import atomic_write_text
 
 log = logging.getLogger(__name__)

@@ -24,12 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bkexp.data.sources import SPLITS, HubTextSource, LocalTextSource, split_lines
-from bkexp.held_out import OVERLAP_N
 
 TEXT_FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
 
@@ -206,30 +204,6 @@ def encode(corpus: Corpus, tokenizer: Any) -> tuple[torch.Tensor, dict[str, Any]
             words = [w for line in corpus.lines for w in line.split()]
             stats["oov_share"] = sum(w not in stoi for w in words) / stream.numel()
     return stream, stats
-
-
-_HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: windows hash as base-M numbers mod 2^64
-
-
-def _ngram_hashes(ids: torch.Tensor, n: int) -> np.ndarray:
-    """A 64-bit hash of every window of ``n`` consecutive token ids (wrapping uint64 arithmetic)."""
-    tokens = ids.numpy().astype(np.uint64)
-    windows = len(tokens) - n + 1
-    hashes = np.zeros(windows, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for offset in range(n):
-            hashes = hashes * _HASH_MULTIPLIER + tokens[offset:offset + windows] + np.uint64(1)
-    return hashes
-
-
-def ngram_overlap(corpus: torch.Tensor, reference: torch.Tensor, n: int = OVERLAP_N) -> float | None:
-    """The share of the corpus's ``n``-token windows that occur anywhere in ``reference`` (e.g. the training
-    tokens): 0 for text the model never saw, 1 for a copy of its training data. None when either is shorter than
-    ``n`` tokens. Windows are compared by 64-bit hashes (a false match has probability ~len(reference) / 2^64)."""
-    if corpus.numel() < n or reference.numel() < n:
-        return None
-    seen = np.isin(_ngram_hashes(corpus, n), np.unique(_ngram_hashes(reference, n)), assume_unique=False)
-    return float(seen.mean())
 
 
 def bits_per_byte(loss_sum: float, num_bytes: int) -> float:

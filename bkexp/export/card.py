@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from bkexp.held_out import caveats, record_pairs, short_caveat
+from bkexp.held_out import OVERLAP_COLUMN, OVERLAP_N, caveats, record_pairs, short_caveat
 
 TEMPLATE = """---
 {{ card_data }}
@@ -135,6 +135,10 @@ def model_card(summary: dict[str, Any], config: dict[str, Any], folder_hint: str
         ("training split tokens", _fmt((splits.get("train") or {}).get("tokens"))),
         ("seed", _fmt(summary.get("seed"))),
     ]
+    for split in ("validation", "test"):  # text of the evaluation splits that also occurs in the training split
+        share = (splits.get(split) or {}).get(OVERLAP_COLUMN)
+        if isinstance(share, float):
+            data_rows.append((f"{split} {OVERLAP_N}-grams also in training", f"{share:.2%}"))
     stopped = summary.get("stopped_early")
     if stopped:  # trained on less than its configured budget
         data_rows.append(("stopped early", f"at step {stopped['step']} of {_fmt(config_steps)}: {stopped['message']}"))

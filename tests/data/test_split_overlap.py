@@ -14,9 +14,8 @@ from testpaths import WIKITEXT2_DIR
 from bkexp.cli import main as bkexp_main
 from bkexp.data import ByteTokenizer, MQARDataModule, StreamingTextDataModule, TextDataModule, text_datamodule
 from bkexp.data.sources import count_lines, split_lines
-from bkexp.eval.corpora import ngram_overlap
 from bkexp.export import export_run
-from bkexp.held_out import caveats, short_caveat
+from bkexp.held_out import caveats, ngram_overlap, short_caveat
 from bkexp.report.cli import write_report
 import wandb_files
 from runhelpers import TINY, compose_train, read_summary
@@ -185,6 +184,13 @@ def test_a_run_on_shared_splits_says_so_everywhere(train, folder: Path, tmp_path
     summary = read_summary(shared)
     assert summary["status"] == "ok" and summary["data"]["overlapping_splits"] == [["validation", "test"]]
     assert read_summary(held_out)["data"]["overlapping_splits"] == []
+    trained = ngrams(encoded(folder, slice(0, 96)))  # corpus.txt[:80%] of 120 lines, tokenised independently
+    splits = read_summary(held_out)["data"]["splits"]
+    other = (folder / "other.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    for split, ids in (("validation", encoded(folder, slice(96, 120))), ("test", ByteTokenizer().encode_lines(other))):
+        windows = ngrams(ids, unique=False)
+        assert splits[split]["train_13gram_overlap"] == pytest.approx(sum(w in trained for w in windows) / len(windows))
+    assert "train_13gram_overlap" not in splits["train"]
     assert "| not held out: validation = test data" in printed.splitlines()[-2]  # the headline, then "run ok"
     assert "validation and test are the same data: the best checkpoint was chosen on the test data" in \
         (shared / "train.log").read_text()
@@ -207,6 +213,7 @@ def test_a_run_on_shared_splits_says_so_everywhere(train, folder: Path, tmp_path
     card = (export_run(held_out, tmp_path / "held_out_export") / "README.md").read_text()
     assert "not held out" not in card.lower() and "model-index" in card
     assert "| train split | `corpus.txt[:80%]` |" in card
+    assert f"| test 13-grams also in training | {splits['test']['train_13gram_overlap']:.2%} |" in card
 
     # bkexp eval reads the run's validation range as training did: the same tokens, the best validation loss
     assert bkexp_main(["eval", str(held_out), "--split", "validation"]) == 0
@@ -220,7 +227,6 @@ def test_a_run_on_shared_splits_says_so_everywhere(train, folder: Path, tmp_path
     assert bkexp_main(["eval", str(held_out), "--datasets", f"text:{folder}/corpus.txt,text:{folder}/other.txt"]) == 0
     record = json.loads((held_out / "eval" / "perplexity.json").read_text())
     assert [r["shares_data_with"] for r in record["datasets"]] == [["train", "validation"], []]
-    trained = ngrams(encoded(folder, slice(0, int(0.8 * N_LINES))))  # corpus.txt[:80%], tokenised independently
     for row, name in zip(record["datasets"], ("corpus", "other")):
         lines = (folder / f"{name}.txt").read_text(encoding="utf-8").split("\n")[:-1]
         windows = ngrams(ByteTokenizer().encode_lines(lines), unique=False)
