@@ -145,7 +145,13 @@ def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
         lines = source.load(split)
     except RuntimeError as err:
         raise CorpusError(f"--datasets {label}: {err} (with this command: {name}:DIR)") from err
-    return Corpus(label, source.describe(), lines, hub_split=f"{source.path}/{source.name}/{source.split_names[split]}")
+    return Corpus(label, source.describe(), lines, hub_split=_hub_split(source.path, source.name,
+                                                                        source.split_names[split]))
+
+
+def _hub_split(path: str | None, name: str | None, split: str) -> str:
+    """One key for a hub dataset's split, so a corpus and a run's split compare equal when they read the same."""
+    return f"{path}/{name}/{split}"
 
 
 def run_splits_in(corpus: Corpus, cfg: DictConfig) -> list[str]:
@@ -165,7 +171,7 @@ def run_splits_in(corpus: Corpus, cfg: DictConfig) -> list[str]:
         elif not dataset.get("data_dir") and dataset.get("hub") and corpus.hub_split is not None:
             hub = dataset["hub"]
             name = (hub.get("splits") or {}).get(split, split)
-            if corpus.hub_split == f"{hub.get('path')}/{hub.get('name')}/{name}":
+            if corpus.hub_split == _hub_split(hub.get("path"), hub.get("name"), name):
                 shared.append(split)
     return shared
 

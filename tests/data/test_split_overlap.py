@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from testpaths import WIKITEXT2_DIR
 
 from bkexp.cli import main as bkexp_main
 from bkexp.data import ByteTokenizer, MQARDataModule, StreamingTextDataModule, TextDataModule, text_datamodule
 from bkexp.data.sources import count_lines, split_lines
+from bkexp.eval.corpora import Corpus, _hub_split, run_splits_in
 from bkexp.export import export_run
 from bkexp.held_out import caveats, ngram_overlap, short_caveat
 from bkexp.report.cli import write_report
@@ -156,6 +158,23 @@ def test_ngram_overlap_is_the_share_of_windows_seen_in_the_reference(vocab: int,
     assert ngram_overlap(corpus, reference, n) == pytest.approx(expected, abs=0)
     assert ngram_overlap(reference, reference, n) == 1.0
     assert ngram_overlap(corpus[: n - 1], reference, n) is None and ngram_overlap(corpus, reference[: n - 1], n) is None
+
+
+def test_a_hub_corpus_shares_the_runs_splits_it_reads() -> None:
+    """The hub branch of run_splits_in (the hub is unreachable here, so the corpus is built by hand, as load_corpus
+    builds it from a loaded hub split)."""
+    cfg = OmegaConf.create({"dataset": {"name": "wikitext2", "data_dir": None, "files": {"train": "t", "validation": "v",
+                                        "test": "e"}, "hub": {"path": "Salesforce/wikitext", "name": "wikitext-2-v1",
+                                                              "splits": {"validation": "test"}}}})
+
+    def corpus(split: str) -> Corpus:
+        return Corpus("wikitext2", {}, ["x"], hub_split=_hub_split("Salesforce/wikitext", "wikitext-2-v1", split))
+
+    assert run_splits_in(corpus("train"), cfg) == ["train"]
+    assert run_splits_in(corpus("test"), cfg) == ["validation"]  # the run validated on the hub's test split
+    assert run_splits_in(corpus("validation"), cfg) == []
+    other = Corpus("x", {}, ["x"], hub_split=_hub_split("other/dataset", None, "train"))
+    assert run_splits_in(other, cfg) == []
 
 
 def test_caveats_say_what_each_overlap_means() -> None:
