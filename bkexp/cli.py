@@ -16,10 +16,12 @@ from bkexp.allocator import configure_cpu_allocator
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bkexp.bench", "micro-benchmarks of ops and blocks (bkexp bench bk-core|mamba|...)"),
     "report": ("bkexp.report.cli", "aggregate run/sweep directories into summary.csv/.md, comparison.json, plots"),
-    "eval": ("bkexp.eval.cli", "evaluate trained runs: other datasets, context lengths, lm-eval tasks, bit widths"),
+    "eval": ("bkexp.eval.cli", "evaluate trained runs or exported (hub) models: other datasets, context lengths, "
+                               "lm-eval tasks, bit widths"),
     "eval-quant": ("bkexp.eval.quant", "evaluate a trained run at several weight bit widths"),
     "prepare-data": ("bkexp.data.prepare", "tokenise a streamed dataset once into a token cache later runs reuse"),
-    "generate": ("bkexp.infer.cli", "continue a prompt with a trained run's model (incremental decoding)"),
+    "generate": ("bkexp.infer.cli", "continue a prompt with a trained run or an exported (hub) model "
+                                    "(incremental decoding)"),
     "export": ("bkexp.export.cli", "write a run as a Hugging Face model folder (safetensors, config, tokenizer, card)"),
     "doctor": ("bkexp.doctor", "print versions, devices and which kernel backends are available"),
 }

@@ -8,8 +8,11 @@ A run directory is what ``python train.py`` writes (``outputs/<stamp>/`` or one 
 
 This module finds runs (a sweep directory expands to its jobs), loads a run's config, summary, tokenizer
 and checkpoint, rebuilds its model and datamodule, and re-exports the atomic file writers every command
-uses for its results. Checkpoints are only ever loaded with ``torch.load(weights_only=True)``: a file
-that needs arbitrary unpickling is refused, never executed.
+uses for its results. It also reads what ``bkexp export`` writes, a *model folder* (config.json,
+model.safetensors, tokenizer files), locally or from a Hugging Face hub repository (:class:`ModelFolder`), so
+that ``bkexp generate``, ``bkexp eval`` and lm_eval take a shared model wherever they take a run. Checkpoints
+are only ever loaded with ``torch.load(weights_only=True)``: a file that needs arbitrary unpickling is
+refused, never executed.
 
 Importing this module does not import torch or Lightning (``bkexp report`` uses it to find runs); the
 methods that need them import them when called.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,20 +38,29 @@ if TYPE_CHECKING:
     from bkexp.data.tokenizers import Tokenizer
 
 __all__ = [
-    "CHECKPOINT_DIR", "CONFIG_FILE", "SUMMARY_FILE", "TOKENIZER_DIR", "RunDir", "RunDirError",
+    "CHECKPOINT_DIR", "CONFIG_FILE", "SUMMARY_FILE", "TOKENIZER_DIR", "ModelFolder", "RunDir", "RunDirError",
     "atomic_save_figure", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "build_run_model",
-    "checkpoint_step", "find_run_dirs", "is_run_dir", "parse_overrides",
+    "checkpoint_step", "find_models", "find_run_dirs", "is_run_dir", "parse_overrides",
 ]
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
+HYDRA_FILE = Path(".hydra") / "hydra.yaml"  # Hydra's own settings of the run, with the directory it was launched in
+# Config keys holding local paths, which the run read relative to the directory `python train.py` ran in.
+RELATIVE_PATH_KEYS = ("dataset.data_dir", "dataset.token_cache", "tokenizer.path", "dataset.tokenizer.path")
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_CHOICES = ("best", "last")
 LEGACY_FLAGS_TARGETS = ("bkexp.train.flags.Flags",)  # where the flags dataclass lived in earlier runs' configs
+# A model folder (what `bkexp export` writes, what a hub repository of a bkexp model holds):
+MODEL_CONFIG_FILE = "config.json"  # model_type "bkexp": the model (and quant) config, vocab size, seq_len, bits
+MODEL_WEIGHTS_FILE = "model.safetensors"
+MODEL_TYPE = "bkexp"
+# A Hugging Face repository id (owner/name), as huggingface_hub validates it.
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 
 
 class RunDirError(ValueError):
@@ -131,6 +144,16 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any, bool]]:
 _MISSING = object()
 
 
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str], what: str) -> DictConfig:
+    """``cfg`` with ``KEY=VALUE`` (an existing key) and ``+KEY=VALUE`` (a new one) applied; a mistyped key is an
+    error naming it."""
+    for key, value, add in parse_overrides(overrides):
+        if not add and OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            raise RunDirError(f"override {key}={value!r}: {what} has no key {key!r} (use +{key}=... to add one)")
+        OmegaConf.update(cfg, key, value, merge=True, force_add=add)
+    return cfg
+
+
 class RunDir:
     """One training run's directory: its config, summary, tokenizer, checkpoints, model and data.
 
@@ -173,12 +196,19 @@ class RunDir:
         if "paths" in cfg:
             cfg.paths.output_dir = str(self.path)
         _apply_techniques(cfg, path)
-        for key, value, add in parse_overrides(overrides):
-            if not add and OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
-                raise RunDirError(f"override {key}={value!r}: the run's config has no key {key!r} "
-                                  f"(use +{key}=... to add one)")
-            OmegaConf.update(cfg, key, value, merge=True, force_add=add)
-        return cfg
+        launch_dir = self.launch_dir()
+        if launch_dir is not None:
+            _anchor_paths(cfg, launch_dir)
+        return apply_overrides(cfg, overrides, "the run's config")  # relative to this process's directory
+
+    def launch_dir(self) -> Path | None:
+        """The directory ``python train.py`` ran in (Hydra's ``runtime.cwd``); None when the run did not record it."""
+        try:
+            cwd = OmegaConf.select(OmegaConf.load(self.path / HYDRA_FILE), "hydra.runtime.cwd", default=None,
+                                   throw_on_resolution_failure=False)
+        except Exception:  # noqa: BLE001 - a missing or unreadable hydra.yaml: the run's paths stay as written
+            return None
+        return Path(cwd) if isinstance(cwd, str) and os.path.isabs(cwd) else None
 
     # ----------------------------------------------------------------------------------------- summary
     @property
@@ -244,13 +274,20 @@ class RunDir:
     def build_datamodule(self, overrides: Sequence[str] = (), stage: str | None = "fit",
                          cfg: DictConfig | None = None) -> Any:
         """The run's datamodule (prepared and set up for ``stage``; None: neither), with the saved tokenizer."""
+        from hydra.errors import InstantiationException
         from hydra.utils import instantiate
 
         cfg = self.config(overrides) if cfg is None else cfg
         kwargs: dict[str, Any] = {}
         if "tokenizer" in cfg.dataset and (self.path / TOKENIZER_DIR).is_dir():
             kwargs["tokenizer"] = self.tokenizer()  # never refit: the vocabulary is the run's own
-        datamodule = instantiate(cfg.dataset, **kwargs)
+        try:
+            datamodule = instantiate(cfg.dataset, **kwargs)
+        except InstantiationException as err:  # e.g. its data folder is not on this machine
+            cause = err.__cause__ or err
+            raise RunDirError(f"{self.path}: the run's data cannot be read here ({type(cause).__name__}: {cause}); "
+                              "point at a copy with `--override dataset.data_dir=DIR` (bkexp eval, eval-quant)") \
+                from None
         if stage is not None:
             datamodule.prepare_data()
             datamodule.setup(stage)
@@ -309,6 +346,166 @@ def build_run_model(model_cfg: Any, quant_cfg: Any | None, vocab_size: int) -> t
     return model
 
 
+# --------------------------------------------------------------------------------------- model folders
+class ModelFolder:
+    """A model written by ``bkexp export``: a local folder, or the files of a hub repository in the hub cache.
+
+    >>> folder = ModelFolder.open("me/bkexp-bk-wikitext2")    # or a local folder; revision= a branch, tag or commit
+    >>> model, tokenizer = folder.build_model(), folder.tokenizer()
+
+    A folder holds the model and its tokenizer, not the run: no checkpoints, metrics or summary.json.
+    :meth:`config` is what rebuilds the model (``model``, ``quant``, ``seq_len``, ``bits``) and, in folders
+    exported since bkexp records it, the training ``dataset`` config (resolved), so ``bkexp eval --datasets run``
+    and the held-out checks find the run's data where it is reachable.
+    """
+
+    def __init__(self, path: str | os.PathLike, source: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.info = read_model_config(self.path)
+        self.source = source or {"kind": "folder", "path": str(self.path.resolve())}
+
+    def __repr__(self) -> str:
+        return f"ModelFolder({self.name!r})"
+
+    @classmethod
+    def open(cls, spec: str | os.PathLike, revision: str | None = None) -> ModelFolder:
+        """A local model folder, else the hub repository ``spec`` (owner/name) at ``revision`` (default: main),
+        downloaded into the hub cache (its cached copy when the hub cannot be reached)."""
+        path = Path(spec).expanduser()
+        if path.exists():
+            if revision is not None:
+                raise RunDirError(f"revision {revision!r} selects a version of a hub repository; {spec} is a local "
+                                  "folder")
+            return cls(path)
+        if not HUB_REPO_ID.fullmatch(str(spec)):
+            raise RunDirError(f"{spec}: no such file or directory, and not a hub repository id (owner/name)")
+        folder, source = _download_model(str(spec), revision)
+        return cls(folder, source)
+
+    @property
+    def name(self) -> str:
+        return self.source.get("repo_id") or self.path.name
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / MODEL_WEIGHTS_FILE
+
+    def config(self, overrides: Sequence[str] = ()) -> DictConfig:
+        """The part of the run's config the folder records (see the class docstring), plus ``overrides``."""
+        info = self.info
+        cfg = OmegaConf.create({"model": info["model"], "quant": info.get("quant"), "seq_len": info.get("seq_len"),
+                                "bits": info.get("bits"), "dataset": info.get("dataset")})
+        return apply_overrides(cfg, overrides, f"the model folder's {MODEL_CONFIG_FILE}")
+
+    def tokenizer(self) -> Tokenizer:
+        from bkexp.data.tokenizers import load_tokenizer
+
+        try:
+            return load_tokenizer(self.path)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise RunDirError(f"{self.name}: its tokenizer files cannot be read: {err}") from None
+
+    def build_model(self, device: str | torch.device = "cpu", cfg: DictConfig | None = None,
+                    quantized: bool = True) -> torch.nn.Module:
+        """The exported model (quantized as the run tested it, unless ``quantized=False``), weights loaded
+        strictly, in eval mode, on ``device``: its logits are the exported checkpoint's."""
+        from safetensors.torch import load_model
+
+        cfg = self.config() if cfg is None else cfg
+        model = build_run_model(cfg.model, cfg.get("quant") if quantized else None, int(self.info["vocab_size"]))
+        try:
+            load_model(model, str(self.weights_path), strict=True, device=str(device))
+        except FileNotFoundError:
+            raise RunDirError(f"{self.name}: no {MODEL_WEIGHTS_FILE}") from None
+        except RuntimeError as err:
+            raise RunDirError(f"{self.weights_path}: weights do not fit the model rebuilt from {MODEL_CONFIG_FILE}: "
+                              f"{' '.join(str(err).split())}") from None
+        return model.to(device).eval()
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """A model folder's config.json; a folder without one, or another library's, is a RunDirError saying so."""
+    path = folder / MODEL_CONFIG_FILE
+    if not path.is_file():
+        kind = "a run directory" if is_run_dir(folder) else "a directory" if folder.is_dir() else "not a directory"
+        raise RunDirError(f"{folder}: no {MODEL_CONFIG_FILE} ({kind}); not a model folder written by `bkexp export`")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunDirError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
+    if not isinstance(info, dict) or info.get("model_type") != MODEL_TYPE:
+        found = info.get("model_type") if isinstance(info, dict) else type(info).__name__
+        raise RunDirError(f"{path}: model_type {found!r}, expected {MODEL_TYPE!r}: not a model folder written by "
+                          "`bkexp export`")
+    return info
+
+
+def _download_model(repo_id: str, revision: str | None) -> tuple[Path, dict[str, Any]]:
+    """The files of hub repository ``repo_id`` in the local hub cache: config.json first (a repository that is not a
+    bkexp model is refused before its weights download), then the rest. Offline, or with the hub unreachable, the
+    cached copy is used; every failure is a RunDirError that names the repository and why."""
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    from bkexp.data.tokenizers import hub_unavailable
+
+    why = hub_unavailable()
+    at = "" if revision is None else f" at revision {revision!r}"
+    kwargs: dict[str, Any] = {"repo_id": repo_id, "revision": revision, "local_files_only": why is not None}
+    try:
+        read_model_config(Path(hf_hub_download(filename=MODEL_CONFIG_FILE, **kwargs)).parent)
+        folder = Path(snapshot_download(**kwargs))
+    except LocalEntryNotFoundError:
+        raise RunDirError(f"{repo_id}: no such local folder, and {why or 'the hub did not answer'}; the hub cache "
+                          f"({constants.HF_HUB_CACHE}) holds no copy of that repository{at}") from None
+    except RevisionNotFoundError:
+        raise RunDirError(f"hub repository {repo_id} has no revision {revision!r} (a branch, tag or commit)") from None
+    except RepositoryNotFoundError:
+        raise RunDirError(f"{repo_id}: no such local folder, and no hub repository {repo_id} (or it is private or "
+                          "gated: log in with `huggingface-cli login` or set HF_TOKEN)") from None
+    except EntryNotFoundError:
+        raise RunDirError(f"hub repository {repo_id}{at} has no {MODEL_CONFIG_FILE}: not a model written by "
+                          "`bkexp export`") from None
+    except (HfHubHTTPError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunDirError(f"hub repository {repo_id}{at}: download failed ({type(err).__name__}: {first})") from None
+    # the snapshot folder is named by the commit it holds
+    return folder, {"kind": "hub", "repo_id": repo_id, "revision": revision, "commit": folder.name,
+                    "path": str(folder)}
+
+
+def is_model_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / MODEL_CONFIG_FILE).is_file() and not is_run_dir(path)
+
+
+def find_models(specs: Iterable[str | os.PathLike], revision: str | None = None) -> list[Path | ModelFolder]:
+    """What the commands that read trained models accept: run directories and sweep directories (expanded to
+    their runs, as :func:`find_run_dirs`), model folders written by ``bkexp export``, and hub repository ids
+    (``revision`` applies to those). Each spec must be one of them, else a RunDirError names it."""
+    found: list[Path | ModelFolder] = []
+    seen: set[Path] = set()
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if is_model_folder(path) or (not path.exists() and HUB_REPO_ID.fullmatch(str(spec))):
+            found.append(ModelFolder.open(spec, revision))
+            continue
+        if not path.exists():
+            raise RunDirError(f"{spec}: no such file or directory, and not a hub repository id (owner/name)")
+        if path.is_dir() and not _runs_under(path):
+            raise RunDirError(f"{path} is neither a run directory (no {CONFIG_FILE} or {SUMMARY_FILE}), a sweep "
+                              f"directory holding runs, nor a model folder (no {MODEL_CONFIG_FILE}) written by "
+                              "`bkexp export`")
+        if revision is not None and path.is_dir():
+            raise RunDirError(f"revision {revision!r} selects a version of a hub repository; {path} is a run "
+                              "directory")
+        for run in find_run_dirs([path]):
+            if run.resolve() not in seen:
+                seen.add(run.resolve())
+                found.append(run)
+    return found
+
+
 # ---------------------------------------------------------------------------------------- checkpoints
 def load_checkpoint_file(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` on CPU; a file that needs more is refused, never retried unsafely.
@@ -358,6 +555,16 @@ def load_model_weights(model: torch.nn.Module, ckpt: dict[str, Any], path: str |
     except RuntimeError as err:
         raise RunDirError(f"{path}: weights do not fit the model rebuilt from the run's config: "
                           f"{str(err).splitlines()[0]} ...") from None
+
+
+def _anchor_paths(cfg: DictConfig, launch_dir: Path) -> None:
+    """Relative local paths of the run (its data folder, token cache, tokenizer file) made absolute against the
+    directory the run was launched in, so a command run from elsewhere reads the files training read (not
+    whatever the same relative path names from there). Interpolated values are resolved first."""
+    for key in RELATIVE_PATH_KEYS:
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        if isinstance(value, str) and value and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
+            OmegaConf.update(cfg, key, str((launch_dir / value).resolve()), merge=False)
 
 
 def _apply_techniques(cfg: DictConfig, path: Path) -> None:

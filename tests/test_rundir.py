@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -252,3 +253,43 @@ def test_a_config_whose_flags_cannot_be_applied_is_a_run_dir_error_naming_the_fi
     with pytest.raises(RunDirError, match=r"config\.yaml: its optimization flags cannot be applied: "
                                           r"flags\.act must be true or false, got 'maybe'"):
         RunDir(run).config()
+
+
+def test_relative_data_paths_are_read_from_where_the_run_was_launched(train, tmp_path: Path, wikitext_slice: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import json
+
+    from bkexp.cli import main as bkexp_main
+
+    launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
+    shutil.copytree(wikitext_slice, launch / "data")
+    # the same relative path from elsewhere names other text: reading it would score the wrong data silently
+    (elsewhere / "data").mkdir(parents=True)
+    for name in ("train.txt", "valid.txt", "test.txt"):
+        (elsewhere / "data" / name).write_text("other words entirely\n" * 50)
+    monkeypatch.chdir(launch)
+    run_dir = train(*TINY, "dataset=text", "tokenizer=word", "dataset.data_dir=data", "dataset.files.train=train.txt",
+                    "dataset.files.validation=valid.txt", "dataset.files.test=test.txt")
+    test_ppl = read_summary(run_dir)["metrics"]["test/ppl"]
+
+    monkeypatch.chdir(elsewhere)
+    run = RunDir(run_dir)
+    assert run.launch_dir() == launch
+    assert run.config().dataset.data_dir == str((launch / "data").resolve())
+    assert bkexp_main(["eval", str(run_dir), "--device", "cpu", "--out", "by_launch"]) == 0
+    (row,) = json.loads((elsewhere / "by_launch" / "perplexity.json").read_text())["datasets"]
+    assert row["source"]["path"] == str((launch / "data" / "test.txt").resolve())
+    assert row["ppl"] == pytest.approx(test_ppl, rel=1e-6)
+    # an override is the user's, typed here: relative to this directory
+    assert run.config(["dataset.data_dir=data"]).dataset.data_dir == "data"
+    assert bkexp_main(["eval", str(run_dir), "--device", "cpu", "--override", "dataset.data_dir=data",
+                       "--out", "by_override"]) == 0
+    (row,) = json.loads((elsewhere / "by_override" / "perplexity.json").read_text())["datasets"]
+    assert row["source"]["path"] == str((elsewhere / "data" / "test.txt").resolve())
+    # the data gone: one line naming the folder and the fix, no traceback
+    (launch / "data").rename(launch / "moved")
+    capsys.readouterr()
+    assert bkexp_main(["eval", str(run_dir), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "the run's data cannot be read here" in err and str(launch / "data") in err
+    assert "--override dataset.data_dir=DIR" in err and "Traceback" not in err

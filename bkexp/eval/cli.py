@@ -13,7 +13,9 @@ task; ``bkexp eval install-lm-eval`` lets ``lm_eval --model bkexp --model_args r
 
 Each run is rebuilt from its ``.hydra/config.yaml``, its saved tokenizer and a checkpoint (``--checkpoint
 best|last|PATH``), and the causality check runs on it before anything is scored. A sweep directory stands for
-every run in it.
+every run in it. A model folder written by ``bkexp export``, or a hub repository id of one (``--revision``), is
+evaluated the same way from its config.json, tokenizer files and weights; its results go to ``--out`` (default:
+``FOLDER/eval``, or ``eval/OWNER--NAME`` in the working directory for a hub model).
 """
 
 from __future__ import annotations
@@ -78,9 +80,16 @@ def parse_stride(text: str | None, lengths: Sequence[int]) -> dict[int, int | No
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bkexp eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("run_dirs", nargs="+", type=Path, help="run directories, or sweep directories holding runs")
-    p.add_argument("--checkpoint", default="best",
-                   help="best (checkpoints/best-*.ckpt, else last.ckpt), last, or a path to a .ckpt file")
+    p.add_argument("run_dirs", nargs="+", metavar="MODEL",
+                   help="run directories, sweep directories holding runs, model folders written by bkexp export, "
+                        "or hub repository ids of such folders (owner/name)")
+    p.add_argument("--checkpoint", default=None,
+                   help="of a run directory: best (checkpoints/best-*.ckpt, else last.ckpt; the default), last, or a "
+                        "path to a .ckpt file")
+    p.add_argument("--revision", default=None, help="hub models: branch, tag or commit (default: main)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the results (default: RUN_DIR/eval, where bkexp report finds them; a model "
+                        "folder's FOLDER/eval; a hub model's eval/OWNER--NAME)")
     p.add_argument("--datasets", default=None,
                    help="corpora to score: run, NAME, NAME:DIR, text:PATH (comma-separated; default: run)")
     p.add_argument("--split", default="test", help="split of run/NAME datasets: train, validation, test")
@@ -110,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- the run
 @dataclass
 class LoadedRun:
-    """A run rebuilt for evaluation: config, model with the checkpoint's weights, fitted tokenizer (or None)."""
+    """A run (or an exported model folder) rebuilt for evaluation: config, model with the checkpoint's weights,
+    fitted tokenizer (or None)."""
 
     run_dir: Path
     cfg: Any
@@ -119,6 +129,8 @@ class LoadedRun:
     checkpoint: Path
     summary: dict[str, Any]
     train_tokens: torch.Tensor | None = None  # the training split's tokens when the run holds them in memory
+    source: dict[str, Any] | None = None  # a model folder's origin (local folder, or hub repository and commit)
+    default_out: Path | None = None  # where results go unless --out says otherwise
 
     @property
     def name(self) -> str:
@@ -129,21 +141,40 @@ class LoadedRun:
         return self.cfg.get("seq_len")
 
 
-def load_run(run_dir: Path, checkpoint: str, overrides: Sequence[str], device: torch.device) -> LoadedRun:
-    """Rebuild a run's model and tokenizer exactly as trained and load a checkpoint's weights into the model."""
-    from bkexp.rundir import RunDir
+def load_run(run_dir: Path | Any, checkpoint: str | None, overrides: Sequence[str], device: torch.device) -> LoadedRun:
+    """Rebuild a run's model and tokenizer exactly as trained and load a checkpoint's weights into the model
+    (``run_dir``: a run directory, or a :class:`bkexp.rundir.ModelFolder`)."""
+    from bkexp.rundir import ModelFolder, RunDir
 
+    if isinstance(run_dir, ModelFolder):
+        return load_model_folder(run_dir, checkpoint, overrides, device)
     run = RunDir(run_dir)
     cfg = run.config(overrides)
     datamodule = run.build_datamodule(cfg=cfg)
-    ckpt = run.checkpoint_path(checkpoint)
+    ckpt = run.checkpoint_path(checkpoint or "best")
     model = run.build_model(ckpt, device=device, cfg=cfg)
     summary = run.summary() if run.summary_path.is_file() else {}
     tokenizer = getattr(datamodule, "tokenizer", None)
     if tokenizer is not None and tokenizer.name == "ids":  # a synthetic task's token ids: no text tokenizer
         tokenizer = None
-    return LoadedRun(run_dir, cfg, model, tokenizer, ckpt, summary,
+    return LoadedRun(run_dir, cfg, model, tokenizer, ckpt, summary, default_out=run_dir / EVAL_DIR,
                      train_tokens=(getattr(datamodule, "streams", None) or {}).get("train"))
+
+
+def load_model_folder(folder: Any, checkpoint: str | None, overrides: Sequence[str], device: torch.device) -> LoadedRun:
+    """An exported model as a LoadedRun: no checkpoints to choose, no summary, and no training tokens in memory
+    (the held-out checks compare files and hub splits only)."""
+    if checkpoint is not None:
+        raise EvalError(f"--checkpoint {checkpoint!r} picks a checkpoint of a run directory; {folder.name} is an "
+                        "exported model folder, which holds one set of weights")
+    cfg = folder.config(overrides)
+    tokenizer = folder.tokenizer()
+    if tokenizer.name == "ids":
+        tokenizer = None
+    hub = folder.source.get("repo_id")
+    out = Path(EVAL_DIR) / hub.replace("/", "--") if hub else folder.path / EVAL_DIR
+    return LoadedRun(folder.path, cfg, folder.build_model(device, cfg=cfg), tokenizer, folder.weights_path, {},
+                     source=folder.source, default_out=out)
 
 
 def causality_check(run: LoadedRun, stream: torch.Tensor) -> None:
@@ -154,11 +185,12 @@ def causality_check(run: LoadedRun, stream: torch.Tensor) -> None:
     check_causality(run.model, sample, run.model.vocab_size, name=f"model {run.name!r} of {run.run_dir}")
 
 
-def expand_run_dirs(paths: Sequence[Path]) -> list[Path]:
-    from bkexp.rundir import RunDirError, find_run_dirs
+def expand_run_dirs(paths: Sequence[str | Path], revision: str | None = None) -> list[Any]:
+    """Run directories (a sweep expands to its runs) and :class:`bkexp.rundir.ModelFolder` s, in order."""
+    from bkexp.rundir import RunDirError, find_models
 
     try:
-        return find_run_dirs(paths)
+        return find_models(paths, revision)
     except RunDirError as err:
         raise EvalError(str(err)) from None
 
@@ -200,9 +232,20 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 def _header(run: LoadedRun, device: torch.device) -> dict[str, Any]:
-    return {"run_dir": str(run.run_dir.resolve()), "model": run.name, "checkpoint": str(run.checkpoint),
+    return {"run_dir": str(run.run_dir.resolve()), **({"model_source": run.source} if run.source else {}),
+            "model": run.name, "checkpoint": str(run.checkpoint),
             "train_seq_len": run.train_len, "device": str(device),
             "tokenizer": run.tokenizer.describe() if run.tokenizer is not None else None}
+
+
+def origin_md(record: dict[str, Any]) -> str:
+    """Where a result's model came from, for the markdown files: the run and checkpoint, or the model folder."""
+    source = record.get("model_source") or {}
+    if source.get("kind") == "hub":
+        return f"Hub model `{source['repo_id']}` (commit `{source['commit']}`)"
+    if source:
+        return f"Model folder `{source['path']}`"
+    return f"Run `{record['run_dir']}`, checkpoint `{Path(record['checkpoint']).name}`"
 
 
 def _shared_run_splits(run: LoadedRun, corpus: Any) -> list[str]:
@@ -225,15 +268,23 @@ def _not_held_out_md(dataset: str, shared: Sequence[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- perplexity on several corpora
+DEFAULT_EVAL_BATCH = 16  # windows per forward for a model folder that records no dataset config
+
+
+def _dataset_name(run: LoadedRun) -> str | None:
+    return (run.cfg.get("dataset") or {}).get("name")
+
+
 def eval_datasets(run: LoadedRun, items: Sequence[str], split: str, device: torch.device) -> dict[str, Any]:
     from bkexp.eval.scoring import score_stream
 
-    check_pairing(run.tokenizer, run.model.vocab_size, run.cfg.dataset.get("name"))
+    check_pairing(run.tokenizer, run.model.vocab_size, _dataset_name(run))
     corpora = [load_corpus(item, run.cfg, split) for item in items]  # all read before anything is scored
     encoded = [encode(c, run.tokenizer) for c in corpora]
     causality_check(run, encoded[0][0])
     seq_len = int(run.train_len)
-    batch = int(run.cfg.dataset.get("eval_batch_size") or run.cfg.dataset.get("batch_size") or 1)
+    dataset = run.cfg.get("dataset") or {}
+    batch = int(dataset.get("eval_batch_size") or dataset.get("batch_size") or DEFAULT_EVAL_BATCH)
     rows = []
     for corpus, (stream, stats) in zip(corpora, encoded):
         # The training chunking (seq_len windows, eval batch size): on the run's own test split this is
@@ -260,7 +311,7 @@ PPL_COLUMNS = ("dataset", "loss", "ppl", "bits_per_byte", "tokens", "bytes", "un
 def write_datasets(out: Path, record: dict[str, Any]) -> None:
     rows = record["datasets"]
     md = [f"# Perplexity on {len(rows)} corpora: {record['model']}", "",
-          f"Run `{record['run_dir']}`, checkpoint `{Path(record['checkpoint']).name}`, split `{record['split']}` "
+          f"{origin_md(record)}, split `{record['split']}` "
           f"(run/NAME datasets), windows of {record['window']} tokens (the training length, non-overlapping). "
           "bits_per_byte = summed loss in bits / UTF-8 bytes of the text; unk_share = share of tokens that are "
           "`<unk>`, oov_share = share of tokens that became `<unk>` because the word is not in the training "
@@ -280,7 +331,7 @@ def eval_lengths(run: LoadedRun, lengths: Sequence[int], stride: str | None, dat
     from bkexp.eval.scoring import score_stream
 
     strides = parse_stride(stride, lengths)
-    check_pairing(run.tokenizer, run.model.vocab_size, run.cfg.dataset.get("name"))
+    check_pairing(run.tokenizer, run.model.vocab_size, _dataset_name(run))
     corpus = load_corpus(dataset, run.cfg, split)
     stream, stats = encode(corpus, run.tokenizer)
     longest = max(lengths)
@@ -317,7 +368,7 @@ def write_lengths(out: Path, record: dict[str, Any]) -> list[Path]:
     rows = record["lengths"]
     title = f"{record['model']}: {record['dataset']} ({record['targets']} targets)"
     md = [f"# Perplexity vs context length: {record['model']}", "",
-          f"Run `{record['run_dir']}`, checkpoint `{Path(record['checkpoint']).name}`, trained at "
+          f"{origin_md(record)}, trained at "
           f"L={record['train_seq_len']}. The same {record['targets']} target tokens of {record['dataset']} "
           f"({record['split']}) are scored at every L ({record['mode']} windows"
           + (f", stride {record['stride']}" if record["stride"] else "") + "). tokens/s counts scored tokens on "
@@ -337,7 +388,7 @@ def write_lengths(out: Path, record: dict[str, Any]) -> list[Path]:
 def eval_one(run_dir: Path, args: argparse.Namespace) -> list[Path]:
     device = args.device
     run = load_run(run_dir, args.checkpoint, args.override, device)
-    out = run_dir / EVAL_DIR
+    out = args.out or run.default_out
     written: list[Path] = []
     if args.datasets is not None or not (args.lengths or args.tasks or args.bits):
         record = eval_datasets(run, parse_datasets(args.datasets or "run"), args.split, device)
@@ -403,11 +454,18 @@ def main(argv: list[str] | None = None) -> int:
             parse_stride(args.stride, parse_lengths(args.lengths))  # bad arguments fail before any model loads
         if args.datasets:
             parse_datasets(args.datasets)
-        runs = expand_run_dirs(args.run_dirs)
+        runs = expand_run_dirs(args.run_dirs, args.revision)
+        if args.out is not None and len(runs) > 1:
+            raise EvalError(f"--out names one folder, for one model; {len(runs)} were given (or found in a sweep "
+                            "directory): leave --out out to write each run's results into its own eval/")
         if args.bits:
             from bkexp.eval.quant import main as eval_quant
 
-            code = eval_quant([*map(str, runs), "--bits", args.bits, "--checkpoint", args.checkpoint,
+            folders = [run for run in runs if not isinstance(run, Path)]
+            if folders:
+                raise EvalError(f"--bits: {folders[0].name} is an exported model folder; the quantization sweep "
+                                "reads a run directory (its float checkpoint and its data)")
+            code = eval_quant([*map(str, runs), "--bits", args.bits, "--checkpoint", args.checkpoint or "best",
                                "--device", str(args.device), *[f"--override={o}" for o in args.override]])
             if code:
                 return code

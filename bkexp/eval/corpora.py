@@ -114,6 +114,10 @@ def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
         return Corpus(item, {"kind": "local", "path": str(file.resolve())}, _read_file(file, item),
                       file=str(file.resolve()))
     if name == "run":
+        if cfg.get("dataset") is None:
+            raise CorpusError("--datasets run: this model folder records no training dataset (it was exported "
+                              "before bkexp recorded one); name a corpus: NAME, NAME:DIR or text:PATH "
+                              f"(NAME: {', '.join(n for n, p in dataset_configs().items() if _is_text(p))})")
         name = str(cfg.dataset.get("name"))
         config = OmegaConf.to_container(cfg.dataset, resolve=True)
         _require_text(f"run ({name})", config)

@@ -3,7 +3,8 @@
 ``bkexp eval RUN --tasks copa,my_local_task`` runs tasks in-process; ``lm_eval --model bkexp --model_args
 run=RUN_DIR[,checkpoint=best,max_length=256,batch_size=16,decode_threads=auto] --tasks ...`` does the same from
 lm_eval's own CLI once the registration hook is installed (``bkexp eval install-lm-eval``, see
-:mod:`bkexp.eval.lm_eval_hook`).
+:mod:`bkexp.eval.lm_eval_hook`); ``pretrained=FOLDER_OR_HUB_ID[,revision=...]`` instead of ``run=`` reads a
+model written by ``bkexp export`` (lm_eval's Hugging Face model takes the same key).
 
 Text is tokenised with the run's own tokenizer (``Tokenizer.encode``: a newline is the tokenizer's end-of-line
 token, as in training). A request longer than ``max_length`` (default: the training ``seq_len``) keeps its
@@ -51,6 +52,8 @@ class BkexpLM(TemplateLM):
     Args:
         run: run directory; its model, tokenizer and checkpoint are rebuilt as for ``bkexp eval``.
         checkpoint: ``best``, ``last`` or a path (with ``run``).
+        pretrained: instead of ``run``, a model folder written by ``bkexp export`` or a hub repository id of one.
+        revision: with a hub ``pretrained``: branch, tag or commit.
         model, tokenizer: an ``nn.Module`` returning logits ``(B, N, V)`` and a bkexp tokenizer, instead of ``run``.
         max_length: longest input in tokens (default: the run's training ``seq_len``; 1024 without a run).
         batch_size: requests per forward.
@@ -58,9 +61,10 @@ class BkexpLM(TemplateLM):
             process's count; ``bkexp.infer.generate``).
     """
 
-    def __init__(self, run: str | None = None, checkpoint: str = "best", model: torch.nn.Module | None = None,
+    def __init__(self, run: str | None = None, checkpoint: str | None = None, model: torch.nn.Module | None = None,
                  tokenizer: Any = None, max_length: int | None = None, batch_size: int | str = 16,
-                 device: str | None = None, decode_threads: int | str = DECODE_THREADS, **unused: Any) -> None:
+                 device: str | None = None, decode_threads: int | str = DECODE_THREADS, pretrained: str | None = None,
+                 revision: str | None = None, **unused: Any) -> None:
         super().__init__()
         from bkexp.devices import resolve_device
 
@@ -69,15 +73,21 @@ class BkexpLM(TemplateLM):
             log.warning("bkexp lm_eval model: device %s is not available, using the CPU", device)
             device = "cpu"
         self._device = resolve_device(device or "auto")
-        self.run_dir = run
-        if run is not None:
+        if run is not None and pretrained is not None:
+            raise ValueError(f"the bkexp lm_eval model takes run= or pretrained=, not both (run={run!r}, "
+                             f"pretrained={pretrained!r})")
+        self.run_dir = run or pretrained
+        if self.run_dir is not None:
             from bkexp.eval.cli import load_run
+            from bkexp.rundir import ModelFolder
 
-            loaded = load_run(Path(run), checkpoint, (), self._device)
+            source = Path(run) if run is not None else ModelFolder.open(pretrained, revision)
+            loaded = load_run(source, checkpoint, (), self._device)
             model, tokenizer = loaded.model, loaded.tokenizer
             max_length = max_length or loaded.train_len
         if model is None or tokenizer is None:
-            raise ValueError("the bkexp lm_eval model needs run=RUN_DIR (or model= and tokenizer= objects)")
+            raise ValueError("the bkexp lm_eval model needs run=RUN_DIR or pretrained=FOLDER_OR_HUB_ID (or model= "
+                             "and tokenizer= objects)")
         self.model = model.to(self._device).eval()
         self.tokenizer = tokenizer
         self._max_length = int(max_length or 1024)
@@ -294,7 +304,8 @@ def run_tasks(run: Any, tasks: str, include_paths: Sequence[Path], num_fewshot: 
             rows.append({"task": task, "metric": metric, "filter": filt, "value": value,
                          "stderr": stderr if isinstance(stderr, (int, float)) else None,
                          "n": results.get("n-samples", {}).get(task, {}).get("effective")})
-    return {"run_dir": str(Path(run.run_dir).resolve()), "model": run.name, "checkpoint": str(run.checkpoint),
+    return {"run_dir": str(Path(run.run_dir).resolve()), **({"model_source": run.source} if run.source else {}),
+            "model": run.name, "checkpoint": str(run.checkpoint),
             "max_length": lm.max_length, "tasks": names, "num_fewshot": num_fewshot, "limit": limit,
             "lm_eval_version": lm_eval.__version__, "metrics": rows,
             "results": json.loads(json.dumps(results["results"], default=str)),
@@ -304,6 +315,7 @@ def run_tasks(run: Any, tasks: str, include_paths: Sequence[Path], num_fewshot: 
 def write_lm_eval(out: Path, record: dict[str, Any]) -> Path:
     import pandas as pd
 
+    from bkexp.eval.cli import origin_md
     from bkexp.utils import atomic_write_text
 
     def clean(value: Any) -> Any:
@@ -313,7 +325,7 @@ def write_lm_eval(out: Path, record: dict[str, Any]) -> Path:
     atomic_write_text(out / "lm_eval.json", json.dumps(record, indent=2, default=str) + "\n")
     atomic_write_text(out / "lm_eval.csv", pd.DataFrame(rows).to_csv(index=False))
     lines = [f"# lm-evaluation-harness: {record['model']}", "",
-             f"Run `{record['run_dir']}`, checkpoint `{Path(record['checkpoint']).name}`, lm_eval "
+             f"{origin_md(record)}, lm_eval "
              f"{record['lm_eval_version']}, max_length {record['max_length']}, few-shot {record['num_fewshot']}.", "",
              "| task | metric | value | stderr | n |", "|---|---|---|---|---|"]
     for r in rows:

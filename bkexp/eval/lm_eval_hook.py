@@ -21,7 +21,17 @@ from typing import Any
 REGISTRY = "lm_eval.api.registry"
 TARGET = "bkexp.eval.harness:BkexpLM"
 PTH_NAME = "bkexp-lm-eval.pth"
-PTH_LINE = "import bkexp.eval.lm_eval_hook as _bkexp_hook; _bkexp_hook.install()\n"
+
+
+def pth_text() -> str:
+    """The start-up line: load this file by its path and call :func:`install`.
+
+    By path, not ``import bkexp``: Python reads the user site-packages before the system's, where ``pip install
+    -e .`` puts the finder of an editable install, so a ``--user`` file could not import bkexp at start-up. This
+    file imports only the standard library; bkexp itself is imported when lm_eval asks for the model."""
+    return ("import importlib.util as _u; _s = _u.spec_from_file_location('_bkexp_lm_eval_hook', "
+            f"{str(Path(__file__).resolve())!r}); _m = _u.module_from_spec(_s); _s.loader.exec_module(_m); "
+            "_m.install()\n")
 
 
 def register(registry: ModuleType) -> None:
@@ -75,5 +85,5 @@ def write_pth(user: bool = False, remove: bool = False) -> Path:
     if remove:
         path.unlink(missing_ok=True)
     else:
-        atomic_write_text(path, PTH_LINE)
+        atomic_write_text(path, pth_text())
     return path

@@ -61,7 +61,16 @@ tokenizer = load_tokenizer("{{ folder_hint }}")
 ids = tokenizer.encode_lines(["the quick brown fox"]).unsqueeze(0)
 logits = model(ids)                                 # (1, N, vocab_size), causal
 ```
-"""
+{% if text_model %}
+From the command line, with bkexp installed (a hub repository's files download into the Hugging Face cache):
+
+```bash
+bkexp generate {{ folder_hint }} --prompt "the quick brown fox" --max-new-tokens 40
+bkexp eval {{ folder_hint }} --datasets run --lengths {{ lengths }}   # the training data's test split
+bkexp eval {{ folder_hint }} --datasets text:my_corpus.txt              # any text, with this tokenizer
+bkexp eval install-lm-eval && lm_eval --model bkexp --model_args pretrained={{ folder_hint }} --tasks lambada_openai
+```
+{% endif %}"""
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -158,7 +167,9 @@ def model_card(summary: dict[str, Any], config: dict[str, Any], folder_hint: str
         card_data, template_str=TEMPLATE, title=f"bkexp {name} on {dataset}", description=description,
         overrides=overrides, run=config["source"]["run"], checkpoint=config["source"]["checkpoint"],
         model_rows=model_rows, data_rows=data_rows, result_rows=result_rows, caveats=caveats(overlap),
-        command=f"python train.py {overrides}".strip(), versions=versions, folder_hint=folder_hint)
+        command=f"python train.py {overrides}".strip(), versions=versions, folder_hint=folder_hint,
+        text_model=tokenizer.get("name") not in (None, "ids"),
+        lengths=",".join(str(n * summary["seq_len"]) for n in (1, 2, 4)) if summary.get("seq_len") else "256,512")
 
 
 def _split_sources(source: dict[str, Any]) -> dict[str, str]:

@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--private", action="store_true", help="create the hub repository as private")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        out = export_run(args.run_dir, args.out, which=args.checkpoint, overwrite=args.overwrite)
+        out = export_run(args.run_dir, args.out, which=args.checkpoint, overwrite=args.overwrite,
+                         repo_id=args.push)
         files = [op.path_in_repo for op in upload_operations(out)]
         print(f"exported {args.run_dir} -> {out}: {', '.join(files)}")
         if args.push:

@@ -9,6 +9,8 @@
 
 ``from_pretrained(OUT)`` rebuilds the model from config.json alone and loads the weights strictly (no missing or
 unexpected key), so its logits equal those of the run's checkpoint; ``load_tokenizer(OUT)`` rebuilds the tokenizer.
+Both also take a hub repository id (``from_pretrained("me/bkexp-bk", revision=...)``), downloaded into the hub
+cache by :class:`bkexp.rundir.ModelFolder`, which ``bkexp generate``, ``bkexp eval`` and lm_eval read too.
 ``push(OUT, REPO_ID)`` uploads exactly the files of ``upload_operations(OUT)`` in one commit; the token comes from
 the environment (``HF_TOKEN``) or the local login and is never written into the folder.
 """
@@ -22,20 +24,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bkexp.rundir import MODEL_CONFIG_FILE, MODEL_TYPE, MODEL_WEIGHTS_FILE, ModelFolder, RunDirError
 from bkexp.utils import atomic_write_text
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
-MODEL_TYPE = "bkexp"
 
 
 class ExportError(ValueError):
     """A run that cannot be exported, or a folder that is not a bkexp export; the message says why."""
 
 
-def export_run(run_dir: str | Path, out: str | Path, which: str = "best", overwrite: bool = False) -> Path:
-    """Write the Hugging Face folder of one finished run (see the module docstring); returns ``out``."""
+def export_run(run_dir: str | Path, out: str | Path, which: str = "best", overwrite: bool = False,
+               repo_id: str | None = None) -> Path:
+    """Write the Hugging Face folder of one finished run (see the module docstring); returns ``out``.
+
+    ``repo_id``: the hub repository the folder is for; the model card's usage lines name it."""
     import torch
     from omegaconf import OmegaConf
     from safetensors.torch import save_model
@@ -62,14 +65,16 @@ def export_run(run_dir: str | Path, out: str | Path, which: str = "best", overwr
         "vocab_size": run.vocab_size(cfg),
         "seq_len": cfg.get("seq_len"),
         "bits": cfg.get("bits"),
+        # where the run's data came from, so `bkexp eval MODEL --datasets run` and the held-out checks find it
+        "dataset": _resolved(cfg.get("dataset")),
         "torch_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "source": {"run": run.name, "checkpoint": checkpoint.name},
     }
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
         with torch.no_grad():
-            save_model(model, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "bkexp_run": run.name})
-        atomic_write_text(staging / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+            save_model(model, str(staging / MODEL_WEIGHTS_FILE), metadata={"format": "pt", "bkexp_run": run.name})
+        atomic_write_text(staging / MODEL_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
         tokenizer_dir = run.path / TOKENIZER_DIR
         if not tokenizer_dir.is_dir():
             raise ExportError(f"{run.path}: no {TOKENIZER_DIR}/ folder (runs save their tokenizer there since "
@@ -79,7 +84,7 @@ def export_run(run_dir: str | Path, out: str | Path, which: str = "best", overwr
                 shutil.copy2(file, staging / file.name)
         from bkexp.export.card import model_card
 
-        model_card(summary, config).save(staging / CARD_FILE)
+        model_card(summary, config, **({"folder_hint": repo_id} if repo_id else {})).save(staging / CARD_FILE)
         for file in staging.iterdir():
             os.chmod(file, 0o644)
         if out.exists():
@@ -92,40 +97,54 @@ def export_run(run_dir: str | Path, out: str | Path, which: str = "best", overwr
     return out
 
 
+def _resolved(node: Any) -> Any:
+    """A config node as plain data with its interpolations resolved; None when absent or not resolvable here."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if node is None:
+        return None
+    try:
+        return OmegaConf.to_container(node, resolve=True)
+    except OmegaConfBaseException:
+        return None
+
+
+def _folder(folder: str | Path, revision: str | None = None) -> ModelFolder:
+    try:
+        return ModelFolder.open(folder, revision)
+    except RunDirError as err:
+        raise ExportError(str(err)) from None
+
+
 def read_config(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise ExportError(f"{folder}: no {CONFIG_FILE}; not a model folder written by `bkexp export`")
-    config = json.loads(path.read_text())
-    if config.get("model_type") != MODEL_TYPE:
-        raise ExportError(f"{path}: model_type {config.get('model_type')!r}, expected {MODEL_TYPE!r}")
-    return config
+    """A local model folder's config.json (ExportError when the folder is not a bkexp export)."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ExportError(f"{folder}: no such folder; not a model folder written by `bkexp export`")
+    return _folder(path).info
 
 
-def from_pretrained(folder: str | Path, device: str = "cpu") -> Any:
+def from_pretrained(folder: str | Path, device: str = "cpu", revision: str | None = None) -> Any:
     """The exported model rebuilt from config.json, weights loaded strictly, in eval mode.
 
-    Built by ``bkexp.rundir.build_run_model``, the path ``RunDir.build_model`` takes: a quantized run comes back
-    with its quantization switched on, as its test evaluated it.
+    ``folder``: a folder written by ``bkexp export``, or a hub repository id (``revision``: its branch, tag or
+    commit). Built by ``bkexp.rundir.build_run_model``, the path ``RunDir.build_model`` takes: a quantized run
+    comes back with its quantization switched on, as its test evaluated it.
     """
-    from safetensors.torch import load_model
-
-    from bkexp.rundir import build_run_model
-
-    config = read_config(folder)
-    model = build_run_model(config["model"], config.get("quant"), int(config["vocab_size"]))
-    missing, unexpected = load_model(model, str(Path(folder) / WEIGHTS_FILE), strict=True, device=device)
-    if missing or unexpected:  # strict=True raises first; kept so the contract is visible here
-        raise ExportError(f"{folder}: missing keys {missing}, unexpected keys {unexpected}")
-    return model.to(device).eval()
+    model_folder = _folder(folder, revision)
+    try:
+        return model_folder.build_model(device)
+    except RunDirError as err:
+        raise ExportError(str(err)) from None
 
 
-def load_tokenizer(folder: str | Path) -> Any:
-    """The run's tokenizer, from the tokenizer files in the folder."""
-    from bkexp.data.tokenizers import load_tokenizer as load
-
-    read_config(folder)
-    return load(folder)
+def load_tokenizer(folder: str | Path, revision: str | None = None) -> Any:
+    """The run's tokenizer, from the tokenizer files of the folder (or hub repository)."""
+    try:
+        return _folder(folder, revision).tokenizer()
+    except RunDirError as err:
+        raise ExportError(str(err)) from None
 
 
 def upload_operations(folder: str | Path) -> list[Any]:

@@ -1,8 +1,9 @@
-"""``bkexp generate RUN_DIR --prompt TEXT --max-new-tokens N``: continue a prompt with a trained run's model.
+"""``bkexp generate MODEL --prompt TEXT --max-new-tokens N``: continue a prompt with a trained model.
 
-The run's config, tokenizer and checkpoint come from :func:`bkexp.infer.run.load_run` (weights loaded with
-``weights_only=True``); a run trained with quantization generates with its quantized weights, as it was
-evaluated. ``--batch N`` draws N continuations of the prompt in one batch (with ``--seed`` they are
+``MODEL`` is a run directory, a model folder written by ``bkexp export``, or a hub repository id of one
+(``--revision``). The model and tokenizer come from :func:`bkexp.infer.run.load_run` (checkpoints loaded with
+``weights_only=True``, safetensors strictly); a run trained with quantization generates with its quantized
+weights, as it was evaluated. ``--batch N`` draws N continuations of the prompt in one batch (with ``--seed`` they are
 reproducible). The continuation (prompt excluded) is printed through the run's tokenizer; ``--json`` prints
 prompt ids, continuation ids and text instead. ``--decode-threads`` sets the CPU threads of the token-by-token
 steps (``bkexp/threads.py`` says why the default is one).
@@ -26,7 +27,9 @@ from bkexp.threads import AUTO_STATE_BYTES, DECODE_THREADS, thread_option
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bkexp generate", description=__doc__.split("\n")[0])
-    parser.add_argument("run_dir", help="a run directory written by python train.py")
+    parser.add_argument("run_dir", metavar="MODEL",
+                        help="a run directory written by python train.py, a model folder written by bkexp export, "
+                             "or a Hugging Face hub repository id of one (owner/name)")
     parser.add_argument("--prompt", required=True, help="text to continue (encoded with the run's tokenizer)")
     parser.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default 50)")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; default 1")
@@ -35,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
     parser.add_argument("--batch", type=int, default=1, help="continuations of the prompt to draw (one batch)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable); cut from the output")
-    parser.add_argument("--checkpoint", default="best", help="best, last or a path to a .ckpt (default best)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="a run directory's checkpoint: best (default), last or a path to a .ckpt")
+    parser.add_argument("--revision", default=None, help="hub model: branch, tag or commit (default: main)")
     parser.add_argument("--device", default="cpu", type=device_argument,
                         help="cpu (default), auto (cuda when available), cuda, cuda:1, ...")
     parser.add_argument("--decode-threads", default=DECODE_THREADS,
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bkexp generate: {err}", file=sys.stderr)
         return 2
     try:
-        model, tokenizer = load_run(args.run_dir, args.checkpoint, device)
+        model, tokenizer = load_run(args.run_dir, args.checkpoint, device, args.revision)
         reason = model.decode_unsupported
         if reason is not None:
             raise NotImplementedError(f"the run's model {model.name!r} cannot decode incrementally: {reason}")

@@ -1,8 +1,9 @@
-"""Loading a trained run for generation: its model (checkpoint weights, quantization as evaluated) and tokenizer.
+"""Loading a trained model for generation: a run directory, a model folder of ``bkexp export`` or a hub repository.
 
-Through :class:`bkexp.rundir.RunDir`, the one definition of a run directory (config, tokenizer saved with the
-run, checkpoint loaded with ``torch.load(weights_only=True)`` only); ``RunDir.build_model`` already
-switches the run's quantized layers on, as they were evaluated; this module pairs the model with the tokenizer.
+Through :mod:`bkexp.rundir`, the one definition of both (config, tokenizer saved with the run, checkpoint loaded
+with ``torch.load(weights_only=True)`` only, or safetensors weights loaded strictly); either way the model
+comes back with its quantized layers switched on, as the run's test evaluated it. This module pairs the model
+with the tokenizer.
 """
 
 from __future__ import annotations
@@ -17,17 +18,27 @@ class RunLoadError(ValueError):
     """A run directory or checkpoint generation cannot use; the message names the path and what is expected."""
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> tuple[Any, Any]:
-    """``(model, tokenizer)``: the run's model in eval mode on ``device``, with its quantized layers switched on
-    when it trained quantized (as it was evaluated), and the run's tokenizer."""
-    from bkexp.rundir import RunDir, RunDirError
+def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str | torch.device = "cpu",
+             revision: str | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a run directory (its ``checkpoint``: best by default), a model folder written by
+    ``bkexp export``, or a hub repository id (at ``revision``): the model in eval mode on ``device``."""
+    from bkexp.rundir import ModelFolder, RunDir, RunDirError, find_models
 
     try:
-        run = RunDir(run_dir)
+        models = find_models([run_dir], revision)
+        if len(models) > 1:
+            raise RunLoadError(f"{run_dir} is a sweep directory of {len(models)} runs; give one of them, e.g. "
+                               f"{models[0]}")
+        (found,) = models
+        if isinstance(found, ModelFolder):
+            if checkpoint is not None:
+                raise RunLoadError(f"--checkpoint {checkpoint!r} picks a checkpoint of a run directory; {run_dir} is "
+                                   "an exported model folder, which holds one set of weights")
+            return found.build_model(device), found.tokenizer()
+        run = RunDir(found)
         cfg = run.config()
-        model = run.build_model(checkpoint, device=device, cfg=cfg)
+        model = run.build_model(checkpoint or "best", device=device, cfg=cfg)
         tokenizer = run.tokenizer()
     except RunDirError as err:
         raise RunLoadError(str(err)) from None
     return model.eval(), tokenizer
-

@@ -182,3 +182,29 @@ def test_lm_eval_command_line_finds_the_bkexp_model_after_install(word_run: Path
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "cli_mc" in done.stdout and "acc" in done.stdout
+
+
+def test_the_user_start_up_file_works_before_the_system_site_packages_load(tmp_path: Path):
+    # Python reads the user site-packages first, before the editable install's finder is in place: the file must
+    # not need `import bkexp` at start-up, and must not import it (nor touch sys.path) for every interpreter.
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+
+    from bkexp.eval.lm_eval_hook import PTH_NAME, pth_text
+
+    userbase = tmp_path / "userbase"
+    site_dir = Path(sysconfig.get_path("purelib", f"{os.name}_user", vars={"userbase": str(userbase)}))
+    site_dir.mkdir(parents=True)
+    (site_dir / PTH_NAME).write_text(pth_text())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONUSERBASE": str(userbase)}
+    probe = ("import sys; print('bkexp' in sys.modules, "
+             "any(type(f).__name__ == '_RegistryFinder' for f in sys.meta_path), len(sys.path))")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    without = subprocess.run([sys.executable, "-c", "import sys; print(len(sys.path))"], cwd=tmp_path,
+                             env={**env, "PYTHONUSERBASE": str(tmp_path / "empty")}, capture_output=True, text=True)
+    # bkexp not imported, the finder waiting for lm_eval's registry, and no sys.path entry beyond the user site
+    assert done.stdout.split() == ["False", "True", str(int(without.stdout) + 1)]

@@ -82,7 +82,7 @@ def test_generate_rejects_bad_arguments(quantized_bk_run: Path, capsys, args: li
 
 def test_generate_rejects_a_directory_that_is_not_a_run(tmp_path: Path, capsys) -> None:
     assert bkexp_main(["generate", str(tmp_path), "--prompt", "the"]) == 2
-    assert f"{tmp_path} is not a run directory" in capsys.readouterr().err
+    assert f"{tmp_path} is neither a run directory" in capsys.readouterr().err
 
 
 def test_generate_refuses_a_staged_run_naming_the_flag(train, wikitext_slice: Path, capsys) -> None:
