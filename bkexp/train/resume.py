@@ -11,6 +11,11 @@ if they never wrote one). Extra overrides on the command line win over the saved
 
 Path values of ``resume=`` and ``ckpt_path=`` are quoted before Hydra parses them, so directories of sweep
 jobs (``0_model=bk,seq_len=256``) can be given as they are.
+
+The resumed process works in the directory the run was launched in (Hydra's ``runtime.cwd``), so the relative
+paths of its config (``dataset.data_dir=data/wt2``, the token cache, ``paths.root_dir=.``) name the files the run
+read, wherever the resume is typed; extra overrides are read from there too. It says so when it changes
+directory.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import csv
 import io
 import json
 import logging
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +110,7 @@ def expand_argv(argv: list[str]) -> list[str]:
         saved = record["hydra"]["overrides"]
         hydra_saved = [str(o) for o in saved.get("hydra") or [] if not str(o).startswith(HYDRA_SKIP)]
         task = _merge([str(o) for o in saved.get("task") or []], given)
+        _enter_launch_dir(record)
         return [argv[0], "-m", *task, *_predates_recipe(record, task), *hydra_saved,
                 f"hydra.sweep.dir={quote(str(target))}", f"resume={quote(str(target))}"]
     if (target / ".hydra" / "overrides.yaml").is_file():
@@ -112,10 +120,26 @@ def expand_argv(argv: list[str]) -> list[str]:
                        if not o.startswith("hydra/launcher")]  # one job resumes in this process
         task = _merge([str(o) for o in saved], given)
         record = yaml.safe_load(hydra_yaml.read_text()) if hydra_yaml.is_file() else None
+        _enter_launch_dir(record)
         return [argv[0], *task, *_predates_recipe(record, task), *hydra_saved,
                 f"hydra.run.dir={quote(str(target))}", "hydra.output_subdir=null", f"resume={quote(str(target))}"]
     raise SystemExit(f"resume={target}: neither a run directory (no .hydra/overrides.yaml) nor a sweep directory "
                      "(no multirun.yaml) written by `python train.py`")
+
+
+def _enter_launch_dir(hydra_record: dict[str, Any] | None) -> None:
+    """Work where the run was launched (see the module docstring); a run that did not record it, or whose
+    directory is gone, resumes here."""
+    cwd = (((hydra_record or {}).get("hydra") or {}).get("runtime") or {}).get("cwd")
+    if not isinstance(cwd, str) or not os.path.isabs(cwd) or Path(cwd).resolve() == Path.cwd().resolve():
+        return
+    if not Path(cwd).is_dir():
+        print(f"[bkexp] resume: the run was launched in {cwd}, which is gone; relative paths in its config are "
+              f"read from {Path.cwd()}", file=sys.stderr)
+        return
+    print(f"[bkexp] resume: working in {cwd}, where the run was launched (relative paths in its config and in "
+          "the overrides given now are read from there)", file=sys.stderr)
+    os.chdir(cwd)
 
 
 # ------------------------------------------------------------------------------------------ in the run

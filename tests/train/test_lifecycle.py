@@ -286,3 +286,33 @@ class _TouchOnLoad:
 
     def __reduce__(self):
         return (Path.touch, (self.path,))
+
+
+def test_resume_reads_the_runs_relative_paths_from_where_it_was_launched(train, tmp_path, wikitext_slice,
+                                                                          monkeypatch, capsys):
+    """`resume=` typed in another directory: the run's `dataset.data_dir=data` still names the folder it trained
+    on, not the one that the same relative path names from there."""
+    import json
+    import shutil
+
+    launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
+    shutil.copytree(wikitext_slice, launch / "data")
+    (elsewhere / "data").mkdir(parents=True)
+    for name in ("train.txt", "valid.txt", "test.txt"):
+        (elsewhere / "data" / name).write_text("other words entirely\n" * 50)
+    monkeypatch.chdir(launch)
+    run_dir = train(*TINY, "dataset=text", "tokenizer=word", "dataset.data_dir=data", "dataset.files.train=train.txt",
+                    "dataset.files.validation=valid.txt", "dataset.files.test=test.txt", "trainer.max_steps=4")
+    first = read_summary(run_dir)
+    summary = run_dir / "summary.json"
+    summary.write_text(json.dumps({**first, "status": "interrupted"}))  # as if stopped at its last checkpoint
+
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert train(f"resume={run_dir}", "trainer.max_steps=6") == run_dir
+    assert f"working in {launch}, where the run was launched" in capsys.readouterr().err
+    resumed = read_summary(run_dir)
+    assert resumed["status"] == "ok" and resumed["steps"] == 6
+    assert [r["from_step"] for r in resumed["resumes"]] == [4]
+    assert resumed["data"]["source"]["data_dir"] == str((launch / "data").resolve())
+    assert resumed["data"]["vocab_size"] == first["data"]["vocab_size"]
