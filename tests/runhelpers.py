@@ -69,3 +69,22 @@ def record_run(run_dir: Path, *, flags: dict | None = None, **fields) -> Path:
     techniques = Techniques(Flags(**(flags or {})))
     record.update(run_dir=str(run_dir), flags={**techniques.record(), "config_changes": {}, "effects": {}}, **fields)
     return record.write()
+
+
+# A text run whose data folder is the relative path `data`: see `launch_and_decoy`.
+RELATIVE_DATA = ["dataset=text", "tokenizer=word", "dataset.data_dir=data", "dataset.files.train=train.txt",
+                 "dataset.files.validation=valid.txt", "dataset.files.test=test.txt"]
+
+
+def launch_and_decoy(root: Path, text_dir: Path) -> tuple[Path, Path]:
+    """``root/launch/data`` holding ``text_dir``'s splits (where a RELATIVE_DATA run is launched) and
+    ``root/elsewhere/data`` holding other text: reading the run's relative path from the second directory would
+    read the wrong data."""
+    import shutil
+
+    launch, elsewhere = root / "launch", root / "elsewhere"
+    shutil.copytree(text_dir, launch / "data")
+    (elsewhere / "data").mkdir(parents=True)
+    for name in ("train.txt", "valid.txt", "test.txt"):
+        (elsewhere / "data" / name).write_text("other words entirely\n" * 50)
+    return launch, elsewhere

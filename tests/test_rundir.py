@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 from pathlib import Path
 
 import pytest
 import torch
-from runhelpers import MQAR_TINY, TINY, compose_train, read_summary
+from runhelpers import MQAR_TINY, RELATIVE_DATA, TINY, compose_train, launch_and_decoy, read_summary
 from testpaths import WIKITEXT2_DIR
 
 from bkexp.data import ByteTokenizer, IdTokenizer, PretrainedTokenizer, WordTokenizer, load_tokenizer
@@ -261,15 +260,10 @@ def test_relative_data_paths_are_read_from_where_the_run_was_launched(train, tmp
 
     from bkexp.cli import main as bkexp_main
 
-    launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
-    shutil.copytree(wikitext_slice, launch / "data")
     # the same relative path from elsewhere names other text: reading it would score the wrong data silently
-    (elsewhere / "data").mkdir(parents=True)
-    for name in ("train.txt", "valid.txt", "test.txt"):
-        (elsewhere / "data" / name).write_text("other words entirely\n" * 50)
+    launch, elsewhere = launch_and_decoy(tmp_path, wikitext_slice)
     monkeypatch.chdir(launch)
-    run_dir = train(*TINY, "dataset=text", "tokenizer=word", "dataset.data_dir=data", "dataset.files.train=train.txt",
-                    "dataset.files.validation=valid.txt", "dataset.files.test=test.txt")
+    run_dir = train(*TINY, *RELATIVE_DATA)
     test_ppl = read_summary(run_dir)["metrics"]["test/ppl"]
 
     monkeypatch.chdir(elsewhere)

@@ -29,7 +29,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,6 +38,9 @@ from bkexp.eval.corpora import (CorpusError, bits_per_byte, check_pairing, encod
                                 run_splits_in)
 from bkexp.held_out import OVERLAP_COLUMN, OVERLAP_N, corpus_caveat, ngram_overlap
 from bkexp.utils import atomic_write_text
+
+if TYPE_CHECKING:
+    from bkexp.rundir import ModelFolder
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +144,8 @@ class LoadedRun:
         return self.cfg.get("seq_len")
 
 
-def load_run(run_dir: Path | Any, checkpoint: str | None, overrides: Sequence[str], device: torch.device) -> LoadedRun:
+def load_run(run_dir: Path | ModelFolder, checkpoint: str | None, overrides: Sequence[str],
+             device: torch.device) -> LoadedRun:
     """Rebuild a run's model and tokenizer exactly as trained and load a checkpoint's weights into the model
     (``run_dir``: a run directory, or a :class:`bkexp.rundir.ModelFolder`)."""
     from bkexp.rundir import ModelFolder, RunDir
@@ -161,7 +165,8 @@ def load_run(run_dir: Path | Any, checkpoint: str | None, overrides: Sequence[st
                      train_tokens=(getattr(datamodule, "streams", None) or {}).get("train"))
 
 
-def load_model_folder(folder: Any, checkpoint: str | None, overrides: Sequence[str], device: torch.device) -> LoadedRun:
+def load_model_folder(folder: ModelFolder, checkpoint: str | None, overrides: Sequence[str],
+                      device: torch.device) -> LoadedRun:
     """An exported model as a LoadedRun: no checkpoints to choose, no summary, and no training tokens in memory
     (the held-out checks compare files and hub splits only)."""
     if checkpoint is not None:
@@ -185,7 +190,7 @@ def causality_check(run: LoadedRun, stream: torch.Tensor) -> None:
     check_causality(run.model, sample, run.model.vocab_size, name=f"model {run.name!r} of {run.run_dir}")
 
 
-def expand_run_dirs(paths: Sequence[str | Path], revision: str | None = None) -> list[Any]:
+def expand_models(paths: Sequence[str | Path], revision: str | None = None) -> list[Path | ModelFolder]:
     """Run directories (a sweep expands to its runs) and :class:`bkexp.rundir.ModelFolder` s, in order."""
     from bkexp.rundir import RunDirError, find_models
 
@@ -454,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             parse_stride(args.stride, parse_lengths(args.lengths))  # bad arguments fail before any model loads
         if args.datasets:
             parse_datasets(args.datasets)
-        runs = expand_run_dirs(args.run_dirs, args.revision)
+        runs = expand_models(args.run_dirs, args.revision)
         if args.out is not None and len(runs) > 1:
             raise EvalError(f"--out names one folder, for one model; {len(runs)} were given (or found in a sweep "
                             "directory): leave --out out to write each run's results into its own eval/")

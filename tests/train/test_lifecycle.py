@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runhelpers import MQAR_TINY, TINY, compose_train, data_overrides, read_summary
+from runhelpers import (MQAR_TINY, RELATIVE_DATA, TINY, compose_train, data_overrides, launch_and_decoy,
+                        read_summary)
 from testpaths import REPO_ROOT
 
 # 24 training examples in batches of 4: an epoch is 6 steps, so step 5 is mid-epoch.
@@ -293,16 +294,10 @@ def test_resume_reads_the_runs_relative_paths_from_where_it_was_launched(train, 
     """`resume=` typed in another directory: the run's `dataset.data_dir=data` still names the folder it trained
     on, not the one that the same relative path names from there."""
     import json
-    import shutil
 
-    launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
-    shutil.copytree(wikitext_slice, launch / "data")
-    (elsewhere / "data").mkdir(parents=True)
-    for name in ("train.txt", "valid.txt", "test.txt"):
-        (elsewhere / "data" / name).write_text("other words entirely\n" * 50)
+    launch, elsewhere = launch_and_decoy(tmp_path, wikitext_slice)
     monkeypatch.chdir(launch)
-    run_dir = train(*TINY, "dataset=text", "tokenizer=word", "dataset.data_dir=data", "dataset.files.train=train.txt",
-                    "dataset.files.validation=valid.txt", "dataset.files.test=test.txt", "trainer.max_steps=4")
+    run_dir = train(*TINY, *RELATIVE_DATA, "trainer.max_steps=4")
     first = read_summary(run_dir)
     summary = run_dir / "summary.json"
     summary.write_text(json.dumps({**first, "status": "interrupted"}))  # as if stopped at its last checkpoint
