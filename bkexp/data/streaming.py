@@ -56,6 +56,39 @@ def file_format(path: str) -> str:
     return FORMATS[suffix]
 
 
+def is_document_file(name: str) -> bool:
+    """json/jsonl/parquet (optionally compressed): rows with a text column, not lines of text."""
+    try:
+        return file_format(parse_line_range(name)[0]) in STREAMING_FORMATS
+    except ValueError:
+        return False
+
+
+def match_files(folder: Path, patterns: str | Sequence[str], label: str) -> list[str]:
+    """The files of ``folder`` that the names or globs ``patterns`` match, in order (sorted per pattern); a pattern
+    that matches nothing is a FileNotFoundError naming ``label`` and the files that are there."""
+    matched: list[str] = []
+    for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
+        found = sorted(glob.glob(str(folder / str(pattern))))
+        if not found:
+            present = sorted(p.name for p in folder.iterdir() if p.is_file())[:20] if folder.is_dir() else []
+            where = f"(files there: {present})" if folder.is_dir() else "(no such folder)"
+            raise FileNotFoundError(f"{label}={pattern!r} matches no file in {folder} {where}")
+        matched.extend(found)
+    return matched
+
+
+def read_documents(files: Sequence[str], text_field: str = "text", split: str = "test") -> list[str]:
+    """The text of json/jsonl/parquet files as lines, read as a streamed split reads them: each row's
+    ``text_field`` split into lines (:func:`document_lines`), rows in file order."""
+    builders = {file_format(f) for f in files}
+    if len(builders) != 1:
+        raise ValueError(f"all files must have one format, got {sorted(builders)} from {list(files)}")
+    source = StreamSource(dataset="files", text_field=text_field, data_files={split: list(files)},
+                          builder=builders.pop())
+    return [line for row in source.open(split) for line in document_lines(row, text_field)]
+
+
 @dataclass
 class StreamSource:
     """One dataset's splits as ``datasets.IterableDataset`` streams: hub (``path``) or local files (``data_files``).
@@ -91,20 +124,13 @@ class StreamSource:
         builders = set()
         for split in SPLITS:
             patterns = [files[split]] if isinstance(files[split], str) else list(files[split])
-            matched: list[str] = []
             for pattern in patterns:
                 if parse_line_range(pattern)[1:] != (None, None) and not (folder / pattern).is_file():
                     raise ValueError(f"dataset.files.{split}={pattern!r}: a line range selects lines of a plain-text "
                                      "file read in memory (dataset.streaming=false); a streamed split reads whole "
                                      "files")
-                found = sorted(glob.glob(str(folder / pattern)))
-                if not found:
-                    present = sorted(p.name for p in folder.iterdir() if p.is_file())[:20]
-                    raise FileNotFoundError(f"dataset.files.{split}={pattern!r} matches no file in {folder} "
-                                            f"(files there: {present})")
-                matched.extend(found)
-            data_files[split] = matched
-            builders.update(file_format(f) for f in matched)
+            data_files[split] = match_files(folder, patterns, f"dataset.files.{split}")
+            builders.update(file_format(f) for f in data_files[split])
         if len(builders) != 1:
             raise ValueError(f"dataset {dataset!r}: all files must have one format, got {sorted(builders)} "
                              f"from {data_files}")

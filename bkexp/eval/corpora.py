@@ -8,7 +8,10 @@
   ``data_dir``;
 * ``NAME:DIR``: that config's split file (e.g. ``wiki.test.tokens``) inside the local folder ``DIR``;
 * ``text:PATH``: a plain UTF-8 file, or a folder holding ``test.txt`` (``valid.txt`` / ``train.txt`` for the
-  other splits).
+  other splits); a json/jsonl/parquet file is read as documents (its ``text`` column).
+
+Local json/jsonl/parquet files (a streamed run's splits, globs included) are read as a streamed split reads them:
+each row's text column, split into lines; never as raw text, whose JSON markup would be scored instead.
 
 The tokenizer is never refitted: a word-level vocabulary stays the training split's, and words outside it
 become ``<unk>``, whose share is reported (a word-level model scored on another corpus looks better than
@@ -27,7 +30,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bkexp.data.sources import SPLITS, HubTextSource, LocalTextSource, split_lines
+from bkexp.data.sources import SPLITS, HubTextSource, LocalTextSource, parse_line_range, split_lines
+from bkexp.data.streaming import is_document_file, match_files, read_documents
 
 TEXT_FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
 
@@ -59,6 +63,7 @@ class Corpus:
     source: dict[str, Any]
     lines: list[str]
     file: str | None = None  # a local corpus: its absolute file, with the line range it reads (valid.txt[90%:])
+    documents: list[str] | None = None  # a local corpus of json/jsonl/parquet files: those files (read whole)
     hub_split: str | None = None  # a hub corpus: the hub split it reads
 
     @property
@@ -111,6 +116,8 @@ def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
             raise CorpusError("--datasets text needs a path: text:FILE or text:DIR (with test.txt)")
         target = Path(path).expanduser()
         file = target / TEXT_FILES[split] if target.is_dir() else target
+        if is_document_file(file.name):
+            return _documents(item, {"kind": "local"}, [str(file)], "text", split)
         return Corpus(item, {"kind": "local", "path": str(file.resolve())}, _read_file(file, item),
                       file=str(file.resolve()))
     if name == "run":
@@ -130,6 +137,14 @@ def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
     data_dir = path or config.get("data_dir")
     if isinstance(data_dir, str) and "${" in data_dir:  # the run's own config: resolve its interpolations
         data_dir = OmegaConf.to_container(cfg.dataset, resolve=True).get("data_dir")
+    if data_dir and _documents_split(files.get(split)):  # json/jsonl/parquet files, names or globs
+        folder = Path(data_dir).expanduser().resolve()
+        try:
+            matched = match_files(folder, files[split], f"--datasets {label}: dataset.files.{split}")
+        except FileNotFoundError as err:
+            raise CorpusError(str(err)) from None
+        return _documents(label, {"kind": "local", "dataset": name, "file": files[split]}, matched,
+                          str(config.get("text_field") or "text"), split)
     if data_dir:  # the split's file, or its line range (valid.txt[90%:]), as the run's datamodule reads it
         source = LocalTextSource(str(Path(data_dir).expanduser().resolve()), {split: str(files.get(split))})
         try:
@@ -153,6 +168,25 @@ def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
                                                                         source.split_names[split]))
 
 
+def _documents_split(patterns: Any) -> bool:
+    return any(is_document_file(str(p)) for p in ([patterns] if isinstance(patterns, str) else patterns or []))
+
+
+def _documents(label: str, source: dict[str, Any], files: list[str], text_field: str, split: str) -> Corpus:
+    """A corpus of json/jsonl/parquet files: the rows' ``text_field``, as a streamed split reads them."""
+    resolved = [str(Path(f).resolve()) for f in files]
+    for file in resolved:
+        if not Path(file).is_file():
+            raise CorpusError(f"--datasets {label}: no such file {file}")
+    try:
+        lines = read_documents(resolved, text_field, split)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorpusError(f"--datasets {label}: {err.args[0] if err.args else err}") from None
+    if not any(lines):
+        raise CorpusError(f"--datasets {label}: {', '.join(resolved)} holds no text in column {text_field!r}")
+    return Corpus(label, {**source, "files": resolved, "text_field": text_field}, lines, documents=resolved)
+
+
 def _hub_split(path: str | None, name: str | None, split: str) -> str:
     """One key for a hub dataset's split, so a corpus and a run's split compare equal when they read the same."""
     return f"{path}/{name}/{split}"
@@ -167,7 +201,16 @@ def run_splits_in(corpus: Corpus, cfg: DictConfig) -> list[str]:
     for split in ("train", "validation"):
         if not files.get(split):
             continue
-        if dataset.get("data_dir") and corpus.file is not None:
+        if dataset.get("data_dir") and (corpus.documents is not None or _documents_split(files[split])):
+            # whole files on one side at least (documents, globs): shared when a file is read by both
+            try:
+                run_files = match_files(Path(dataset["data_dir"]).expanduser().resolve(), files[split], split)
+            except FileNotFoundError:
+                continue
+            corpus_files = corpus.documents or ([parse_line_range(corpus.file)[0]] if corpus.file else [])
+            if {str(Path(f).resolve()) for f in run_files} & {str(Path(f).resolve()) for f in corpus_files}:
+                shared.append(split)
+        elif dataset.get("data_dir") and corpus.file is not None:
             run_file = str(Path(dataset["data_dir"]).expanduser().resolve() / str(files[split]))
             # one source over both absolute files: shares_data compares resolved paths and line ranges
             if LocalTextSource("/", {"corpus": corpus.file, split: run_file}).shares_data("corpus", split):

@@ -129,3 +129,51 @@ def test_a_synthetic_run_cannot_score_text(tmp_path_factory: pytest.TempPathFact
         from bkexp.eval.corpora import check_pairing
 
         check_pairing(None, 64, "mqar")
+
+
+@pytest.fixture(scope="module")
+def documents_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A byte-level run streamed from jsonl documents (multi-line texts, an extra column, the training split in
+    two shards read through a glob), and its data folder."""
+    data = tmp_path_factory.mktemp("jsonl_data")
+    lines = (WIKITEXT2_DIR / "valid.txt").read_text(encoding="utf-8").split("\n")[:400]
+    docs = ["\n".join(lines[i:i + 5]) for i in range(0, len(lines), 5)]
+    parts = {"train-0.jsonl": docs[:30], "train-1.jsonl": docs[30:60], "valid.jsonl": docs[60:70],
+             "test.jsonl": docs[70:80]}
+    for name, rows in parts.items():
+        (data / name).write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(rows)))
+    run = train_run(tmp_path_factory.mktemp("jsonl_run"), *TINY, "dataset=text", "tokenizer=byte",
+                    f"dataset.data_dir={data}", "dataset.files.train=train-*.jsonl",
+                    "dataset.files.validation=valid.jsonl", "dataset.files.test=test.jsonl")
+    return run, data
+
+
+def document_tokens(*files: Path) -> int:
+    """Byte tokens of the rows' text, parsed here with json (one token per UTF-8 byte and per line end)."""
+    texts = [json.loads(row)["text"] for f in files for row in f.read_text().splitlines()]
+    return sum(len(line.encode()) + 1 for text in texts for line in text.split("\n"))
+
+
+def test_a_streamed_runs_documents_are_scored_as_their_text_not_as_json(documents_run, tmp_path: Path, capsys):
+    run, data = documents_run
+    summary = read_summary(run)
+    assert summary["data"]["source"]["kind"] == "local-stream"
+    corpora = f"run,text:{data / 'test.jsonl'},text:{data / 'train-0.jsonl'}"
+    assert bkexp_main(["eval", str(run), "--datasets", corpora, "--out", str(tmp_path / "test")]) == 0
+    own, same_file, train_shard = json.loads((tmp_path / "test" / "perplexity.json").read_text())["datasets"]
+    # the test split as training streamed it: its perplexity, token for token (JSON markup would add tokens)
+    assert own["ppl"] == pytest.approx(summary["metrics"]["test/ppl"], rel=1e-6)
+    assert own["tokens"] == same_file["tokens"] == document_tokens(data / "test.jsonl")
+    assert same_file["ppl"] == own["ppl"]
+    assert (own["shares_data_with"], same_file["shares_data_with"], train_shard["shares_data_with"]) == \
+        ([], [], ["train"])
+    # the training split's glob: both shards, and it is the training data
+    assert bkexp_main(["eval", str(run), "--split", "train", "--out", str(tmp_path / "train")]) == 0
+    (train,) = json.loads((tmp_path / "train" / "perplexity.json").read_text())["datasets"]
+    assert train["tokens"] == document_tokens(data / "train-0.jsonl", data / "train-1.jsonl")
+    assert train["shares_data_with"] == ["train"]
+    # rows without the text column: named, not scored
+    (tmp_path / "other.jsonl").write_text(json.dumps({"body": "words"}) + "\n")
+    capsys.readouterr()
+    assert bkexp_main(["eval", str(run), "--datasets", f"text:{tmp_path / 'other.jsonl'}"]) == 2
+    assert "rows have no text column 'text' (columns: ['body'])" in capsys.readouterr().err
