@@ -78,17 +78,6 @@ def match_files(folder: Path, patterns: str | Sequence[str], label: str) -> list
     return matched
 
 
-def read_documents(files: Sequence[str], text_field: str = "text", split: str = "test") -> list[str]:
-    """The text of json/jsonl/parquet files as lines, read as a streamed split reads them: each row's
-    ``text_field`` split into lines (:func:`document_lines`), rows in file order."""
-    builders = {file_format(f) for f in files}
-    if len(builders) != 1:
-        raise ValueError(f"all files must have one format, got {sorted(builders)} from {list(files)}")
-    source = StreamSource(dataset="files", text_field=text_field, data_files={split: list(files)},
-                          builder=builders.pop())
-    return [line for row in source.open(split) for line in document_lines(row, text_field)]
-
-
 @dataclass
 class StreamSource:
     """One dataset's splits as ``datasets.IterableDataset`` streams: hub (``path``) or local files (``data_files``).

@@ -11,7 +11,10 @@
   other splits); a json/jsonl/parquet file is read as documents (its ``text`` column).
 
 Local json/jsonl/parquet files (a streamed run's splits, globs included) are read as a streamed split reads them:
-each row's text column, split into lines; never as raw text, whose JSON markup would be scored instead.
+each row's text column, split into lines; never as raw text, whose JSON markup would be scored instead. A dataset
+that trains streamed from the hub (``dataset=c4``, ``pile``) is streamed here too, never downloaded whole, and
+read only as far as its ``eval_chunks`` (the first ``eval_chunks x seq_len + 1`` tokens that the run's own
+validation and test scored); the same cap applies to a streamed run's local files.
 
 The tokenizer is never refitted: a word-level vocabulary stays the training split's, and words outside it
 become ``<unk>``, whose share is reported (a word-level model scored on another corpus looks better than
@@ -23,6 +26,7 @@ comparable; the first token of a corpus has no context and is not scored.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bkexp.data.sources import SPLITS, HubTextSource, LocalTextSource, parse_line_range, split_lines
-from bkexp.data.streaming import is_document_file, match_files, read_documents
+from bkexp.data.streaming import StreamSource, chunk_sources, document_lines, file_format, is_document_file, match_files
 
 TEXT_FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
 
@@ -65,6 +69,8 @@ class Corpus:
     file: str | None = None  # a local corpus: its absolute file, with the line range it reads (valid.txt[90%:])
     documents: list[str] | None = None  # a local corpus of json/jsonl/parquet files: those files (read whole)
     hub_split: str | None = None  # a hub corpus: the hub split it reads
+    rows: Iterator[list[str]] | None = None  # a streamed corpus: each document's lines, read by :func:`encode`
+    max_tokens: int | None = None  # a streamed corpus is read up to this many tokens (its eval_chunks)
 
     @property
     def num_bytes(self) -> int:
@@ -137,6 +143,7 @@ def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
     data_dir = path or config.get("data_dir")
     if isinstance(data_dir, str) and "${" in data_dir:  # the run's own config: resolve its interpolations
         data_dir = OmegaConf.to_container(cfg.dataset, resolve=True).get("data_dir")
+    cap = _token_cap(config, cfg) if _streams(config) else None
     if data_dir and _documents_split(files.get(split)):  # json/jsonl/parquet files, names or globs
         folder = Path(data_dir).expanduser().resolve()
         try:
@@ -144,7 +151,7 @@ def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
         except FileNotFoundError as err:
             raise CorpusError(str(err)) from None
         return _documents(label, {"kind": "local", "dataset": name, "file": files[split]}, matched,
-                          str(config.get("text_field") or "text"), split)
+                          str(config.get("text_field") or "text"), split, cap)
     if data_dir:  # the split's file, or its line range (valid.txt[90%:]), as the run's datamodule reads it
         source = LocalTextSource(str(Path(data_dir).expanduser().resolve()), {split: str(files.get(split))})
         try:
@@ -159,6 +166,16 @@ def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
     if not hub:
         raise CorpusError(f"--datasets {label}: dataset {name!r} has no hub source; give its folder: {name}:DIR "
                           f"(holding {files.get(split)})")
+    if _streams(config):  # a pretraining-scale hub dataset: streamed, never downloaded whole
+        try:
+            source = StreamSource.hub(name, {**dict(hub), "text_field": hub.get("text_field")
+                                             or config.get("text_field") or "text"})
+        except (RuntimeError, ValueError) as err:
+            raise CorpusError(f"--datasets {label}: {err}") from None
+        hub_split = source.split_names[split]
+        return Corpus(label, {**source.describe(), "split": hub_split, "max_tokens": cap}, [],
+                      hub_split=_hub_split(source.path, source.name, hub_split), max_tokens=cap,
+                      rows=_document_rows(source, split))
     try:
         source = HubTextSource.build(name, hub, files)
         lines = source.load(split)
@@ -172,19 +189,51 @@ def _documents_split(patterns: Any) -> bool:
     return any(is_document_file(str(p)) for p in ([patterns] if isinstance(patterns, str) else patterns or []))
 
 
-def _documents(label: str, source: dict[str, Any], files: list[str], text_field: str, split: str) -> Corpus:
-    """A corpus of json/jsonl/parquet files: the rows' ``text_field``, as a streamed split reads them."""
+def _documents(label: str, source: dict[str, Any], files: list[str], text_field: str, split: str,
+               cap: int | None = None) -> Corpus:
+    """A corpus of json/jsonl/parquet files: the rows' ``text_field``, as a streamed split reads them (up to
+    ``cap`` tokens)."""
     resolved = [str(Path(f).resolve()) for f in files]
     for file in resolved:
         if not Path(file).is_file():
             raise CorpusError(f"--datasets {label}: no such file {file}")
     try:
-        lines = read_documents(resolved, text_field, split)
-    except (KeyError, TypeError, ValueError) as err:
-        raise CorpusError(f"--datasets {label}: {err.args[0] if err.args else err}") from None
-    if not any(lines):
-        raise CorpusError(f"--datasets {label}: {', '.join(resolved)} holds no text in column {text_field!r}")
-    return Corpus(label, {**source, "files": resolved, "text_field": text_field}, lines, documents=resolved)
+        formats = {file_format(f) for f in resolved}
+        if len(formats) != 1:
+            raise ValueError(f"all files must have one format, got {sorted(formats)}")
+    except ValueError as err:
+        raise CorpusError(f"--datasets {label}: {err}") from None
+    stream = StreamSource(dataset=label, text_field=text_field, data_files={split: resolved}, builder=formats.pop())
+    return Corpus(label, {**source, "files": resolved, "text_field": text_field, "max_tokens": cap}, [],
+                  documents=resolved, rows=_document_rows(stream, split), max_tokens=cap)
+
+
+def _document_rows(source: StreamSource, split: str) -> Iterator[list[str]]:
+    """Each document of a streamed split as its lines (read lazily: a hub split is never loaded whole)."""
+    for row in source.open(split):
+        yield document_lines(row, source.text_field)
+
+
+def _streams(config: dict[str, Any]) -> bool:
+    """Whether the dataset config trains streamed (its datamodule reads documents, not lines held in memory)."""
+    target = str(config.get("_target_") or "")
+    if target.endswith("StreamingTextDataModule"):
+        return True
+    if target.endswith("text_datamodule"):
+        try:
+            return chunk_sources(config.get("files"), config.get("streaming", "auto"))
+        except ValueError:
+            return False
+    return False
+
+
+def _token_cap(config: dict[str, Any], cfg: DictConfig) -> int | None:
+    """The tokens a streamed dataset's validation and test read: ``eval_chunks`` chunks of the run's seq_len, plus the
+    last label (None: the whole split)."""
+    chunks, seq_len = config.get("eval_chunks"), cfg.get("seq_len")
+    if isinstance(chunks, int) and not isinstance(chunks, bool) and isinstance(seq_len, int):
+        return chunks * seq_len + 1
+    return None
 
 
 def _hub_split(path: str | None, name: str | None, split: str) -> str:
@@ -242,12 +291,25 @@ def check_pairing(tokenizer: Any, model_vocab: int, run_dataset: str | None) -> 
                           "this tokenizer is not the one the model was trained with")
 
 
+DOCS_PER_BATCH = 64  # streamed documents tokenised together
+
+
 def encode(corpus: Corpus, tokenizer: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The corpus as one token stream, and its token statistics (tokens, bytes, <unk> share for word vocabularies)."""
-    stream = tokenizer.encode_lines(corpus.lines)
+    """The corpus as one token stream, and its token statistics (tokens, bytes, <unk> share for word vocabularies).
+
+    A streamed corpus is read here, document by document, until ``max_tokens``; its stream is then cut there, and
+    its bytes are those of the scored tokens' text (decoded), since the cut falls inside a document."""
+    if corpus.rows is not None:
+        stream = _read_rows(corpus, tokenizer)
+    else:
+        stream = tokenizer.encode_lines(corpus.lines)
+    num_bytes = corpus.num_bytes
+    if corpus.max_tokens is not None and stream.numel() > corpus.max_tokens:
+        stream = stream[: corpus.max_tokens]
+        num_bytes = len(tokenizer.decode(stream.tolist()).encode("utf-8"))
     if stream.numel() < 2:
         raise CorpusError(f"--datasets {corpus.name}: {stream.numel()} token(s), at least 2 are needed")
-    stats: dict[str, Any] = {"tokens": int(stream.numel()), "bytes": corpus.num_bytes}
+    stats: dict[str, Any] = {"tokens": int(stream.numel()), "bytes": num_bytes}
     unk_id = getattr(tokenizer, "unk_id", None)
     if unk_id is not None:
         unk = int((stream == unk_id).sum())
@@ -257,6 +319,29 @@ def encode(corpus: Corpus, tokenizer: Any) -> tuple[torch.Tensor, dict[str, Any]
             words = [w for line in corpus.lines for w in line.split()]
             stats["oov_share"] = sum(w not in stoi for w in words) / stream.numel()
     return stream, stats
+
+
+def _read_rows(corpus: Corpus, tokenizer: Any) -> torch.Tensor:
+    """Tokens of a streamed corpus's documents, in batches, until ``max_tokens``; keeps the lines read."""
+    parts: list[torch.Tensor] = []
+    count, docs, batch = 0, 0, []
+    rows, corpus.rows = corpus.rows, None
+    try:
+        for doc in rows:
+            batch.extend(doc)
+            corpus.lines.extend(doc)
+            docs += 1
+            if docs % DOCS_PER_BATCH == 0:
+                parts.append(tokenizer.encode_lines(batch))
+                count += parts[-1].numel()
+                batch = []
+                if corpus.max_tokens is not None and count >= corpus.max_tokens:
+                    break
+    except (KeyError, TypeError) as err:  # rows without the text column, or not text
+        raise CorpusError(f"--datasets {corpus.name}: {err.args[0] if err.args else err}") from None
+    if batch:
+        parts.append(tokenizer.encode_lines(batch))
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
 
 def bits_per_byte(loss_sum: float, num_bytes: int) -> float:

@@ -177,3 +177,22 @@ def test_a_streamed_runs_documents_are_scored_as_their_text_not_as_json(document
     capsys.readouterr()
     assert bkexp_main(["eval", str(run), "--datasets", f"text:{tmp_path / 'other.jsonl'}"]) == 2
     assert "rows have no text column 'text' (columns: ['body'])" in capsys.readouterr().err
+
+
+def test_a_streamed_split_is_read_as_far_as_the_run_evaluated_it(documents_run, tmp_path: Path, capsys):
+    _, data = documents_run
+    run = train_run(tmp_path / "capped", *TINY, "dataset=text", "tokenizer=byte", f"dataset.data_dir={data}",
+                    "dataset.files.train=train-*.jsonl", "dataset.files.validation=valid.jsonl",
+                    "dataset.files.test=test.jsonl", "dataset.eval_chunks=3")
+    summary = read_summary(run)
+    assert bkexp_main(["eval", str(run), "--out", str(tmp_path / "out")]) == 0
+    (own,) = json.loads((tmp_path / "out" / "perplexity.json").read_text())["datasets"]
+    # the first 3 chunks of 32 tokens, as the run's test read them
+    assert own["targets"] == 3 * 32 and summary["data"]["eval_chunks"] == 3
+    assert own["ppl"] == pytest.approx(summary["metrics"]["test/ppl"], rel=1e-6)
+    assert own["bytes"] == 3 * 32 + 1  # byte tokens: the scored text's bytes
+    # a hub dataset that trains streamed is streamed here too: offline, it says so, and downloads nothing
+    capsys.readouterr()
+    assert bkexp_main(["eval", str(run), "--datasets", "c4"]) == 2
+    err = capsys.readouterr().err
+    assert "--datasets c4: dataset 'c4' streams allenai/c4 from the Hugging Face hub, but the hub is offline" in err
