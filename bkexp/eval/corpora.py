@@ -160,8 +160,9 @@ def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
             lines = source.load(split)
         except ValueError as err:
             raise CorpusError(f"--datasets {label}: {err}") from None
-        return Corpus(label, {"kind": "local", "dataset": name, "path": str(file), "file": files.get(split)}, lines,
-                      file=str(Path(source.data_dir) / source.files[split]))
+        return Corpus(label, {"kind": "local", "dataset": name, "path": str(file), "file": files.get(split),
+                              "max_tokens": cap}, lines,
+                      file=str(Path(source.data_dir) / source.files[split]), max_tokens=cap)
     hub = config.get("hub")
     if not hub:
         raise CorpusError(f"--datasets {label}: dataset {name!r} has no hub source; give its folder: {name}:DIR "
