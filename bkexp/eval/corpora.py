@@ -35,7 +35,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bkexp.data.sources import SPLITS, HubTextSource, LocalTextSource, parse_line_range, split_lines
-from bkexp.data.streaming import StreamSource, chunk_sources, document_lines, file_format, is_document_file, match_files
+from bkexp.data.streaming import (StreamSource, chunk_sources, document_lines, file_format, is_document_file,
+                                  match_files)
 
 TEXT_FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
 
@@ -249,7 +250,7 @@ def run_splits_in(corpus: Corpus, cfg: DictConfig) -> list[str]:
     files = dataset.get("files") or {}
     shared = []
     for split in ("train", "validation"):
-        if not files.get(split):
+        if dataset.get("data_dir") and not files.get(split):
             continue
         if dataset.get("data_dir") and (corpus.documents is not None or _documents_split(files[split])):
             # whole files on one side at least (documents, globs): shared when a file is read by both

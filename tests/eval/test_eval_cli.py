@@ -196,3 +196,34 @@ def test_a_streamed_split_is_read_as_far_as_the_run_evaluated_it(documents_run, 
     assert bkexp_main(["eval", str(run), "--datasets", "c4"]) == 2
     err = capsys.readouterr().err
     assert "--datasets c4: dataset 'c4' streams allenai/c4 from the Hugging Face hub, but the hub is offline" in err
+
+
+def test_a_hub_dataset_that_trains_streamed_is_streamed_and_capped(documents_run, tmp_path: Path, monkeypatch):
+    # A folder stands in for the hub repository (datasets.load_dataset streams a local folder the same way); with
+    # a proxy set, bkexp skips its reachability probe, and a dead one fails any request at once: nothing is fetched.
+    from omegaconf import OmegaConf
+
+    from bkexp.data import ByteTokenizer
+    from bkexp.eval.corpora import encode, load_corpus, run_splits_in
+
+    _, data = documents_run
+    hub = tmp_path / "hub_dataset"
+    hub.mkdir()
+    for ours, theirs in (("train-0.jsonl", "train.jsonl"), ("valid.jsonl", "validation.jsonl")):
+        (hub / theirs).write_text((data / ours).read_text())
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    cfg = OmegaConf.create({"seq_len": 32, "dataset": {
+        "_target_": "bkexp.data.StreamingTextDataModule", "name": "c4", "tokenizer": {"_target_": "x"},
+        "hub": {"path": str(hub), "name": None, "splits": {"train": "train", "validation": "validation",
+                                                            "test": "validation"}},  # as C4: no test split
+        "data_dir": None, "files": {"train": None, "validation": None, "test": None}, "eval_chunks": 5}})
+    test = load_corpus("run", cfg, "test")
+    stream, stats = encode(test, ByteTokenizer())
+    texts = [json.loads(row)["text"] for row in (data / "valid.jsonl").read_text().splitlines()]
+    expected = ByteTokenizer().encode_lines([line for text in texts for line in text.split("\n")])
+    assert stream.tolist() == expected[: 5 * 32 + 1].tolist() and stats["bytes"] == 5 * 32 + 1
+    assert test.source["kind"] == "hub-stream" and test.source["split"] == "validation"
+    assert run_splits_in(test, cfg) == ["validation"]  # the test split is the validation split
+    assert run_splits_in(load_corpus("run", cfg, "train"), cfg) == ["train"]
