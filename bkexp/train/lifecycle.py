@@ -287,6 +287,7 @@ class Lifecycle(pl.Callback):
         self._above = 0
         self.saved_on_interrupt: str | None = None
         self.resumes: list[dict[str, Any]] = []  # one entry per resume: from which step
+        self._resume_recorded = False  # this fit's resume is in `resumes`
         self.signals = signals
         self._stop_signal: int | None = None  # under DDP: the signal the ranks agreed to stop for
         self._step_losses: list[float] = []  # under DDP: this rank's micro-batch losses of the current step
@@ -347,8 +348,17 @@ class Lifecycle(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._defer_signals(trainer)
-        if trainer.ckpt_path:  # the loops are restored by now: global_step is the checkpoint's
+        self._record_resume(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a checkpoint at the end of its step budget resumes with no training (e.g. killed during the test):
+        # Lightning then skips on_train_start, and the resume is recorded here
+        self._record_resume(trainer)
+
+    def _record_resume(self, trainer: pl.Trainer) -> None:
+        if trainer.ckpt_path and not self._resume_recorded:  # the loops are restored: the checkpoint's step
             self.resumes.append({"from_step": trainer.global_step, "checkpoint": str(trainer.ckpt_path)})
+            self._resume_recorded = True
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         value = float(loss.detach())

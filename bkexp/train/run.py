@@ -87,6 +87,8 @@ def run(cfg: DictConfig) -> float | None:
         print(f"[bkexp] run {run_dir} already finished (status ok); skipped{_train_further_hint(run_dir, plan)}",
               flush=True)
         return plan.previous.get("metrics", {}).get("best/val_loss")
+    if plan is not None:
+        _check_resume_budget(cfg, plan, run_dir)
     if plan is not None and plan.previous.get("sweep") and not identity["multirun"]:
         identity.update(sweep=plan.previous["sweep"], overrides=plan.previous.get("overrides", []))
     record = RunRecord(run_dir)
@@ -217,6 +219,17 @@ def run(cfg: DictConfig) -> float | None:
             finish_loggers(loggers, record.data)  # the same numbers as summary.json; records where they went
             if rank_zero_only.rank == 0:
                 record.write()
+
+
+def _check_resume_budget(cfg: DictConfig, plan: Any, run_dir: Path) -> None:
+    """Refuse, before anything is written, a resume whose step budget is below its checkpoint's step: Lightning would
+    stop at once, and the run would end ok with more steps than its config says."""
+    max_steps = cfg.trainer.get("max_steps")
+    if plan.step is None or not isinstance(max_steps, int) or max_steps < 0 or max_steps >= plan.step:
+        return
+    raise SystemExit(f"[bkexp] resume={run_dir}: its last.ckpt holds step {plan.step}, beyond trainer.max_steps="
+                     f"{max_steps}; nothing was changed. Give trainer.max_steps above {plan.step} to train further, "
+                     "or leave it out to finish the run's own budget")
 
 
 def _train_further_hint(run_dir: Path, plan: Any) -> str:

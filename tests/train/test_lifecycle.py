@@ -311,3 +311,20 @@ def test_resume_reads_the_runs_relative_paths_from_where_it_was_launched(train, 
     assert [r["from_step"] for r in resumed["resumes"]] == [4]
     assert resumed["data"]["source"]["data_dir"] == str((launch / "data").resolve())
     assert resumed["data"]["vocab_size"] == first["data"]["vocab_size"]
+
+
+def test_resume_refuses_a_budget_below_its_checkpoint_and_records_a_resume_with_nothing_left_to_train(train):
+    import json
+
+    run_dir = train(*SHORT, "trainer.max_steps=4", "checkpoint_every_n_steps=2")
+    summary = run_dir / "summary.json"
+    interrupted = json.dumps({**read_summary(run_dir), "status": "interrupted"})  # as if killed during the test
+    summary.write_text(interrupted)
+    with pytest.raises(SystemExit, match=r"last.ckpt holds step 4, beyond trainer.max_steps=2; nothing was changed"):
+        train(f"resume={run_dir}", "trainer.max_steps=2")
+    assert summary.read_text() == interrupted
+    # the run's own budget: no step left to train, the test runs, and the resume is on record
+    assert train(f"resume={run_dir}") == run_dir
+    resumed = read_summary(run_dir)
+    assert resumed["status"] == "ok" and resumed["steps"] == 4
+    assert [r["from_step"] for r in resumed["resumes"]] == [4]
