@@ -87,8 +87,11 @@ def run(cfg: DictConfig) -> float | None:
         print(f"[bkexp] run {run_dir} already finished (status ok); skipped{_train_further_hint(run_dir, plan)}",
               flush=True)
         return plan.previous.get("metrics", {}).get("best/val_loss")
-    if plan is not None:
-        _check_resume_budget(cfg, plan, run_dir)
+    if plan is not None:  # refused before the interrupted run's record is touched
+        try:
+            _check_step_budget(cfg, plan, run_dir)
+        except ValueError as err:
+            raise SystemExit(f"[bkexp] {err}; nothing was changed") from None
     if plan is not None and plan.previous.get("sweep") and not identity["multirun"]:
         identity.update(sweep=plan.previous["sweep"], overrides=plan.previous.get("overrides", []))
     record = RunRecord(run_dir)
@@ -113,6 +116,8 @@ def run(cfg: DictConfig) -> float | None:
         if cfg.get("flags") is not None:  # as composed; replaced by the validated settings below
             record.update(flags=OmegaConf.to_container(cfg.flags, resolve=True))
         validate_config(cfg)
+        if plan is None:
+            _check_step_budget(cfg, None, run_dir)
         limits = DivergenceLimits.from_config(cfg.get("divergence"))
         techniques = Techniques.from_config(cfg)
         flag_changes = techniques.configure(cfg)
@@ -221,15 +226,27 @@ def run(cfg: DictConfig) -> float | None:
                 record.write()
 
 
-def _check_resume_budget(cfg: DictConfig, plan: Any, run_dir: Path) -> None:
-    """Refuse, before anything is written, a resume whose step budget is below its checkpoint's step: Lightning would
-    stop at once, and the run would end ok with more steps than its config says."""
+def _check_step_budget(cfg: DictConfig, plan: Any, run_dir: Path) -> None:
+    """A ValueError for a run continued from a checkpoint (``resume=``, ``ckpt_path=``) whose step budget is below the
+    checkpoint's step: Lightning would stop at once, and the run would end ok with more steps than its config says."""
+    from bkexp.rundir import RunDirError, checkpoint_step
+
     max_steps = cfg.trainer.get("max_steps")
-    if plan.step is None or not isinstance(max_steps, int) or max_steps < 0 or max_steps >= plan.step:
+    if not isinstance(max_steps, int) or max_steps < 0:
         return
-    raise SystemExit(f"[bkexp] resume={run_dir}: its last.ckpt holds step {plan.step}, beyond trainer.max_steps="
-                     f"{max_steps}; nothing was changed. Give trainer.max_steps above {plan.step} to train further, "
-                     "or leave it out to finish the run's own budget")
+    if plan is not None:
+        step, what = plan.step, f"resume={run_dir}: its last.ckpt"
+    elif cfg.get("ckpt_path"):
+        try:
+            step, what = checkpoint_step(cfg.ckpt_path), f"ckpt_path={cfg.ckpt_path}"
+        except RunDirError:
+            return  # Lightning's loader says what is wrong with the file
+    else:
+        return
+    if step is not None and max_steps < step:
+        raise ValueError(f"{what} holds step {step}, beyond trainer.max_steps={max_steps}: give trainer.max_steps "
+                         f"above {step} to train further"
+                         + (", or leave it out to finish the run's own budget" if plan is not None else ""))
 
 
 def _train_further_hint(run_dir: Path, plan: Any) -> str:

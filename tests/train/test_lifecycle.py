@@ -320,11 +320,16 @@ def test_resume_refuses_a_budget_below_its_checkpoint_and_records_a_resume_with_
     summary = run_dir / "summary.json"
     interrupted = json.dumps({**read_summary(run_dir), "status": "interrupted"})  # as if killed during the test
     summary.write_text(interrupted)
-    with pytest.raises(SystemExit, match=r"last.ckpt holds step 4, beyond trainer.max_steps=2; nothing was changed"):
+    with pytest.raises(SystemExit, match=r"last.ckpt holds step 4, beyond trainer.max_steps=2: .*nothing was changed"):
         train(f"resume={run_dir}", "trainer.max_steps=2")
     assert summary.read_text() == interrupted
+    last = run_dir / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match=f"ckpt_path={last} holds step 4, beyond trainer.max_steps=3"):
+        train(*SHORT, f"ckpt_path={last}", "trainer.max_steps=3")  # a new run from it: fails, saying why
+    new_run = max(run_dir.parent.iterdir())
+    assert new_run != run_dir and read_summary(new_run)["status"] == "failed"
     # the run's own budget: no step left to train, the test runs, and the resume is on record
-    assert train(f"resume={run_dir}") == run_dir
+    train(f"resume={run_dir}")
     resumed = read_summary(run_dir)
     assert resumed["status"] == "ok" and resumed["steps"] == 4
     assert [r["from_step"] for r in resumed["resumes"]] == [4]
