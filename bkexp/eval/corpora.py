@@ -150,7 +150,8 @@ def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
         try:
             matched = match_files(folder, files[split], f"--datasets {label}: dataset.files.{split}")
         except FileNotFoundError as err:
-            raise CorpusError(str(err)) from None
+            fix = " (a copy elsewhere: --override dataset.data_dir=DIR)" if item == "run" else ""
+            raise CorpusError(f"{err}{fix}") from None
         return _documents(label, {"kind": "local", "dataset": name, "file": files[split]}, matched,
                           str(config.get("text_field") or "text"), split, cap)
     if data_dir:  # the split's file, or its line range (valid.txt[90%:]), as the run's datamodule reads it
@@ -159,6 +160,9 @@ def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
             file = source.path(split)
             _read_file(file, label)  # a missing or empty file, named
             lines = source.load(split)
+        except CorpusError as err:
+            fix = " (a copy elsewhere: --override dataset.data_dir=DIR)" if item == "run" else ""
+            raise CorpusError(f"{err}{fix}") from None
         except ValueError as err:
             raise CorpusError(f"--datasets {label}: {err}") from None
         return Corpus(label, {"kind": "local", "dataset": name, "path": str(file), "file": files.get(split),

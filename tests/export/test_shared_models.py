@@ -171,7 +171,10 @@ def test_eval_refuses_what_a_model_folder_cannot_do(run_and_export, tmp_path: Pa
     run, folder = run_and_export
     for args, message in (([folder, "--bits", "8"], "the quantization sweep reads a run directory"),
                           ([folder, "--checkpoint", "last"], "picks a checkpoint of a run directory"),
-                          ([folder, run, "--out", tmp_path / "o"], "--out names one folder, for one model; 2")):
+                          ([folder, run, "--out", tmp_path / "o"], "--out names one folder, for one model; 2"),
+                          ([folder, "--override", f"dataset.data_dir={tmp_path / 'gone'}"],  # data not on this machine
+                           f"bkexp eval: --datasets run: no such file {tmp_path / 'gone' / 'test.txt'} (no folder "
+                           f"{tmp_path / 'gone'}) (a copy elsewhere: --override dataset.data_dir=DIR)")):
         assert bkexp_main(["eval", *map(str, args), "--device", "cpu"]) == 2
         assert message in capsys.readouterr().err
     # a folder exported before the training dataset was recorded: `run` names no corpus, and says what does
