@@ -6,7 +6,8 @@ A run directory is re-run with its own overrides (``.hydra/overrides.yaml``) int
 run appends the rest; the TensorBoard run continues in the same folder and the W&B run under the same id.
 A sweep directory (``multirun.yaml``) is re-launched with its own sweep overrides into the same sweep
 directory: jobs whose summary says ``ok`` are skipped, the others resume from their ``last.ckpt`` (or start,
-if they never wrote one). Extra overrides on the command line win over the saved ones (e.g. a longer
+if they never wrote one). Each job continues in its own directory (found by its overrides, apart from those the
+resume command changes, although its name holds them), and a job that has its ``.hydra/`` keeps it as it was. Extra overrides on the command line win over the saved ones (e.g. a longer
 ``trainer.max_steps``).
 
 Path values of ``resume=`` and ``ckpt_path=`` are quoted before Hydra parses them, so directories of sweep
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 PATH_KEYS = ("ckpt_path", "resume")
 # Hydra settings of the original launch that must not come back: the resumed launch sets its own.
-HYDRA_SKIP = ("hydra.run.dir", "hydra.sweep.dir", "hydra.mode", "hydra.output_subdir")
+HYDRA_SKIP = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.mode", "hydra.output_subdir")
 LAST = Path("checkpoints") / "last.ckpt"
 METRICS = Path("csv") / "metrics.csv"
 
@@ -111,8 +112,14 @@ def expand_argv(argv: list[str]) -> list[str]:
         hydra_saved = [str(o) for o in saved.get("hydra") or [] if not str(o).startswith(HYDRA_SKIP)]
         task = _merge([str(o) for o in saved.get("task") or []], given)
         _enter_launch_dir(record)
+        # each job continues in its own directory, whose name holds its overrides, also when the resume changes some
+        changed = " ".join(sorted({"resume", *(_key(a) for a in given if not _key(a).startswith("hydra"))}))
+        subdir = ('"${bkexp.resume_job_dir:${hydra.sweep.dir},${hydra.job.num},${hydra.job.override_dirname},'
+                  f"${{hydra.overrides.task}},'{changed}'}}\"")
         return [argv[0], "-m", *task, *_predates_recipe(record, task), *hydra_saved,
-                f"hydra.sweep.dir={quote(str(target))}", f"resume={quote(str(target))}"]
+                f"hydra.sweep.dir={quote(str(target))}", f"hydra.sweep.subdir={subdir}",
+                'hydra.output_subdir="${bkexp.resume_output_subdir:${hydra.runtime.output_dir}}"',
+                f"resume={quote(str(target))}"]
     if (target / ".hydra" / "overrides.yaml").is_file():
         saved = yaml.safe_load((target / ".hydra" / "overrides.yaml").read_text()) or []
         hydra_yaml = target / ".hydra" / "hydra.yaml"

@@ -333,3 +333,22 @@ def test_resume_refuses_a_budget_below_its_checkpoint_and_records_a_resume_with_
     resumed = read_summary(run_dir)
     assert resumed["status"] == "ok" and resumed["steps"] == 4
     assert [r["from_step"] for r in resumed["resumes"]] == [4]
+
+
+@pytest.mark.slow  # a sweep of two jobs, then its resume
+def test_a_sweep_resumed_with_a_new_budget_continues_its_jobs_in_their_own_directories(train, tmp_path):
+    """Job directories are named by their overrides: `resume=<sweep> trainer.max_steps=9` must still find them (it
+    started new jobs from scratch beside them), and a finished job's `.hydra/` stays the record of its launch."""
+    import json
+
+    sweep = train(*SHORT, "model=bk,transformer", "trainer.max_steps=6", "checkpoint_every_n_steps=3", multirun=True)
+    first, second = jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
+    (first / "summary.json").write_text(json.dumps({**read_summary(first), "status": "interrupted"}))
+    launch_record = {p: p.read_bytes() for job in jobs for p in (job / ".hydra").iterdir()}
+
+    assert train(f"resume={sweep}", "trainer.max_steps=9", multirun=True) == sweep
+    assert sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir()) == jobs  # no new job directory
+    resumed = read_summary(first)
+    assert resumed["status"] == "ok" and resumed["steps"] == 9 and [r["from_step"] for r in resumed["resumes"]] == [6]
+    assert read_summary(second)["steps"] == 6  # finished: skipped
+    assert {p: p.read_bytes() for job in jobs for p in (job / ".hydra").iterdir()} == launch_record
