@@ -21,6 +21,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -110,19 +112,22 @@ def _resolved(node: Any) -> Any:
         return None
 
 
-def _folder(folder: str | Path, revision: str | None = None) -> ModelFolder:
+@contextmanager
+def _as_export_error() -> Iterator[None]:
+    """This module's error for what bkexp.rundir refuses (a folder that is not a bkexp export, weights that do not
+    fit, a hub repository that cannot be read)."""
     try:
-        return ModelFolder.open(folder, revision)
+        yield
     except RunDirError as err:
         raise ExportError(str(err)) from None
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
     """A local model folder's config.json (ExportError when the folder is not a bkexp export)."""
-    path = Path(folder)
-    if not path.is_dir():
+    if not Path(folder).is_dir():
         raise ExportError(f"{folder}: no such folder; not a model folder written by `bkexp export`")
-    return _folder(path).info
+    with _as_export_error():
+        return ModelFolder(folder).info
 
 
 def from_pretrained(folder: str | Path, device: str = "cpu", revision: str | None = None) -> Any:
@@ -132,19 +137,14 @@ def from_pretrained(folder: str | Path, device: str = "cpu", revision: str | Non
     commit). Built by ``bkexp.rundir.build_run_model``, the path ``RunDir.build_model`` takes: a quantized run
     comes back with its quantization switched on, as its test evaluated it.
     """
-    model_folder = _folder(folder, revision)
-    try:
-        return model_folder.build_model(device)
-    except RunDirError as err:
-        raise ExportError(str(err)) from None
+    with _as_export_error():
+        return ModelFolder.open(folder, revision).build_model(device)
 
 
 def load_tokenizer(folder: str | Path, revision: str | None = None) -> Any:
     """The run's tokenizer, from the tokenizer files of the folder (or hub repository)."""
-    try:
-        return _folder(folder, revision).tokenizer()
-    except RunDirError as err:
-        raise ExportError(str(err)) from None
+    with _as_export_error():
+        return ModelFolder.open(folder, revision).tokenizer()
 
 
 def upload_operations(folder: str | Path) -> list[Any]:
