@@ -390,7 +390,7 @@ def write_lengths(out: Path, record: dict[str, Any]) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- driver
-def eval_one(run_dir: Path, args: argparse.Namespace) -> list[Path]:
+def eval_one(run_dir: Path | ModelFolder, args: argparse.Namespace) -> list[Path]:
     device = args.device
     run = load_run(run_dir, args.checkpoint, args.override, device)
     out = args.out or run.default_out
