@@ -92,6 +92,7 @@ class StreamSource:
     split_names: dict[str, str] = field(default_factory=dict)  # our split -> the hub's split name
     data_files: dict[str, list[str]] = field(default_factory=dict)  # our split -> local files
     builder: str | None = None  # json | parquet | text, for local files
+    unavailable: str | None = field(default=None, repr=False)  # why the hub cannot be reached (None: it can)
 
     @classmethod
     def local(cls, dataset: str, data_dir: str | None, files: Mapping[str, Any] | None,
@@ -134,20 +135,25 @@ class StreamSource:
         splits = {s: str(n) for s, n in dict(hub.get("splits") or {s: s for s in SPLITS}).items()}
         if set(splits) != set(SPLITS):
             raise ValueError(f"dataset.hub.splits must map every split {list(SPLITS)} to a hub split, got {splits}")
-        source = cls(dataset=dataset, text_field=str(hub.get("text_field") or "text"), path=str(hub["path"]),
-                     name=hub.get("name"), split_names=splits)
-        why = hub_unavailable()
-        if why is not None:  # streaming has no local cache to fall back on: say so before anything runs
-            raise RuntimeError(f"dataset {dataset!r} streams {source.path} from the Hugging Face hub, but {why}. "
+        # Probed now, refused only when a split is opened: splits with a token cache train offline.
+        return cls(dataset=dataset, text_field=str(hub.get("text_field") or "text"), path=str(hub["path"]),
+                   name=hub.get("name"), split_names=splits, unavailable=hub_unavailable())
+
+    def check_reachable(self, split: str) -> None:
+        """A RuntimeError saying what to do when ``split`` would stream from a hub that cannot be reached."""
+        if self.path is not None and self.unavailable is not None:
+            raise RuntimeError(f"dataset {self.dataset!r} streams {self.path} from the Hugging Face hub, but "
+                               f"{self.unavailable}, and its {split} split has no token cache to read instead. "
                                "To stream local files instead: dataset=text dataset.data_dir=DIR "
                                "dataset.files.train=GLOB dataset.files.validation=GLOB dataset.files.test=GLOB "
-                               "(json/jsonl/parquet with a text column), or read a token cache written by "
-                               "`bkexp prepare-data` where the hub is reachable")
-        return source
+                               "(json/jsonl/parquet with a text column); or write token caches with `bkexp "
+                               "prepare-data` where the hub is reachable, which later runs read offline")
 
     def open(self, split: str) -> Any:
         """The split as a ``datasets.IterableDataset`` of rows."""
         import datasets
+
+        self.check_reachable(split)
 
         if self.path is not None:
             return datasets.load_dataset(self.path, self.name, split=self.split_names[split], streaming=True)
@@ -360,6 +366,8 @@ class StreamingTextDataModule(TokenDataModule):
                 if not tokens.meta["exhausted"]:
                     log.warning("token cache %s holds the first %d tokens of split %r only (prepare-data "
                                 "max_tokens=%s)", cached, len(tokens), split, tokens.meta["max_tokens"])
+                if split != "train" and self.eval_chunks is not None:  # the tokens a streamed split evaluates
+                    tokens = tokens[0: min(len(tokens), self.eval_chunks * self.seq_len + 1)]
                 self.datasets[split] = ChunkedStream(tokens, self.seq_len, self.input_pad_id)
                 self.reading[split] = f"cache:{cached}"
             else:

@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bkexp.devices import device_argument
-from bkexp.eval.corpora import (CorpusError, bits_per_byte, check_pairing, encode, load_corpus, parse_datasets,
-                                run_splits_in)
-from bkexp.held_out import OVERLAP_COLUMN, OVERLAP_N, corpus_caveat, ngram_overlap
+from bkexp.eval.corpora import (CorpusError, bits_per_byte, cached_corpus, check_pairing, encode, load_corpus,
+                                parse_datasets, run_splits_in)
+from bkexp.held_out import OVERLAP_COLUMN, OVERLAP_N, RECORD_KEY, corpus_caveat, ngram_overlap
 from bkexp.utils import atomic_write_text
 
 if TYPE_CHECKING:
@@ -253,6 +253,21 @@ def origin_md(record: dict[str, Any]) -> str:
     return f"Run `{record['run_dir']}`, checkpoint `{Path(record['checkpoint']).name}`"
 
 
+def run_corpus(run: LoadedRun, item: str, split: str) -> Any:
+    """A ``--datasets`` entry; the run's own split is read from the token cache its training read, when it read one
+    (``bkexp prepare-data``): the same tokens, also where the cache's source cannot be reached."""
+    reading = ((run.summary.get("data") or {}).get("reading") or {}).get(split)
+    if item == "run" and isinstance(reading, str) and reading.startswith("cache:"):
+        pairs = [sorted(pair) for pair in (run.summary.get("data") or {}).get(RECORD_KEY) or []]
+        shares = [s for s in ("train", "validation") if s == split or sorted([s, split]) in pairs]
+        corpus = cached_corpus(reading[len("cache:"):], run.cfg, split, shares)
+        if corpus is not None:
+            return corpus
+        log.warning("%s: the token cache %s of its %s split is gone or unfinished; reading the split from its source",
+                    run.name, reading[len("cache:"):], split)
+    return load_corpus(item, run.cfg, split)
+
+
 def _shared_run_splits(run: LoadedRun, corpus: Any) -> list[str]:
     """The run's training/validation splits this corpus shares data with, said on the console as it is scored."""
     shared = run_splits_in(corpus, run.cfg)
@@ -284,7 +299,7 @@ def eval_datasets(run: LoadedRun, items: Sequence[str], split: str, device: torc
     from bkexp.eval.scoring import score_stream
 
     check_pairing(run.tokenizer, run.model.vocab_size, _dataset_name(run))
-    corpora = [load_corpus(item, run.cfg, split) for item in items]  # all read before anything is scored
+    corpora = [run_corpus(run, item, split) for item in items]  # all read before anything is scored
     encoded = [encode(c, run.tokenizer) for c in corpora]
     causality_check(run, encoded[0][0])
     seq_len = int(run.train_len)
@@ -337,7 +352,7 @@ def eval_lengths(run: LoadedRun, lengths: Sequence[int], stride: str | None, dat
 
     strides = parse_stride(stride, lengths)
     check_pairing(run.tokenizer, run.model.vocab_size, _dataset_name(run))
-    corpus = load_corpus(dataset, run.cfg, split)
+    corpus = run_corpus(run, dataset, split)
     stream, stats = encode(corpus, run.tokenizer)
     longest = max(lengths)
     available = stream.numel() - 1

@@ -72,6 +72,8 @@ class Corpus:
     hub_split: str | None = None  # a hub corpus: the hub split it reads
     rows: Iterator[list[str]] | None = None  # a streamed corpus: each document's lines, read by :func:`encode`
     max_tokens: int | None = None  # a streamed corpus is read up to this many tokens (its eval_chunks)
+    tokens: torch.Tensor | None = None  # a corpus read from a token cache: its tokens (there is no text)
+    shares: list[str] | None = None  # a cached run split: the run's splits it shares data with, known from the run
 
     @property
     def num_bytes(self) -> int:
@@ -176,6 +178,7 @@ def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
         try:
             source = StreamSource.hub(name, {**dict(hub), "text_field": hub.get("text_field")
                                              or config.get("text_field") or "text"})
+            source.check_reachable(split)
         except (RuntimeError, ValueError) as err:
             raise CorpusError(f"--datasets {label}: {err}") from None
         hub_split = source.split_names[split]
@@ -189,6 +192,21 @@ def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
         raise CorpusError(f"--datasets {label}: {err} (with this command: {name}:DIR)") from err
     return Corpus(label, source.describe(), lines, hub_split=_hub_split(source.path, source.name,
                                                                         source.split_names[split]))
+
+
+def cached_corpus(directory: str, cfg: DictConfig, split: str, shares: list[str]) -> Corpus | None:
+    """The run's own ``split`` from the token cache its training read (``bkexp prepare-data``), as far as the run
+    evaluated it; None when the cache is gone or unfinished (the split is then read from its source). ``shares``:
+    the run's splits with the same data, from the run's record (a cache holds no file names to compare)."""
+    from bkexp.data.token_cache import ShardedTokens, read_meta
+
+    if read_meta(Path(directory)) is None:
+        return None
+    tokens = ShardedTokens(directory)
+    cap = _token_cap(OmegaConf.to_container(cfg.dataset, resolve=True), cfg)
+    stream = tokens[0: len(tokens) if cap is None else min(cap, len(tokens))]
+    return Corpus("run", {"kind": "token-cache", "path": directory, "split": split, "max_tokens": cap}, [],
+                  tokens=stream, shares=shares)
 
 
 def _documents_split(patterns: Any) -> bool:
@@ -250,6 +268,8 @@ def _hub_split(path: str | None, name: str | None, split: str) -> str:
 def run_splits_in(corpus: Corpus, cfg: DictConfig) -> list[str]:
     """The run's training and validation splits whose data ``corpus`` shares: the same hub split, or overlapping
     lines of one file. A perplexity on such a corpus is not held out (:mod:`bkexp.held_out`)."""
+    if corpus.shares is not None:
+        return list(corpus.shares)
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True) if cfg.get("dataset") is not None else {}
     files = dataset.get("files") or {}
     shared = []
@@ -304,15 +324,20 @@ def encode(corpus: Corpus, tokenizer: Any) -> tuple[torch.Tensor, dict[str, Any]
     """The corpus as one token stream, and its token statistics (tokens, bytes, <unk> share for word vocabularies).
 
     A streamed corpus is read here, document by document, until ``max_tokens``; its stream is then cut there, and
-    its bytes are those of the scored tokens' text (decoded), since the cut falls inside a document."""
-    if corpus.rows is not None:
+    its bytes are those of the scored tokens' text (decoded), since the cut falls inside a document; so are a
+    cached corpus's, which has no text."""
+    if corpus.tokens is not None:
+        stream = corpus.tokens
+    elif corpus.rows is not None:
         stream = _read_rows(corpus, tokenizer)
     else:
         stream = tokenizer.encode_lines(corpus.lines)
-    num_bytes = corpus.num_bytes
-    if corpus.max_tokens is not None and stream.numel() > corpus.max_tokens:
+    cut = corpus.max_tokens is not None and stream.numel() > corpus.max_tokens
+    if cut:
         stream = stream[: corpus.max_tokens]
-        num_bytes = len(tokenizer.decode(stream.tolist()).encode("utf-8"))
+    # a stream cut inside a document, or read from a cache (no text): the bytes of its tokens' text
+    cut_or_cached = cut or corpus.tokens is not None
+    num_bytes = len(tokenizer.decode(stream.tolist()).encode("utf-8")) if cut_or_cached else corpus.num_bytes
     if stream.numel() < 2:
         raise CorpusError(f"--datasets {corpus.name}: {stream.numel()} token(s), at least 2 are needed")
     stats: dict[str, Any] = {"tokens": int(stream.numel()), "bytes": num_bytes}
