@@ -79,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         print("bkexp prepare-data: dataset.token_cache is null; set it to the folder the cache should go to",
               file=sys.stderr)
         return 2
+    try:
+        for split in splits:
+            datamodule.source.check_reachable(split)  # before any split is written
+    except RuntimeError as err:
+        print(f"bkexp prepare-data: {err}", file=sys.stderr)
+        return 2
     rows = []
     for split in splits:
         directory = datamodule.cache_dir(split)

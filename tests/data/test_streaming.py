@@ -225,6 +225,9 @@ def test_prepare_data_refuses_in_memory_datasets(tmp_path: Path, capsys: pytest.
     assert "token caches are for streamed datasets" in capsys.readouterr().err
     assert prepare_main(["dataset=text", "--splits", "train,dev"]) == 2
     assert "unknown split(s) ['dev']" in capsys.readouterr().err
+    assert prepare_main(["dataset=c4", "tokenizer=byte", f"paths.root_dir={tmp_path}"]) == 2  # the hub is offline
+    assert "streams allenai/c4 from the Hugging Face hub, but the hub is offline" in capsys.readouterr().err
+    assert not (tmp_path / "data" / "tokens").exists()
 
 
 def test_a_run_streams_jsonl_end_to_end(train, corpus: Path) -> None:
