@@ -111,7 +111,6 @@ class StreamSource:
             raise ValueError(f"dataset.files must name the files of every split {list(SPLITS)}; "
                              f"missing or empty: {missing}, unknown: {unknown}")
         data_files: dict[str, list[str]] = {}
-        builders = set()
         for split in SPLITS:
             patterns = [files[split]] if isinstance(files[split], str) else list(files[split])
             for pattern in patterns:
@@ -120,11 +119,16 @@ class StreamSource:
                                      "file read in memory (dataset.streaming=false); a streamed split reads whole "
                                      "files")
             data_files[split] = match_files(folder, patterns, f"dataset.files.{split}")
-            builders.update(file_format(f) for f in data_files[split])
+        return cls.of_files(dataset, data_files, text_field)
+
+    @classmethod
+    def of_files(cls, dataset: str, data_files: Mapping[str, list[str]], text_field: str = "text") -> StreamSource:
+        """Local files per split, all of one format (a ValueError names the formats found)."""
+        builders = {file_format(f) for files in data_files.values() for f in files}
         if len(builders) != 1:
             raise ValueError(f"dataset {dataset!r}: all files must have one format, got {sorted(builders)} "
-                             f"from {data_files}")
-        return cls(dataset=dataset, text_field=text_field, data_files=data_files, builder=builders.pop())
+                             f"from {dict(data_files)}")
+        return cls(dataset=dataset, text_field=text_field, data_files=dict(data_files), builder=builders.pop())
 
     @classmethod
     def hub(cls, dataset: str, hub: Mapping[str, Any]) -> StreamSource:

@@ -35,8 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bkexp.data.sources import SPLITS, HubTextSource, LocalTextSource, parse_line_range, split_lines
-from bkexp.data.streaming import (StreamSource, chunk_sources, document_lines, file_format, is_document_file,
-                                  match_files)
+from bkexp.data.streaming import StreamSource, chunk_sources, document_lines, is_document_file, match_files
 
 TEXT_FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
 
@@ -222,12 +221,9 @@ def _documents(label: str, source: dict[str, Any], files: list[str], text_field:
         if not Path(file).is_file():
             raise CorpusError(f"--datasets {label}: no such file {file}")
     try:
-        formats = {file_format(f) for f in resolved}
-        if len(formats) != 1:
-            raise ValueError(f"all files must have one format, got {sorted(formats)}")
+        stream = StreamSource.of_files(label, {split: resolved}, text_field)
     except ValueError as err:
         raise CorpusError(f"--datasets {label}: {err}") from None
-    stream = StreamSource(dataset=label, text_field=text_field, data_files={split: resolved}, builder=formats.pop())
     return Corpus(label, {**source, "files": resolved, "text_field": text_field, "max_tokens": cap}, [],
                   documents=resolved, rows=_document_rows(stream, split), max_tokens=cap)
 
