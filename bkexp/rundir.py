@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from bkexp import config_env
 from bkexp.utils import atomic_save_figure, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_ENV_WARNED: set[str] = set()  # runs whose differing environment was already reported in this process
 
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
@@ -195,11 +197,25 @@ class RunDir:
             raise RunDirError(f"{path}: cannot be read as YAML ({type(err).__name__}: {err})") from None
         if "paths" in cfg:
             cfg.paths.output_dir = str(self.path)
+        self._pin_environment(cfg)
         _apply_techniques(cfg, path)
         launch_dir = self.launch_dir()
         if launch_dir is not None:
             _anchor_paths(cfg, launch_dir)
         return apply_overrides(cfg, overrides, "the run's config")  # relative to this process's directory
+
+    def _pin_environment(self, cfg: DictConfig) -> None:
+        """Values that read environment variables (``${oc.env:...}``) as the run resolved them
+        (:mod:`bkexp.config_env`); said once per run where this environment gives other values."""
+        try:
+            resolved = self.summary().get("config")
+        except RunDirError:  # no summary (killed before training): the config resolves in this environment
+            return
+        moved = config_env.pin(cfg, resolved if isinstance(resolved, dict) else None)
+        if moved and str(self.path) not in _ENV_WARNED:
+            _ENV_WARNED.add(str(self.path))
+            log.warning("%s: its config reads environment variables, set otherwise here; the run's values are used "
+                        "(--override KEY=VALUE to read elsewhere): %s", self.path, config_env.describe(moved))
 
     def launch_dir(self) -> Path | None:
         """The directory ``python train.py`` ran in (Hydra's ``runtime.cwd``); None when the run did not record it."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runhelpers import MQAR_TINY, RELATIVE_DATA, TINY, compose_train, launch_and_decoy, read_summary
+from runhelpers import ENV_DATA, MQAR_TINY, RELATIVE_DATA, TINY, compose_train, launch_and_decoy, read_summary
 from testpaths import WIKITEXT2_DIR
 
 from bkexp.data import ByteTokenizer, IdTokenizer, PretrainedTokenizer, WordTokenizer, load_tokenizer
@@ -287,3 +287,38 @@ def test_relative_data_paths_are_read_from_where_the_run_was_launched(train, tmp
     err = capsys.readouterr().err
     assert "the run's data cannot be read here" in err and str(launch / "data") in err
     assert "--override dataset.data_dir=DIR" in err and "Traceback" not in err
+
+
+def test_values_read_from_environment_variables_are_the_runs_wherever_the_run_is_read(
+        train, tmp_path: Path, wikitext_slice: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """`dataset.data_dir=${oc.env:VAR}/data`: evaluated where VAR names another copy of other text (or is unset),
+    the run's own folder is read, and the difference is said."""
+    import json
+    import logging
+
+    from bkexp.cli import main as bkexp_main
+
+    launch, elsewhere = launch_and_decoy(tmp_path, wikitext_slice)
+    monkeypatch.setenv("BKEXP_TEST_DATA", str(launch))
+    run_dir = train(*TINY, *ENV_DATA)
+    summary = read_summary(run_dir)
+    assert summary["config_env"] == {"BKEXP_TEST_DATA": str(launch)}
+    assert summary["config"]["dataset"]["data_dir"] == f"{launch}/data"
+
+    monkeypatch.setenv("BKEXP_TEST_DATA", str(elsewhere))
+    rundir_log = logging.getLogger("bkexp.rundir")
+    rundir_log.addHandler(caplog.handler)  # training configured logging (Hydra) without pytest's root handler
+    try:
+        assert RunDir(run_dir).config().dataset.data_dir == f"{launch}/data"
+    finally:
+        rundir_log.removeHandler(caplog.handler)
+    assert f"dataset.data_dir={launch}/data (here: {elsewhere}/data)" in caplog.text
+    monkeypatch.chdir(tmp_path)
+    assert bkexp_main(["eval", str(run_dir), "--device", "cpu", "--out", "pinned"]) == 0
+    (row,) = json.loads((tmp_path / "pinned" / "perplexity.json").read_text())["datasets"]
+    assert row["source"]["path"] == str(launch / "data" / "test.txt")
+    assert row["ppl"] == pytest.approx(summary["metrics"]["test/ppl"], rel=1e-6)
+    # the variable unset (the interpolation has no default: it would not resolve at all), and an override
+    monkeypatch.delenv("BKEXP_TEST_DATA")
+    assert RunDir(run_dir).config().dataset.data_dir == f"{launch}/data"
+    assert RunDir(run_dir).config([f"dataset.data_dir={elsewhere}/data"]).dataset.data_dir == f"{elsewhere}/data"

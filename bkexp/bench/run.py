@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from bkexp.environment import environment
-from bkexp.rundir import RunDir, atomic_save_figure, atomic_write_json, atomic_write_text
+from bkexp.rundir import RunDir, RunDirError, atomic_save_figure, atomic_write_json, atomic_write_text
 from bkexp.train.module import build_optimizer, split_weight_decay
 
 BASE_MODES = ("eager", "compile", "bf16", "int8")
@@ -59,6 +59,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=5, help="timed calls per mode (median; default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (compilation; default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="change the run's config before rebuilding, e.g. dataset.data_dir=/data/wt2 (repeatable; "
+                   "+KEY=VALUE adds a key)")
     args = p.parse_args(argv)
     if args.eval_batches < 1 or args.repeat < 1 or args.warmup < 0:
         p.error("need --eval-batches >= 1, --repeat >= 1 and --warmup >= 0")
@@ -131,7 +134,7 @@ def measure_mode(mode: str, run: RunDir, cfg: Any, args: argparse.Namespace, eva
                  device: torch.device) -> dict[str, Any]:
     """Perplexity on the evaluation slice, inference and training-step time of one mode."""
     overrides = [f"model.mixer.backend={mode.split('=', 1)[1]}"] if mode.startswith("backend=") else []
-    model = run.build_model(args.checkpoint, device=device, overrides=overrides)
+    model = run.build_model(args.checkpoint, device=device, overrides=[*args.override, *overrides])
     result: dict[str, Any] = {"mode": mode, "overrides": overrides}
     runner, context, trains = prepare(mode, model)
     tokens = train_batch["input_ids"].numel()
@@ -164,6 +167,21 @@ def measure_mode(mode: str, run: RunDir, cfg: Any, args: argparse.Namespace, eva
                                 "batch_shape": list(train_batch["input_ids"].shape)}
     result["backends"] = model.backends() if hasattr(model, "backends") else {}
     return result
+
+
+def _load(args: argparse.Namespace) -> tuple[RunDir, Any, list[str], str | None, str | None, Any]:
+    """The run, its config, the modes to run, the op backend it trained with, the op, and its datamodule; a bad run
+    directory, override, mode or checkpoint, or data that cannot be read, is an error before anything is timed."""
+    run = RunDir(args.run_dir)
+    cfg = run.config(args.override)
+    op, backends = op_backends(cfg, torch.device("cpu"))
+    used = run.summary().get("backends", {}).get(op) if op and run.summary_path.is_file() else None
+    try:
+        modes = resolve_modes(args.modes, used, backends)
+    except ValueError as exc:
+        raise RunDirError(str(exc)) from None
+    run.checkpoint_path(args.checkpoint)
+    return run, cfg, modes, used, op, run.build_datamodule(stage="fit", cfg=cfg)
 
 
 def _summary_row(result: dict[str, Any], eager: dict[str, Any] | None) -> dict[str, Any]:
@@ -218,17 +236,12 @@ def main(argv: list[str]) -> int:
     args = _parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = RunDir(args.run_dir)
-    cfg = run.config()
-    device = torch.device("cpu")
-    op, backends = op_backends(cfg, device)
-    used = run.summary().get("backends", {}).get(op) if op else None
     try:
-        modes = resolve_modes(args.modes, used, backends)
-    except ValueError as exc:
+        run, cfg, modes, used, op, datamodule = _load(args)
+    except RunDirError as exc:  # one line naming the bad value, before any mode runs
         print(f"bkexp bench run: {exc}", file=sys.stderr)
         return 2
-    datamodule = run.build_datamodule(stage="fit")
+    device = torch.device("cpu")
     eval_batches = []
     for batch in datamodule.val_dataloader():
         eval_batches.append(batch)

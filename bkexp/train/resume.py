@@ -36,7 +36,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from bkexp.rundir import checkpoint_step
+from bkexp import config_env
+from bkexp.rundir import SUMMARY_FILE, checkpoint_step
 from bkexp.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ def expand_argv(argv: list[str]) -> list[str]:
         hydra_saved = [str(o) for o in saved.get("hydra") or [] if not str(o).startswith(HYDRA_SKIP)]
         task = _merge([str(o) for o in saved.get("task") or []], given)
         _enter_launch_dir(record)
+        _restore_environment(target, sorted(target.glob(f"*/{SUMMARY_FILE}")))
         # each job continues in its own directory, whose name holds its overrides, also when the resume changes some
         changed = " ".join(sorted({"resume", *(_key(a) for a in given if not _key(a).startswith("hydra"))}))
         subdir = ('"${bkexp.resume_job_dir:${hydra.sweep.dir},${hydra.job.num},${hydra.job.override_dirname},'
@@ -128,6 +130,7 @@ def expand_argv(argv: list[str]) -> list[str]:
         task = _merge([str(o) for o in saved], given)
         record = yaml.safe_load(hydra_yaml.read_text()) if hydra_yaml.is_file() else None
         _enter_launch_dir(record)
+        _restore_environment(target, [target / SUMMARY_FILE])
         return [argv[0], *task, *_predates_recipe(record, task), *hydra_saved,
                 f"hydra.run.dir={quote(str(target))}", "hydra.output_subdir=null", f"resume={quote(str(target))}"]
     raise SystemExit(f"resume={target}: neither a run directory (no .hydra/overrides.yaml) nor a sweep directory "
@@ -149,6 +152,23 @@ def _enter_launch_dir(hydra_record: dict[str, Any] | None) -> None:
     os.chdir(cwd)
 
 
+def _restore_environment(target: Path, summaries: list[Path]) -> None:
+    """The environment variables the run's config read, set as the run had them (the first job's record for a
+    sweep: its jobs ran from one launch), so that ``${oc.env:...}`` values name what the run read."""
+    for path in summaries:
+        try:
+            values = config_env.recorded(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+        if values:
+            moved = config_env.restore(values)
+            if moved:
+                print(f"[bkexp] resume: the environment variables {target}'s config reads are set as the run had them:"
+                      f" {config_env.describe(moved)} (override the config keys that read them to read elsewhere)",
+                      file=sys.stderr)
+            return
+
+
 # ------------------------------------------------------------------------------------------ in the run
 
 
@@ -165,9 +185,9 @@ class ResumePlan:
 def plan_resume(run_dir: Path) -> ResumePlan:
     """Skip a finished run; otherwise continue from last.ckpt and keep the metrics rows logged before it."""
     previous: dict[str, Any] = {}
-    if (run_dir / "summary.json").is_file():
+    if (run_dir / SUMMARY_FILE).is_file():
         try:
-            previous = json.loads((run_dir / "summary.json").read_text())
+            previous = json.loads((run_dir / SUMMARY_FILE).read_text())
         except ValueError:
             previous = {}
     if previous.get("status") == "ok":

@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from bkexp import config_env
 from bkexp.allocator import configure_cpu_allocator
 from bkexp.environment import environment
 from bkexp.held_out import caveats, record_pairs
@@ -110,7 +111,7 @@ def run(cfg: DictConfig) -> float | None:
     watch = SignalWatch().__enter__()
     restore_threads = ExitStack()  # a multirun's jobs share the process: each job's count ends with the job
     try:
-        record.update(config=OmegaConf.to_container(cfg, resolve=True))
+        record.update(config=OmegaConf.to_container(cfg, resolve=True), config_env=config_env.referenced(cfg))
         restore_threads.enter_context(cpu_threads(run_threads(cfg), export=True))  # before the record of it
         record.update(env=environment())
         if cfg.get("flags") is not None:  # as composed; replaced by the validated settings below

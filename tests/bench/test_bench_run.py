@@ -8,7 +8,7 @@ import json
 import pytest
 
 from bkexp.cli import main as bkexp_main
-from runhelpers import MQAR_TINY, TINY, read_summary
+from runhelpers import MQAR_TINY, TINY, compose_train, read_summary
 
 
 # slow: 20 s on a 2-core AMD EPYC (the default suite stays under 10 minutes there); .ci/run runs it
@@ -42,3 +42,20 @@ def test_bench_run_times_modes_and_evaluates_the_same_slice(train, capsys) -> No
     err = capsys.readouterr().err
     assert "fp8" in err and "backend=torch" in err  # the valid modes are listed
 
+
+
+def test_bench_run_names_a_bad_run_override_or_checkpoint_in_one_line(tmp_path, capsys) -> None:
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"  # a run killed before its first checkpoint: config only
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(compose_train([*TINY, *MQAR_TINY, "model=bk"], run), run / ".hydra" / "config.yaml")
+    for argv, message in (([str(tmp_path / "missing")], "missing is not a directory"),
+                          ([str(tmp_path)], "is not a run directory"),
+                          ([str(run), "--override", "dataset.nokey=1"], "the run's config has no key 'dataset.nokey'"),
+                          ([str(run)], "no best checkpoint (expected checkpoints/best-*.ckpt or checkpoints/last.ckpt")):
+        capsys.readouterr()
+        assert bkexp_main(["bench", "run", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert not (run / "benchmarks").exists()

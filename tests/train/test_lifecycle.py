@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runhelpers import (MQAR_TINY, RELATIVE_DATA, TINY, compose_train, data_overrides, launch_and_decoy,
-                        read_summary)
+from runhelpers import (ENV_DATA, MQAR_TINY, RELATIVE_DATA, TINY, compose_train, data_overrides,
+                        launch_and_decoy, read_summary)
 from testpaths import REPO_ROOT
 
 # 24 training examples in batches of 4: an epoch is 6 steps, so step 5 is mid-epoch.
@@ -311,6 +311,28 @@ def test_resume_reads_the_runs_relative_paths_from_where_it_was_launched(train, 
     assert [r["from_step"] for r in resumed["resumes"]] == [4]
     assert resumed["data"]["source"]["data_dir"] == str((launch / "data").resolve())
     assert resumed["data"]["vocab_size"] == first["data"]["vocab_size"]
+
+
+def test_resume_reads_the_environment_variables_of_the_run(train, tmp_path, wikitext_slice, monkeypatch, capsys):
+    """`dataset.data_dir=${oc.env:VAR}/data`: resumed where VAR names another folder of other text, the run goes on
+    reading its own folder (its vocabulary, data position and record stay those of one dataset), and says so."""
+    import json
+
+    launch, elsewhere = launch_and_decoy(tmp_path, wikitext_slice)
+    monkeypatch.setenv("BKEXP_TEST_DATA", str(launch))
+    run_dir = train(*TINY, *ENV_DATA, "trainer.max_steps=4")
+    first = read_summary(run_dir)
+    (run_dir / "summary.json").write_text(json.dumps({**first, "status": "interrupted"}))
+
+    monkeypatch.setenv("BKEXP_TEST_DATA", str(elsewhere))
+    capsys.readouterr()
+    assert train(f"resume={run_dir}", "trainer.max_steps=6") == run_dir
+    err = capsys.readouterr().err
+    assert f"set as the run had them: BKEXP_TEST_DATA={launch} (here: {elsewhere})" in err
+    resumed = read_summary(run_dir)
+    assert resumed["status"] == "ok" and [r["from_step"] for r in resumed["resumes"]] == [4]
+    assert resumed["data"]["source"]["data_dir"] == f"{launch}/data"
+    assert resumed["config_env"] == {"BKEXP_TEST_DATA": str(launch)}
 
 
 def test_resume_refuses_a_budget_below_its_checkpoint_and_records_a_resume_with_nothing_left_to_train(train):
