@@ -290,24 +290,9 @@ class RunDir:
     def build_datamodule(self, overrides: Sequence[str] = (), stage: str | None = "fit",
                          cfg: DictConfig | None = None) -> Any:
         """The run's datamodule (prepared and set up for ``stage``; None: neither), with the saved tokenizer."""
-        from hydra.errors import InstantiationException
-        from hydra.utils import instantiate
-
         cfg = self.config(overrides) if cfg is None else cfg
-        kwargs: dict[str, Any] = {}
-        if "tokenizer" in cfg.dataset and (self.path / TOKENIZER_DIR).is_dir():
-            kwargs["tokenizer"] = self.tokenizer()  # never refit: the vocabulary is the run's own
-        try:
-            datamodule = instantiate(cfg.dataset, **kwargs)
-        except InstantiationException as err:  # e.g. its data folder is not on this machine
-            cause = err.__cause__ or err
-            raise RunDirError(f"{self.path}: the run's data cannot be read here ({type(cause).__name__}: {cause}); "
-                              "point at a copy with `--override dataset.data_dir=DIR` (bkexp eval, eval-quant)") \
-                from None
-        if stage is not None:
-            datamodule.prepare_data()
-            datamodule.setup(stage)
-        return datamodule
+        saved = "tokenizer" in cfg.dataset and (self.path / TOKENIZER_DIR).is_dir()
+        return _build_datamodule(cfg, self.tokenizer() if saved else None, f"{self.path}: the run's", stage)
 
     def vocab_size(self, cfg: DictConfig | None = None) -> int:
         """The model's vocabulary size: from the saved tokenizer, else the summary, else the datamodule."""
@@ -421,6 +406,24 @@ class ModelFolder:
         except (OSError, ValueError, RuntimeError) as err:
             raise RunDirError(f"{self.name}: its tokenizer files cannot be read: {err}") from None
 
+    @property
+    def results_dir(self) -> Path:
+        """Where ``bkexp eval`` and ``eval-quant`` write results by default: ``FOLDER/eval`` for a local folder,
+        ``eval/<owner>--<name>`` in the working directory for a hub repository (its cached files are not ours)."""
+        repo = self.source.get("repo_id")
+        return Path("eval") / repo.replace("/", "--") if repo else self.path / "eval"
+
+    def build_datamodule(self, overrides: Sequence[str] = (), stage: str | None = "fit",
+                         cfg: DictConfig | None = None) -> Any:
+        """The training dataset's datamodule as ``config.json`` records it, with the folder's tokenizer; a folder
+        exported before the dataset was recorded is a RunDirError."""
+        cfg = self.config(overrides) if cfg is None else cfg
+        if cfg.get("dataset") is None:
+            raise RunDirError(f"{self.name}: its {MODEL_CONFIG_FILE} records no training dataset (exported before "
+                              "bkexp recorded one): export the run again")
+        tokenizer = self.tokenizer() if "tokenizer" in cfg.dataset else None
+        return _build_datamodule(cfg, tokenizer, f"{self.name}: the training", stage)
+
     def build_model(self, device: str | torch.device = "cpu", cfg: DictConfig | None = None,
                     quantized: bool = True) -> torch.nn.Module:
         """The exported model (quantized as the run tested it, unless ``quantized=False``), weights loaded
@@ -437,6 +440,24 @@ class ModelFolder:
             raise RunDirError(f"{self.weights_path}: weights do not fit the model rebuilt from {MODEL_CONFIG_FILE}: "
                               f"{' '.join(str(err).split())}") from None
         return model.to(device).eval()
+
+
+def _build_datamodule(cfg: DictConfig, tokenizer: Tokenizer | None, whose: str, stage: str | None) -> Any:
+    """``cfg.dataset`` instantiated with ``tokenizer`` (never refit: the vocabulary is the model's own), prepared and
+    set up for ``stage``; data that cannot be read here is a RunDirError saying how to point at a copy."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        datamodule = instantiate(cfg.dataset, **({"tokenizer": tokenizer} if tokenizer is not None else {}))
+    except InstantiationException as err:  # e.g. its data folder is not on this machine
+        cause = err.__cause__ or err
+        raise RunDirError(f"{whose} data cannot be read here ({type(cause).__name__}: {cause}); point at a copy "
+                          "with `--override dataset.data_dir=DIR` (bkexp eval, eval-quant, bench run)") from None
+    if stage is not None:
+        datamodule.prepare_data()
+        datamodule.setup(stage)
+    return datamodule
 
 
 def read_model_config(folder: Path) -> dict[str, Any]:

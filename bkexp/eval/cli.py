@@ -176,10 +176,8 @@ def load_model_folder(folder: ModelFolder, checkpoint: str | None, overrides: Se
     tokenizer = folder.tokenizer()
     if tokenizer.name == "ids":
         tokenizer = None
-    hub = folder.source.get("repo_id")
-    out = Path(EVAL_DIR) / hub.replace("/", "--") if hub else folder.path / EVAL_DIR
     return LoadedRun(folder.path, cfg, folder.build_model(device, cfg=cfg), tokenizer, folder.weights_path, {},
-                     source=folder.source, default_out=out)
+                     source=folder.source, default_out=folder.results_dir)
 
 
 def causality_check(run: LoadedRun, stream: torch.Tensor) -> None:
@@ -481,12 +479,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.bits:
             from bkexp.eval.quant import main as eval_quant
 
-            folders = [run for run in runs if not isinstance(run, Path)]
-            if folders:
-                raise EvalError(f"--bits: {folders[0].name} is an exported model folder; the quantization sweep "
-                                "reads a run directory (its float checkpoint and its data)")
-            code = eval_quant([*map(str, runs), "--bits", args.bits, "--checkpoint", args.checkpoint or "best",
-                               "--device", str(args.device), *[f"--override={o}" for o in args.override]])
+            code = eval_quant([*map(str, args.run_dirs), "--bits", args.bits, "--device", str(args.device),
+                               *(["--checkpoint", args.checkpoint] if args.checkpoint else []),
+                               *(["--revision", args.revision] if args.revision else []),
+                               *(["--out", str(args.out)] if args.out else []),
+                               *[f"--override={o}" for o in args.override]])
             if code:
                 return code
         for run_dir in runs:

@@ -1,15 +1,18 @@
-"""``bkexp eval-quant RUN_DIR [RUN_DIR ...] --bits 16,8,4,3,2``: perplexity of trained runs at several weight widths.
+"""``bkexp eval-quant MODEL [MODEL ...] --bits 16,8,4,3,2``: perplexity of trained models at several weight widths.
 
-For each run: rebuild its datamodule and model from ``.hydra/config.yaml``, load the best checkpoint
-(``checkpoints/best-*.ckpt``, else ``last.ckpt``), then for 32 bits (always: the reference row) and each
+MODEL is a run directory, a sweep directory (its runs), a model folder written by ``bkexp export`` or a hub
+repository id of one (``--revision``). For each run: rebuild its datamodule and model from ``.hydra/config.yaml``,
+load the best checkpoint (``checkpoints/best-*.ckpt``, else ``last.ckpt``; a model folder: its weights, and the
+training dataset its ``config.json`` records), then for 32 bits (always: the reference row) and each
 requested width quantize the weights post-training (round-to-nearest) with the run's policy (its
 ``quant`` config: granularity, group size, embeddings switch, ...) and evaluate the whole validation and
 test splits with the training loss code (token-weighted mean, as ``val/ppl`` in training).
 
 Writes ``quant_eval.csv``, ``quant_eval.md`` and ``quant_eval.png`` (perplexity vs bits, log scale) into
-each run directory; with several runs (or a sweep directory) also the combined table and one plot with all
-models into ``--out``. A run trained with QAT is evaluated from its latent float weights: its row at the
-training width is exactly its QAT evaluation, the other rows are PTQ of the QAT-trained weights.
+each run directory (a model folder: ``FOLDER/eval``; a hub model: ``eval/<owner>--<name>``); with several models
+(or a sweep directory) also the combined table and one plot with all models into ``--out``. A run trained with
+QAT is evaluated from its latent float weights: its row at the training width is exactly its QAT evaluation, the
+other rows are PTQ of the QAT-trained weights.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 from bkexp.devices import device_argument
 from bkexp.quant.fake_quant import GRANULARITIES
 from bkexp.quant.spec import CLIPS, EVAL_BITS, QuantConfigError, QuantSpec
-from bkexp.rundir import RunDir, RunDirError, atomic_save_figure, atomic_write_text, find_run_dirs, is_run_dir
+from bkexp.rundir import (ModelFolder, RunDir, RunDirError, atomic_save_figure, atomic_write_text, find_models,
+                          is_run_dir)
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,10 @@ def parse_bits(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bkexp eval-quant", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dirs", nargs="+", type=Path, help="run directories (or sweep directories holding runs)")
+    p.add_argument("run_dirs", nargs="+", metavar="MODEL",
+                   help="run directories, sweep directories holding runs, model folders written by `bkexp export`, "
+                   "or hub repository ids (owner/name) of such folders")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of the hub repositories (default: main)")
     p.add_argument("--bits", default="16,8,4,3,2", help="weight widths to evaluate, comma-separated "
                    f"(from {', '.join(map(str, EVAL_BITS))}; 32 is always evaluated)")
     p.add_argument("--method", default="ptq", choices=["ptq"],
@@ -74,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="directory for the combined table and plot (required with several runs)")
     p.add_argument("--splits", default="val,test", help="splits to evaluate: val, test or val,test")
-    p.add_argument("--checkpoint", default="best",
-                   help="best: checkpoints/best-*.ckpt (falls back to last.ckpt); last: last.ckpt; or a .ckpt path")
+    p.add_argument("--checkpoint", default=None,
+                   help="of a run directory: best (default; checkpoints/best-*.ckpt, else last.ckpt), last, or a "
+                   ".ckpt path (a model folder holds one set of weights)")
     p.add_argument("--granularity", choices=GRANULARITIES, default=None, help="override the run's granularity")
     p.add_argument("--group-size", type=int, default=None, help="override the run's group size (per_group)")
     p.add_argument("--embeddings", choices=["true", "false"], default=None,
@@ -149,12 +157,22 @@ def evaluate_split(task: Any, loader: Any, device: torch.device, has_answer_mask
     return out
 
 
-def eval_run(run_dir: Path, bits_list: Sequence[int], args: argparse.Namespace) -> tuple[list[dict], dict]:
-    """Rows (one per width, 32 first) for one run, and the run's metadata for the markdown header."""
+def eval_run(source: Path | ModelFolder, bits_list: Sequence[int],
+             args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Rows (one per width, 32 first) for one run or model folder, and its metadata for the markdown header."""
     from bkexp.train.module import LMTask
 
-    run = RunDir(run_dir)
-    cfg = run.config(args.override)
+    if isinstance(source, ModelFolder):
+        if args.checkpoint is not None:
+            raise EvalQuantError(f"--checkpoint {args.checkpoint!r} picks a checkpoint of a run directory; "
+                                 f"{source.name} is an exported model folder, which holds one set of weights")
+        reader: RunDir | ModelFolder = source
+        hub = source.source if source.source.get("kind") == "hub" else None
+        name, where = source.name, f"{hub['repo_id']}@{hub['commit']}" if hub else str(source.path.resolve())
+    else:
+        reader = RunDir(source)
+        name, where = source.name, str(source.resolve())
+    cfg = reader.config(args.override)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     bad = [s for s in splits if s not in SPLITS]
     if bad or not splits:
@@ -162,14 +180,19 @@ def eval_run(run_dir: Path, bits_list: Sequence[int], args: argparse.Namespace) 
     policy = run_policy(cfg, args)
     QuantSpec(method="ptq", bits=8, **policy).validate(EVAL_BITS)  # fail before the data is built
     device = args.device
-    torch.manual_seed(int(cfg.get("seed", 0)))
+    torch.manual_seed(int(cfg.get("seed") or 0))
 
-    ckpt = run.checkpoint_path(args.checkpoint)  # a missing checkpoint fails before the data is built
-    datamodule = run.build_datamodule(cfg=cfg)
+    # a missing checkpoint fails before the data is built
+    ckpt = reader.weights_path if isinstance(reader, ModelFolder) else reader.checkpoint_path(args.checkpoint or "best")
+    datamodule = reader.build_datamodule(cfg=cfg)
     datamodule.setup("test")
     loaders = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader}
     # The float (latent) weights: every width below is quantized from them, also for a run that trained with QAT.
-    base = run.build_model(ckpt, cfg=cfg, quantized=False).train()  # eval_split switches the task to eval mode
+    if isinstance(reader, ModelFolder):
+        base = reader.build_model(cfg=cfg, quantized=False)
+    else:
+        base = reader.build_model(ckpt, cfg=cfg, quantized=False)
+    base.train()  # eval_split switches the task to eval mode
     model_name = str(cfg.model.get("name", type(base).__name__))
     trained = trained_as(cfg)
     has_answer_mask = bool(getattr(datamodule, "has_answer_mask", False))
@@ -186,7 +209,7 @@ def eval_run(run_dir: Path, bits_list: Sequence[int], args: argparse.Namespace) 
             spec.finalize(model)
         described = spec.describe(model)
         task = LMTask(model, optimizer=torch.optim.SGD, vocab_size=datamodule.vocab_size).to(device)
-        row: dict[str, Any] = {"model": model_name, "run": run_dir.name, "trained": trained, "bits": bits,
+        row: dict[str, Any] = {"model": model_name, "run": name, "trained": trained, "bits": bits,
                                "method": "none" if bits == 32 else args.method}
         for split in splits:
             result = evaluate_split(task, loaders[split](), device, has_answer_mask, args.limit_batches)
@@ -199,11 +222,13 @@ def eval_run(run_dir: Path, bits_list: Sequence[int], args: argparse.Namespace) 
                    effective_size_bytes=described["effective_size_bytes"], checkpoint=ckpt.name,
                    limit_batches=args.limit_batches)
         rows.append(row)
-        log.info("%s %s bits=%d: %s", run_dir.name, model_name, bits,
+        log.info("%s %s bits=%d: %s", name, model_name, bits,
                  {k: v for k, v in row.items() if k.endswith("_ppl")})
-    meta = {"run_dir": str(run_dir.resolve()), "model": model_name, "trained": trained, "checkpoint": ckpt.name,
+    meta = {"run_dir": where, "model": model_name, "trained": trained, "checkpoint": ckpt.name,
             "policy": QuantSpec(method="ptq", bits=8, **policy).describe(base)["policy"], "settings": policy,
             "device": str(device)}
+    if isinstance(source, ModelFolder):
+        meta["model_source"] = source.source
     return rows, meta
 
 
@@ -286,36 +311,41 @@ def write_outputs(out_dir: Path, rows: list[dict], metas: list[dict], runs_rows:
     write_png(out_dir / f"{STEM}.png", list(zip(labels, runs_rows)), column, title)
 
 
+def results_dir(source: Path | ModelFolder) -> Path:
+    """Where one model's table and plot go: a run's own directory; a model folder's ``results_dir``."""
+    return source.results_dir if isinstance(source, ModelFolder) else source
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         bits_list = parse_bits(args.bits)
-        runs = find_run_dirs(args.run_dirs)
-        swept = any(not is_run_dir(p) for p in args.run_dirs)
+        models = find_models(args.run_dirs, args.revision)
         out = args.out
-        if len(runs) > 1 and out is None:
-            if swept and len(args.run_dirs) == 1:
-                out = args.run_dirs[0]  # a single sweep directory holds its own combined result
+        if len(models) > 1 and out is None:
+            given = Path(args.run_dirs[0])
+            if len(args.run_dirs) == 1 and given.is_dir() and not is_run_dir(given):
+                out = given  # a single sweep directory holds its own combined result
             else:
-                raise EvalQuantError(f"{len(runs)} runs given: --out DIR is required for the combined table "
+                raise EvalQuantError(f"{len(models)} models given: --out DIR is required for the combined table "
                                      "and plot")
         all_rows: list[dict] = []
         metas: list[dict] = []
         runs_rows: list[list[dict]] = []
-        for run_dir in runs:
-            rows, meta = eval_run(run_dir, bits_list, args)
-            write_outputs(run_dir, rows, [meta], [rows])
+        for source in models:
+            rows, meta = eval_run(source, bits_list, args)
+            write_outputs(results_dir(source), rows, [meta], [rows])
             all_rows.extend(rows)
             metas.append(meta)
             runs_rows.append(rows)
-            print(f"[bkexp] eval-quant: {run_dir / (STEM + '.md')}", flush=True)
-        combined = out is not None and (len(runs) > 1 or out.resolve() != runs[0].resolve())
+            print(f"[bkexp] eval-quant: {results_dir(source) / (STEM + '.md')}", flush=True)
+        combined = out is not None and (len(models) > 1 or out.resolve() != results_dir(models[0]).resolve())
         if combined:
             write_outputs(out, all_rows, metas, runs_rows)
             print(f"[bkexp] eval-quant: combined {out / (STEM + '.md')}", flush=True)
-        target = out if combined else runs[0]
+        target = out if combined else results_dir(models[0])
         print((target / f"{STEM}.md").read_text())
     except (RunDirError, QuantConfigError) as exc:
         print(f"bkexp eval-quant: {exc}", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""A shared model is used like a run: ``bkexp generate``, ``bkexp eval`` and lm_eval read a folder written by
-``bkexp export``, or a hub repository of one through the Hugging Face cache, and give what the run gives.
+"""A shared model is used like a run: ``bkexp generate``, ``bkexp eval``, ``eval-quant`` and lm_eval read a folder
+written by ``bkexp export``, or a hub repository of one through the Hugging Face cache, and give what the run gives.
 
 The hub is unreachable from the tests: the repository is laid out in a hub cache (``models--OWNER--NAME/refs``
 and ``snapshots/<commit>``, what a download leaves) and huggingface_hub's own download functions resolve it.
@@ -167,8 +167,8 @@ def test_eval_of_the_folder_and_the_hub_model_reproduces_the_runs_numbers(run_an
 
 def test_eval_refuses_what_a_model_folder_cannot_do(run_and_export, tmp_path: Path, capsys) -> None:
     run, folder = run_and_export
-    for args, message in (([folder, "--bits", "8"], "the quantization sweep reads a run directory"),
-                          ([folder, "--checkpoint", "last"], "picks a checkpoint of a run directory"),
+    for args, message in (([folder, "--checkpoint", "last"], "picks a checkpoint of a run directory"),
+                          ([folder, "--bits", "8", "--checkpoint", "last"], "picks a checkpoint of a run directory"),
                           ([folder, run, "--out", tmp_path / "o"], "--out names one folder, for one model; 2"),
                           ([folder, "--override", f"dataset.data_dir={tmp_path / 'gone'}"],  # data not on this machine
                            f"bkexp eval: --datasets run: no such file {tmp_path / 'gone' / 'test.txt'} (no folder "
@@ -184,6 +184,37 @@ def test_eval_refuses_what_a_model_folder_cannot_do(run_and_export, tmp_path: Pa
     assert bkexp_main(["eval", str(old), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--datasets run: this model folder records no training dataset" in err and "text:PATH" in err
+    assert bkexp_main(["eval-quant", str(old), "--bits", "8"]) == 2
+    assert "config.json records no training dataset (exported before bkexp recorded one): export the run again" \
+        in capsys.readouterr().err
+
+
+def test_eval_quant_of_the_folder_and_the_hub_model_gives_the_runs_rows(run_and_export, tmp_path: Path,
+                                                                        monkeypatch, use_cache) -> None:
+    """The quantization sweep of a shared model starts from its float (latent) weights and its recorded training
+    data, as the run's does: the same perplexity at every width."""
+    import csv
+
+    run, folder = run_and_export
+    assert bkexp_main(["eval-quant", str(run), "--bits", "8,4", "--out", str(tmp_path / "r")]) == 0
+    assert bkexp_main(["eval", str(folder), "--bits", "8,4", "--device", "cpu"]) == 0  # = eval-quant FOLDER
+    use_cache(hub_cache(folder, tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    assert bkexp_main(["eval-quant", REPO_ID, "--bits", "8,4"]) == 0
+
+    def rows(path: Path) -> list[tuple]:
+        return [(r["bits"], r["val_ppl"], r["test_ppl"], r["quantized_params"])
+                for r in csv.DictReader(path.open())]
+
+    by_run = rows(tmp_path / "r" / "quant_eval.csv")
+    assert [r[0] for r in by_run] == ["32", "8", "4"]
+    assert rows(folder / "eval" / "quant_eval.csv") == by_run
+    hub_dir = tmp_path / "eval" / "someone--bkexp-tiny"
+    assert rows(hub_dir / "quant_eval.csv") == by_run and (hub_dir / "quant_eval.png").stat().st_size > 0
+    assert f"`{REPO_ID}@{COMMIT}`" in (hub_dir / "quant_eval.md").read_text()
+    # the run trained with 8-bit QAT: its 8-bit row is its own test
+    summary = json.loads((run / "summary.json").read_text())
+    assert float(by_run[1][2]) == pytest.approx(summary["metrics"]["test/ppl"], rel=1e-5)
 
 
 def test_from_pretrained_and_the_lm_eval_model_read_hub_repositories(run_and_export, tmp_path: Path,
