@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHECKPOINT_DIR", "CONFIG_FILE", "SUMMARY_FILE", "TOKENIZER_DIR", "ModelFolder", "RunDir", "RunDirError",
     "atomic_save_figure", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "build_run_model",
-    "checkpoint_step", "find_models", "find_run_dirs", "is_run_dir", "parse_overrides",
+    "checkpoint_step", "find_model", "find_models", "find_run_dirs", "is_run_dir", "parse_overrides",
 ]
 
 log = logging.getLogger(__name__)
@@ -356,8 +356,8 @@ class ModelFolder:
 
     A folder holds the model and its tokenizer, not the run: no checkpoints, metrics or summary.json.
     :meth:`config` is what rebuilds the model (``model``, ``quant``, ``seq_len``, ``bits``) and, in folders
-    exported since bkexp records it, the training ``dataset`` config (resolved), so ``bkexp eval --datasets run``
-    and the held-out checks find the run's data where it is reachable.
+    exported since bkexp records them, the training ``dataset`` config (resolved), so ``bkexp eval --datasets run``
+    and the held-out checks find the run's data where it is reachable, and the ``optimizer`` (``bench run``).
     """
 
     def __init__(self, path: str | os.PathLike, source: dict[str, Any] | None = None) -> None:
@@ -395,7 +395,8 @@ class ModelFolder:
         """The part of the run's config the folder records (see the class docstring), plus ``overrides``."""
         info = self.info
         cfg = OmegaConf.create({"model": info["model"], "quant": info.get("quant"), "seq_len": info.get("seq_len"),
-                                "bits": info.get("bits"), "dataset": info.get("dataset")})
+                                "bits": info.get("bits"), "dataset": info.get("dataset"),
+                                "optimizer": info.get("optimizer")})
         return apply_overrides(cfg, overrides, f"the model folder's {MODEL_CONFIG_FILE}")
 
     def tokenizer(self) -> Tokenizer:
@@ -406,12 +407,18 @@ class ModelFolder:
         except (OSError, ValueError, RuntimeError) as err:
             raise RunDirError(f"{self.name}: its tokenizer files cannot be read: {err}") from None
 
-    @property
-    def results_dir(self) -> Path:
-        """Where ``bkexp eval`` and ``eval-quant`` write results by default: ``FOLDER/eval`` for a local folder,
-        ``eval/<owner>--<name>`` in the working directory for a hub repository (its cached files are not ours)."""
+    def refuse_checkpoint(self, checkpoint: str | os.PathLike | None) -> None:
+        """A RunDirError for a ``--checkpoint`` choice, which only a run directory has."""
+        if checkpoint is not None:
+            raise RunDirError(f"--checkpoint {str(checkpoint)!r} picks a checkpoint of a run directory; {self.name} is "
+                              "an exported model folder, which holds one set of weights")
+
+    def results_dir(self, kind: str = "eval") -> Path:
+        """Where a command writes its results by default (``kind``: ``eval`` for ``bkexp eval`` and ``eval-quant``,
+        ``benchmarks`` for ``bkexp bench run``): ``FOLDER/<kind>`` for a local folder, ``<kind>/<owner>--<name>`` in
+        the working directory for a hub repository (its cached files are not ours to change)."""
         repo = self.source.get("repo_id")
-        return Path("eval") / repo.replace("/", "--") if repo else self.path / "eval"
+        return Path(kind) / repo.replace("/", "--") if repo else self.path / kind
 
     def build_datamodule(self, overrides: Sequence[str] = (), stage: str | None = "fit",
                          cfg: DictConfig | None = None) -> Any:
@@ -541,6 +548,14 @@ def find_models(specs: Iterable[str | os.PathLike], revision: str | None = None)
                 seen.add(run.resolve())
                 found.append(run)
     return found
+
+
+def find_model(spec: str | os.PathLike, revision: str | None = None) -> Path | ModelFolder:
+    """One run directory or model folder (see :func:`find_models`); a sweep directory is a RunDirError naming a run."""
+    models = find_models([spec], revision)
+    if len(models) > 1:
+        raise RunDirError(f"{spec} is a sweep directory of {len(models)} runs; give one of them, e.g. {models[0]}")
+    return models[0]
 
 
 # ---------------------------------------------------------------------------------------- checkpoints

@@ -1,4 +1,8 @@
-"""``bkexp bench run RUN_DIR``: a trained run's model under each execution mode, speed beside perplexity.
+"""``bkexp bench run MODEL``: a trained run's model under each execution mode, speed beside perplexity.
+
+MODEL is a run directory, or a model folder written by ``bkexp export`` or a hub repository id of one
+(``--revision``); a folder's training step uses the optimizer its ``config.json`` records (``conf/optimizer``'s
+default for folders exported before bkexp recorded it).
 
 Modes (``--modes``, default all that apply):
 
@@ -16,7 +20,8 @@ copy of the model), and evaluated on the same fixed slice of the validation spli
 here (no compiler, torchao missing) is recorded with its error and does not stop the others.
 
 Loads the run through ``bkexp.rundir`` (weights_only checkpoints; a quantized run as its test evaluated it).
-Writes under ``RUN_DIR/benchmarks/``:
+Writes under ``RUN_DIR/benchmarks/`` (a model folder: ``FOLDER/benchmarks``; a hub model:
+``benchmarks/<owner>--<name>``):
 ``<mode>_output.json`` per mode, ``comparison_results.json``, ``comparison_summary.csv``,
 ``comparison_bar_plot.png`` and ``speedup_comparison.png``.
 """
@@ -31,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +45,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from bkexp.environment import environment
-from bkexp.rundir import RunDir, RunDirError, atomic_save_figure, atomic_write_json, atomic_write_text
+from bkexp.rundir import (ModelFolder, RunDir, RunDirError, atomic_save_figure, atomic_write_json, atomic_write_text,
+                          find_model)
 from bkexp.train.module import build_optimizer, split_weight_decay
 
 BASE_MODES = ("eager", "compile", "bf16", "int8")
@@ -51,10 +58,13 @@ SUMMARY_COLUMNS = ["mode", "status", "eval_ppl", "eval_loss", "infer_ms", "infer
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bkexp bench run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", type=Path, help="a training run directory (outputs/<stamp> or a sweep job)")
+    p.add_argument("run_dir", metavar="MODEL", help="a training run directory (outputs/<stamp> or a sweep job), a "
+                   "model folder written by `bkexp export`, or a hub repository id (owner/name) of one")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a hub repository (default: main)")
     p.add_argument("--modes", default=None,
                    help="comma separated among eager, compile, bf16, int8, backend=<name> (default: all that apply)")
-    p.add_argument("--checkpoint", default="best", help="best, last or a checkpoint path (default best)")
+    p.add_argument("--checkpoint", default=None,
+                   help="of a run directory: best (default), last or a checkpoint path")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches in the evaluation slice (default 8)")
     p.add_argument("--repeat", type=int, default=5, help="timed calls per mode (median; default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (compilation; default 2)")
@@ -130,11 +140,11 @@ def prepare(mode: str, model: torch.nn.Module) -> tuple[torch.nn.Module, Any, bo
     return model, nullcontext(), True
 
 
-def measure_mode(mode: str, run: RunDir, cfg: Any, args: argparse.Namespace, eval_batches: list, train_batch: dict,
+def measure_mode(mode: str, target: Target, args: argparse.Namespace, eval_batches: list, train_batch: dict,
                  device: torch.device) -> dict[str, Any]:
     """Perplexity on the evaluation slice, inference and training-step time of one mode."""
     overrides = [f"model.mixer.backend={mode.split('=', 1)[1]}"] if mode.startswith("backend=") else []
-    model = run.build_model(args.checkpoint, device=device, overrides=[*args.override, *overrides])
+    model = target.build_model(overrides, device)
     result: dict[str, Any] = {"mode": mode, "overrides": overrides}
     runner, context, trains = prepare(mode, model)
     tokens = train_batch["input_ids"].numel()
@@ -152,7 +162,7 @@ def measure_mode(mode: str, run: RunDir, cfg: Any, args: argparse.Namespace, eva
     result["train_step"] = None
     if trains:
         trainee = copy.deepcopy(model).train()
-        optimizer = build_optimizer(instantiate(cfg.optimizer), split_weight_decay(trainee))
+        optimizer = build_optimizer(instantiate(target.optimizer), split_weight_decay(trainee))
         step_model = torch.compile(trainee) if mode == "compile" else trainee
 
         def step() -> None:
@@ -169,19 +179,70 @@ def measure_mode(mode: str, run: RunDir, cfg: Any, args: argparse.Namespace, eva
     return result
 
 
-def _load(args: argparse.Namespace) -> tuple[RunDir, Any, list[str], str | None, str | None, Any]:
-    """The run, its config, the modes to run, the op backend it trained with, the op, and its datamodule; a bad run
-    directory, override, mode or checkpoint, or data that cannot be read, is an error before anything is timed."""
-    run = RunDir(args.run_dir)
-    cfg = run.config(args.override)
+@dataclass
+class Target:
+    """What is benchmarked: a run directory (its checkpoint) or a model folder (local, or a hub repository's)."""
+
+    source: Path | ModelFolder
+    cfg: Any  # the config with --override applied
+    overrides: list[str]  # --override, applied again with each mode's own
+    checkpoint: str | None
+    optimizer: Any  # the training step's optimizer factory config
+    optimizer_origin: str  # where it came from: the run, the folder, or the config tree's default
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def out(self) -> Path:
+        """``RUN_DIR/benchmarks``; a model folder's ``FOLDER/benchmarks`` or ``benchmarks/<owner>--<name>``."""
+        return self.source.results_dir("benchmarks") if isinstance(self.source, ModelFolder) else \
+            self.source / "benchmarks"
+
+    def build_model(self, extra: list[str], device: torch.device) -> torch.nn.Module:
+        overrides = [*self.overrides, *extra]
+        if isinstance(self.source, ModelFolder):
+            return self.source.build_model(device, cfg=self.source.config(overrides))
+        return RunDir(self.source).build_model(self.checkpoint or "best", device=device, overrides=overrides)
+
+
+def _default_optimizer() -> Any:
+    """``conf/optimizer``'s default, for a model folder exported before bkexp recorded the run's optimizer."""
+    from bkexp.bench.common import NO_RECIPE, compose_config
+
+    try:
+        return compose_config([NO_RECIPE], command="bkexp bench run").optimizer
+    except FileNotFoundError as err:  # installed without the config tree
+        raise RunDirError(str(err)) from None
+
+
+def _load(args: argparse.Namespace) -> tuple[Target, list[str], str | None, str | None, Any]:
+    """What to benchmark, the modes to run, the op backend it trained with, the op, and its datamodule; a bad run
+    directory, model, override, mode or checkpoint, or data that cannot be read, is an error before anything is
+    timed."""
+    source = find_model(args.run_dir, args.revision)
+    reader = source if isinstance(source, ModelFolder) else RunDir(source)
+    cfg = reader.config(args.override)
+    if isinstance(reader, ModelFolder):
+        reader.refuse_checkpoint(args.checkpoint)
+    else:
+        reader.checkpoint_path(args.checkpoint or "best")  # a missing checkpoint fails before the data is read
     op, backends = op_backends(cfg, torch.device("cpu"))
-    used = run.summary().get("backends", {}).get(op) if op and run.summary_path.is_file() else None
+    used = None  # the op's backend in training (a run records it), which the eager mode runs
+    if op and isinstance(reader, RunDir) and reader.summary_path.is_file():
+        used = reader.summary().get("backends", {}).get(op)
+    elif op:  # an export does not record it: the backend its config resolves to here is eager's
+        used = reader.build_model(cfg=cfg).backends().get(op)
     try:
         modes = resolve_modes(args.modes, used, backends)
     except ValueError as exc:
         raise RunDirError(str(exc)) from None
-    run.checkpoint_path(args.checkpoint)
-    return run, cfg, modes, used, op, run.build_datamodule(stage="fit", cfg=cfg)
+    optimizer, origin = cfg.get("optimizer"), "the run's" if isinstance(reader, RunDir) else "the folder's"
+    if optimizer is None:
+        optimizer, origin = _default_optimizer(), "conf/optimizer's default (the folder records none)"
+    target = Target(source, cfg, list(args.override), args.checkpoint, optimizer, origin)
+    return target, modes, used, op, reader.build_datamodule(stage="fit", cfg=cfg)
 
 
 def _summary_row(result: dict[str, Any], eager: dict[str, Any] | None) -> dict[str, Any]:
@@ -237,7 +298,7 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        run, cfg, modes, used, op, datamodule = _load(args)
+        target, modes, used, op, datamodule = _load(args)
     except RunDirError as exc:  # one line naming the bad value, before any mode runs
         print(f"bkexp bench run: {exc}", file=sys.stderr)
         return 2
@@ -248,28 +309,32 @@ def main(argv: list[str]) -> int:
         if len(eval_batches) == args.eval_batches:
             break
     train_batch = next(iter(datamodule.train_dataloader()))
-    out = run.path / "benchmarks"
+    out = target.out
     results = []
     for mode in modes:
         print(f"[bench run] {mode} ...", flush=True)
         try:
-            result = {**measure_mode(mode, run, cfg, args, eval_batches, train_batch, device), "status": "ok"}
+            result = {**measure_mode(mode, target, args, eval_batches, train_batch, device), "status": "ok"}
         except Exception as exc:  # one mode failing (no compiler, no torchao) must not hide the others
             result = {"mode": mode, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
         results.append(result)
         atomic_write_json(out / f"{mode.replace('=', '_')}_output.json", result)
     eager = next((r for r in results if r["mode"] == "eager" and r["status"] == "ok"), None)
     rows = [_summary_row(r, eager) for r in results]
-    meta = {"run_dir": str(run.path), "model": cfg.model.get("name"), "checkpoint": args.checkpoint,
+    source = target.source
+    meta = {"run_dir": str(source) if isinstance(source, Path) else None, "model": target.cfg.model.get("name"),
+            "checkpoint": args.checkpoint or "best" if isinstance(source, Path) else None,
+            "model_source": source.source if isinstance(source, ModelFolder) else None,
+            "optimizer": f"{target.optimizer_origin}: {target.optimizer.get('_target_')}",
             "eval_slice": f"first {args.eval_batches} validation batches", "repeat": args.repeat,
             "warmup": args.warmup, "environment": environment(), "threads": torch.get_num_threads(),
-            "op": op, "op_backend_used_in_training": used}
+            "op": op, "op_backend_used_in_training": used if isinstance(source, Path) else None}
     atomic_write_json(out / "comparison_results.json", {"meta": meta, "modes": results, "summary": rows})
     import pandas as pd
 
     frame = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     atomic_write_text(out / "comparison_summary.csv", frame.to_csv(index=False))
-    _plots(rows, out, f"{meta['model']} ({run.name})")
+    _plots(rows, out, f"{meta['model']} ({target.name})")
     print(frame.drop(columns=["error"]).to_string(index=False))
     for r in rows:
         if r["error"]:

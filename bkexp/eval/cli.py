@@ -169,15 +169,13 @@ def load_model_folder(folder: ModelFolder, checkpoint: str | None, overrides: Se
                       device: torch.device) -> LoadedRun:
     """An exported model as a LoadedRun: no checkpoints to choose, no summary, and no training tokens in memory
     (the held-out checks compare files and hub splits only)."""
-    if checkpoint is not None:
-        raise EvalError(f"--checkpoint {checkpoint!r} picks a checkpoint of a run directory; {folder.name} is an "
-                        "exported model folder, which holds one set of weights")
+    folder.refuse_checkpoint(checkpoint)
     cfg = folder.config(overrides)
     tokenizer = folder.tokenizer()
     if tokenizer.name == "ids":
         tokenizer = None
     return LoadedRun(folder.path, cfg, folder.build_model(device, cfg=cfg), tokenizer, folder.weights_path, {},
-                     source=folder.source, default_out=folder.results_dir)
+                     source=folder.source, default_out=folder.results_dir())
 
 
 def causality_check(run: LoadedRun, stream: torch.Tensor) -> None:

@@ -163,9 +163,7 @@ def eval_run(source: Path | ModelFolder, bits_list: Sequence[int],
     from bkexp.train.module import LMTask
 
     if isinstance(source, ModelFolder):
-        if args.checkpoint is not None:
-            raise EvalQuantError(f"--checkpoint {args.checkpoint!r} picks a checkpoint of a run directory; "
-                                 f"{source.name} is an exported model folder, which holds one set of weights")
+        source.refuse_checkpoint(args.checkpoint)
         reader: RunDir | ModelFolder = source
         hub = source.source if source.source.get("kind") == "hub" else None
         name, where = source.name, f"{hub['repo_id']}@{hub['commit']}" if hub else str(source.path.resolve())
@@ -313,7 +311,7 @@ def write_outputs(out_dir: Path, rows: list[dict], metas: list[dict], runs_rows:
 
 def results_dir(source: Path | ModelFolder) -> Path:
     """Where one model's table and plot go: a run's own directory; a model folder's ``results_dir``."""
-    return source.results_dir if isinstance(source, ModelFolder) else source
+    return source.results_dir() if isinstance(source, ModelFolder) else source
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,6 +69,7 @@ def export_run(run_dir: str | Path, out: str | Path, which: str = "best", overwr
         "bits": cfg.get("bits"),
         # where the run's data came from, so `bkexp eval MODEL --datasets run` and the held-out checks find it
         "dataset": _resolved(cfg.get("dataset")),
+        "optimizer": _resolved(cfg.get("optimizer")),  # the training step `bkexp bench run MODEL` times
         "torch_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "source": {"run": run.name, "checkpoint": checkpoint.name},
     }

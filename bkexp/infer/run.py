@@ -22,18 +22,12 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str | t
              revision: str | None = None) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a run directory (its ``checkpoint``: best by default), a model folder written by
     ``bkexp export``, or a hub repository id (at ``revision``): the model in eval mode on ``device``."""
-    from bkexp.rundir import ModelFolder, RunDir, RunDirError, find_models
+    from bkexp.rundir import ModelFolder, RunDir, RunDirError, find_model
 
     try:
-        models = find_models([run_dir], revision)
-        if len(models) > 1:
-            raise RunLoadError(f"{run_dir} is a sweep directory of {len(models)} runs; give one of them, e.g. "
-                               f"{models[0]}")
-        (found,) = models
+        found = find_model(run_dir, revision)
         if isinstance(found, ModelFolder):
-            if checkpoint is not None:
-                raise RunLoadError(f"--checkpoint {checkpoint!r} picks a checkpoint of a run directory; {run_dir} is "
-                                   "an exported model folder, which holds one set of weights")
+            found.refuse_checkpoint(checkpoint)
             return found.build_model(device), found.tokenizer()
         run = RunDir(found)
         cfg = run.config()

@@ -49,9 +49,11 @@ def test_bench_run_names_a_bad_run_override_or_checkpoint_in_one_line(tmp_path, 
 
     run = tmp_path / "run"  # a run killed before its first checkpoint: config only
     (run / ".hydra").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
     OmegaConf.save(compose_train([*TINY, *MQAR_TINY, "model=bk"], run), run / ".hydra" / "config.yaml")
-    for argv, message in (([str(tmp_path / "missing")], "missing is not a directory"),
-                          ([str(tmp_path)], "is not a run directory"),
+    for argv, message in (([str(tmp_path / "missing")], "missing: no such file or directory, and not a hub "
+                                                        "repository id (owner/name)"),
+                          ([str(tmp_path / "empty")], "is neither a run directory"),
                           ([str(run), "--override", "dataset.nokey=1"], "the run's config has no key 'dataset.nokey'"),
                           ([str(run)], "no best checkpoint (expected checkpoints/best-*.ckpt or checkpoints/last.ckpt")):
         capsys.readouterr()

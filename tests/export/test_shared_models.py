@@ -258,3 +258,31 @@ def test_the_card_of_a_pushed_export_names_its_repository(run_and_export, tmp_pa
     assert f'from_pretrained("{REPO_ID}")' in card
     assert f"bkexp generate {REPO_ID} --prompt" in card and f"pretrained={REPO_ID}" in card
     assert "--datasets run --lengths 32,64,128" in card  # seq_len 32 and two longer contexts
+
+
+def test_bench_run_of_the_folder_and_the_hub_model_measures_the_runs_model(run_and_export, tmp_path: Path,
+                                                                           monkeypatch, use_cache, capsys) -> None:
+    run, folder = run_and_export
+    args = ["--modes", "eager,backend=torch", "--repeat", "1", "--warmup", "0", "--eval-batches", "2"]
+    assert bkexp_main(["bench", "run", str(run), *args]) == 0
+    assert bkexp_main(["bench", "run", str(folder), *args]) == 0
+    use_cache(hub_cache(folder, tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    assert bkexp_main(["bench", "run", REPO_ID, *args]) == 0
+
+    def results(out: Path) -> dict:
+        return json.loads((out / "comparison_results.json").read_text())
+
+    by_run = results(run / "benchmarks")
+    by_folder = results(folder / "benchmarks")
+    by_hub = results(tmp_path / "benchmarks" / "someone--bkexp-tiny")
+    for measured in (by_folder, by_hub):
+        assert [m["eval"]["ppl"] for m in measured["modes"]] == [m["eval"]["ppl"] for m in by_run["modes"]]
+        assert all(m["train_step"]["ms"] > 0 for m in measured["modes"])
+    assert by_run["meta"]["optimizer"] == "the run's: torch.optim.AdamW"
+    assert by_folder["meta"]["optimizer"] == "the folder's: torch.optim.AdamW"
+    assert by_hub["meta"]["model_source"]["commit"] == COMMIT
+    capsys.readouterr()
+    assert bkexp_main(["bench", "run", str(folder), "--modes", "backend=cpu"]) == 2  # eager's own: not a mode
+    assert "valid here: eager, compile, bf16, int8, backend=torch, backend=torch_autograd" in capsys.readouterr().err
+    assert (tmp_path / "benchmarks" / "someone--bkexp-tiny" / "speedup_comparison.png").stat().st_size > 0
