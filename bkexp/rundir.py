@@ -291,12 +291,16 @@ class RunDir:
                          cfg: DictConfig | None = None) -> Any:
         """The run's datamodule (prepared and set up for ``stage``; None: neither), with the saved tokenizer."""
         cfg = self.config(overrides) if cfg is None else cfg
-        saved = "tokenizer" in cfg.dataset and (self.path / TOKENIZER_DIR).is_dir()
+        saved = "tokenizer" in cfg.dataset and self.has_tokenizer()
         return _build_datamodule(cfg, self.tokenizer() if saved else None, f"{self.path}: the run's", stage)
+
+    def has_tokenizer(self) -> bool:
+        """Whether the run saved its tokenizer (``tokenizer/``: every text run since bkexp records it)."""
+        return (self.path / TOKENIZER_DIR).is_dir()
 
     def vocab_size(self, cfg: DictConfig | None = None) -> int:
         """The model's vocabulary size: from the saved tokenizer, else the summary, else the datamodule."""
-        if (self.path / TOKENIZER_DIR).is_dir():
+        if self.has_tokenizer():
             return int(self.tokenizer().vocab_size)
         if self.summary_path.is_file():
             size = (self.summary().get("data") or {}).get("vocab_size")

@@ -285,8 +285,15 @@ def test_relative_data_paths_are_read_from_where_the_run_was_launched(train, tmp
     capsys.readouterr()
     assert bkexp_main(["eval", str(run_dir), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "the run's data cannot be read here" in err and str(launch / "data") in err
+    assert f"--datasets run: no such file {launch / 'data' / 'test.txt'}" in err
     assert "--override dataset.data_dir=DIR" in err and "Traceback" not in err
+    # other text needs only the saved tokenizer: scored, without the overlap with the (unreadable) training text
+    other = launch / "moved" / "valid.txt"
+    assert bkexp_main(["eval", str(run_dir), "--device", "cpu", "--datasets", f"text:{other}", "--out", "other"]) == 0
+    record = json.loads((elsewhere / "other" / "perplexity.json").read_text())
+    assert record["datasets"][0]["train_13gram_overlap"] is None and record["datasets"][0]["ppl"] > 1
+    assert "the run's data cannot be read here" in record["train_data_error"]
+    assert "Not computed here: " in (elsewhere / "other" / "perplexity.md").read_text()
 
 
 def test_values_read_from_environment_variables_are_the_runs_wherever_the_run_is_read(

@@ -134,6 +134,7 @@ class LoadedRun:
     train_tokens: torch.Tensor | None = None  # the training split's tokens when the run holds them in memory
     source: dict[str, Any] | None = None  # a model folder's origin (local folder, or hub repository and commit)
     default_out: Path | None = None  # where results go unless --out says otherwise
+    train_data_error: str | None = None  # why the run's training data could not be read here (no overlap then)
 
     @property
     def name(self) -> str:
@@ -148,21 +149,29 @@ def load_run(run_dir: Path | ModelFolder, checkpoint: str | None, overrides: Seq
              device: torch.device) -> LoadedRun:
     """Rebuild a run's model and tokenizer exactly as trained and load a checkpoint's weights into the model
     (``run_dir``: a run directory, or a :class:`bkexp.rundir.ModelFolder`)."""
-    from bkexp.rundir import ModelFolder, RunDir
+    from bkexp.rundir import ModelFolder, RunDir, RunDirError
 
     if isinstance(run_dir, ModelFolder):
         return load_model_folder(run_dir, checkpoint, overrides, device)
     run = RunDir(run_dir)
     cfg = run.config(overrides)
-    datamodule = run.build_datamodule(cfg=cfg)
     ckpt = run.checkpoint_path(checkpoint or "best")
+    try:
+        datamodule, unreadable = run.build_datamodule(cfg=cfg), None
+    except RunDirError as err:
+        if not run.has_tokenizer():
+            raise
+        # Other corpora, lengths and tasks need only the saved tokenizer; the run's own split says what is missing.
+        datamodule, unreadable = None, str(err)
+        log.warning("%s; scoring with the run's saved tokenizer, without the overlap with its training text", err)
     model = run.build_model(ckpt, device=device, cfg=cfg)
     summary = run.summary() if run.summary_path.is_file() else {}
-    tokenizer = getattr(datamodule, "tokenizer", None)
+    tokenizer = getattr(datamodule, "tokenizer", None) if datamodule is not None else run.tokenizer()
     if tokenizer is not None and tokenizer.name == "ids":  # a synthetic task's token ids: no text tokenizer
         tokenizer = None
     return LoadedRun(run_dir, cfg, model, tokenizer, ckpt, summary, default_out=run_dir / EVAL_DIR,
-                     train_tokens=(getattr(datamodule, "streams", None) or {}).get("train"))
+                     train_tokens=(getattr(datamodule, "streams", None) or {}).get("train"),
+                     train_data_error=unreadable)
 
 
 def load_model_folder(folder: ModelFolder, checkpoint: str | None, overrides: Sequence[str],
@@ -236,7 +245,8 @@ def _header(run: LoadedRun, device: torch.device) -> dict[str, Any]:
     return {"run_dir": str(run.run_dir.resolve()), **({"model_source": run.source} if run.source else {}),
             "model": run.name, "checkpoint": str(run.checkpoint),
             "train_seq_len": run.train_len, "device": str(device),
-            "tokenizer": run.tokenizer.describe() if run.tokenizer is not None else None}
+            "tokenizer": run.tokenizer.describe() if run.tokenizer is not None else None,
+            **({"train_data_error": run.train_data_error} if run.train_data_error else {})}
 
 
 def origin_md(record: dict[str, Any]) -> str:
@@ -332,7 +342,8 @@ def write_datasets(out: Path, record: dict[str, Any]) -> None:
           "bits_per_byte = summed loss in bits / UTF-8 bytes of the text; unk_share = share of tokens that are "
           "`<unk>`, oov_share = share of tokens that became `<unk>` because the word is not in the training "
           f"vocabulary (word-level tokenizers only); {OVERLAP_COLUMN} = share of the corpus's {OVERLAP_N}-token "
-          "windows that also occur in the run's training tokens (text read in memory only).", ""]
+          "windows that also occur in the run's training tokens (text read in memory only)."
+          + (f" Not computed here: {record['train_data_error']}." if record.get("train_data_error") else ""), ""]
     md += _md_table(PPL_COLUMNS, [[r[c] for c in PPL_COLUMNS] for r in rows])
     md += [line for r in rows for line in _not_held_out_md(r["dataset"], r["shares_data_with"])]
     mean, std = record["mean"], record["std"]
