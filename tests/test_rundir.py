@@ -329,3 +329,9 @@ def test_values_read_from_environment_variables_are_the_runs_wherever_the_run_is
     monkeypatch.delenv("BKEXP_TEST_DATA")
     assert RunDir(run_dir).config().dataset.data_dir == f"{launch}/data"
     assert RunDir(run_dir).config([f"dataset.data_dir={elsewhere}/data"]).dataset.data_dir == f"{elsewhere}/data"
+    # an export records the folder the run read, and its card's command sets the variable as the run had it
+    from bkexp.export import export_run
+
+    folder = export_run(run_dir, tmp_path / "export")
+    assert json.loads((folder / "config.json").read_text())["dataset"]["data_dir"] == f"{launch}/data"
+    assert f"BKEXP_TEST_DATA={launch} python train.py " in (folder / "README.md").read_text()

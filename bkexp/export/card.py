@@ -10,6 +10,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from bkexp import config_env
 from bkexp.held_out import OVERLAP_COLUMN, OVERLAP_N, caveats, record_pairs, short_caveat
 
 TEMPLATE = """---
@@ -156,6 +157,9 @@ def model_card(summary: dict[str, Any], config: dict[str, Any], folder_hint: str
     result_rows.append(("wall time (s)", _fmt(summary.get("wall_time_s"))))
     result_rows.append(("device", _fmt(env.get("device") or summary.get("device"))))
     overrides = " ".join(shlex.quote(o) for o in summary.get("overrides") or [])
+    # the environment variables the config read (e.g. BKEXP_SHARED_DATA: where the data was), as they were set
+    variables = "".join(f"{name}={shlex.quote(value)} " for name, value in config_env.recorded(summary).items()
+                        if value is not None)
     versions = ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "lightning", "hydra") if env.get(k))
     versions += f", bkexp {config.get('bkexp_version')}" + (f" (commit {env['git_commit']})" if env.get("git_commit")
                                                             else "")
@@ -167,7 +171,7 @@ def model_card(summary: dict[str, Any], config: dict[str, Any], folder_hint: str
         card_data, template_str=TEMPLATE, title=f"bkexp {name} on {dataset}", description=description,
         overrides=overrides, run=config["source"]["run"], checkpoint=config["source"]["checkpoint"],
         model_rows=model_rows, data_rows=data_rows, result_rows=result_rows, caveats=caveats(overlap),
-        command=f"python train.py {overrides}".strip(), versions=versions, folder_hint=folder_hint,
+        command=f"{variables}python train.py {overrides}".strip(), versions=versions, folder_hint=folder_hint,
         text_model=tokenizer.get("name") not in (None, "ids"),
         lengths=",".join(str(n * summary["seq_len"]) for n in (1, 2, 4)) if summary.get("seq_len") else "256,512")
 
