@@ -6,8 +6,8 @@ A run directory is what ``python train.py`` writes (``outputs/<stamp>/`` or one 
     .hydra/config.yaml     the composed config           summary.json   the run's record
     checkpoints/           best-<step>.ckpt, last.ckpt   tokenizer/     what rebuilds the run's tokenizer
 
-This module finds runs (a sweep directory expands to its jobs), loads a run's config, summary, tokenizer
-and checkpoint, rebuilds its model and datamodule, and re-exports the atomic file writers every command
+This module finds runs (a sweep directory expands to its jobs), loads a run's config (its relative paths and
+environment-variable values as the run read them), summary, tokenizer and checkpoint, rebuilds its model and datamodule, and re-exports the atomic file writers every command
 uses for its results. It also reads what ``bkexp export`` writes, a *model folder* (config.json,
 model.safetensors, tokenizer files), locally or from a Hugging Face hub repository (:class:`ModelFolder`), so
 that ``bkexp generate``, ``bkexp eval`` and lm_eval take a shared model wherever they take a run. Checkpoints
@@ -459,15 +459,20 @@ def _build_datamodule(cfg: DictConfig, tokenizer: Tokenizer | None, whose: str, 
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    def unreadable(cause: BaseException) -> RunDirError:
+        return RunDirError(f"{whose} data cannot be read here ({type(cause).__name__}: {cause}); point at a copy "
+                           "with `--override dataset.data_dir=DIR` (bkexp eval, eval-quant, bench run)")
+
     try:
         datamodule = instantiate(cfg.dataset, **({"tokenizer": tokenizer} if tokenizer is not None else {}))
     except InstantiationException as err:  # e.g. its data folder is not on this machine
-        cause = err.__cause__ or err
-        raise RunDirError(f"{whose} data cannot be read here ({type(cause).__name__}: {cause}); point at a copy "
-                          "with `--override dataset.data_dir=DIR` (bkexp eval, eval-quant, bench run)") from None
+        raise unreadable(err.__cause__ or err) from None
     if stage is not None:
-        datamodule.prepare_data()
-        datamodule.setup(stage)
+        try:
+            datamodule.prepare_data()
+            datamodule.setup(stage)
+        except OSError as err:  # a file or hub dataset that is named but missing, or a hub that cannot be reached
+            raise unreadable(err) from None
     return datamodule
 
 

@@ -149,24 +149,21 @@ def load_run(run_dir: Path | ModelFolder, checkpoint: str | None, overrides: Seq
              device: torch.device) -> LoadedRun:
     """Rebuild a run's model and tokenizer exactly as trained and load a checkpoint's weights into the model
     (``run_dir``: a run directory, or a :class:`bkexp.rundir.ModelFolder`)."""
-    from bkexp.rundir import ModelFolder, RunDir, RunDirError
+    from bkexp.rundir import ModelFolder, RunDir
 
     if isinstance(run_dir, ModelFolder):
         return load_model_folder(run_dir, checkpoint, overrides, device)
     run = RunDir(run_dir)
     cfg = run.config(overrides)
     ckpt = run.checkpoint_path(checkpoint or "best")
-    try:
+    if run.has_tokenizer():
+        datamodule, unreadable = _training_data(run, cfg)
+        tokenizer = run.tokenizer()
+    else:  # a run from before tokenizers were saved: its datamodule refits the tokenizer, so the data must be here
         datamodule, unreadable = run.build_datamodule(cfg=cfg), None
-    except RunDirError as err:
-        if not run.has_tokenizer():
-            raise
-        # Other corpora, lengths and tasks need only the saved tokenizer; the run's own split says what is missing.
-        datamodule, unreadable = None, str(err)
-        log.warning("%s; scoring with the run's saved tokenizer, without the overlap with its training text", err)
+        tokenizer = getattr(datamodule, "tokenizer", None)
     model = run.build_model(ckpt, device=device, cfg=cfg)
     summary = run.summary() if run.summary_path.is_file() else {}
-    tokenizer = getattr(datamodule, "tokenizer", None) if datamodule is not None else run.tokenizer()
     if tokenizer is not None and tokenizer.name == "ids":  # a synthetic task's token ids: no text tokenizer
         tokenizer = None
     return LoadedRun(run_dir, cfg, model, tokenizer, ckpt, summary, default_out=run_dir / EVAL_DIR,
@@ -174,17 +171,33 @@ def load_run(run_dir: Path | ModelFolder, checkpoint: str | None, overrides: Seq
                      train_data_error=unreadable)
 
 
+def _training_data(reader: Any, cfg: Any) -> tuple[Any, str | None]:
+    """The datamodule of a run's or model folder's training data (its training tokens give the overlap column), or
+    None and why it cannot be read here: other corpora, lengths and tasks need only the tokenizer, and the
+    ``run`` corpus says itself what is missing."""
+    from bkexp.rundir import RunDirError
+
+    try:
+        return reader.build_datamodule(cfg=cfg), None
+    except RunDirError as err:
+        log.warning("%s; scoring without the overlap with its training text", err)
+        return None, str(err)
+
+
 def load_model_folder(folder: ModelFolder, checkpoint: str | None, overrides: Sequence[str],
                       device: torch.device) -> LoadedRun:
-    """An exported model as a LoadedRun: no checkpoints to choose, no summary, and no training tokens in memory
-    (the held-out checks compare files and hub splits only)."""
+    """An exported model as a LoadedRun: no checkpoints to choose and no summary; its training tokens (the overlap
+    column) where the training data its ``config.json`` records is readable here."""
     folder.refuse_checkpoint(checkpoint)
     cfg = folder.config(overrides)
     tokenizer = folder.tokenizer()
     if tokenizer.name == "ids":
         tokenizer = None
+    datamodule, unreadable = _training_data(folder, cfg)
     return LoadedRun(folder.path, cfg, folder.build_model(device, cfg=cfg), tokenizer, folder.weights_path, {},
-                     source=folder.source, default_out=folder.results_dir())
+                     source=folder.source, default_out=folder.results_dir(),
+                     train_tokens=(getattr(datamodule, "streams", None) or {}).get("train"),
+                     train_data_error=unreadable)
 
 
 def causality_check(run: LoadedRun, stream: torch.Tensor) -> None:

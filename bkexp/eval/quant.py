@@ -162,13 +162,16 @@ def eval_run(source: Path | ModelFolder, bits_list: Sequence[int],
     """Rows (one per width, 32 first) for one run or model folder, and its metadata for the markdown header."""
     from bkexp.train.module import LMTask
 
+    # a missing checkpoint fails before the data is built
     if isinstance(source, ModelFolder):
         source.refuse_checkpoint(args.checkpoint)
         reader: RunDir | ModelFolder = source
+        ckpt = source.weights_path
         hub = source.source if source.source.get("kind") == "hub" else None
         name, where = source.name, f"{hub['repo_id']}@{hub['commit']}" if hub else str(source.path.resolve())
     else:
         reader = RunDir(source)
+        ckpt = reader.checkpoint_path(args.checkpoint or "best")
         name, where = source.name, str(source.resolve())
     cfg = reader.config(args.override)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
@@ -180,17 +183,12 @@ def eval_run(source: Path | ModelFolder, bits_list: Sequence[int],
     device = args.device
     torch.manual_seed(int(cfg.get("seed") or 0))
 
-    # a missing checkpoint fails before the data is built
-    ckpt = reader.weights_path if isinstance(reader, ModelFolder) else reader.checkpoint_path(args.checkpoint or "best")
     datamodule = reader.build_datamodule(cfg=cfg)
     datamodule.setup("test")
     loaders = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader}
     # The float (latent) weights: every width below is quantized from them, also for a run that trained with QAT.
-    if isinstance(reader, ModelFolder):
-        base = reader.build_model(cfg=cfg, quantized=False)
-    else:
-        base = reader.build_model(ckpt, cfg=cfg, quantized=False)
-    base.train()  # eval_split switches the task to eval mode
+    base = (reader.build_model(cfg=cfg, quantized=False) if isinstance(reader, ModelFolder)
+            else reader.build_model(ckpt, cfg=cfg, quantized=False)).train()  # eval_split switches to eval mode
     model_name = str(cfg.model.get("name", type(base).__name__))
     trained = trained_as(cfg)
     has_answer_mask = bool(getattr(datamodule, "has_answer_mask", False))

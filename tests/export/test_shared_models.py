@@ -146,9 +146,12 @@ def test_eval_of_the_folder_and_the_hub_model_reproduces_the_runs_numbers(run_an
     assert by_folder["model_source"] == {"kind": "folder", "path": str(folder.resolve())}
     for a, b in zip(by_run["datasets"], by_folder["datasets"]):
         assert (a["dataset"], a["ppl"], a["tokens"]) == (b["dataset"], b["ppl"], b["tokens"])
+        # the training text is read where config.json says it is: the overlap with it is the run's too
+        assert a["train_13gram_overlap"] == b["train_13gram_overlap"]
         # the export records the training data: a corpus that is the training split is flagged either way
         assert a["shares_data_with"] == b["shares_data_with"]
     assert [d["shares_data_with"] for d in by_folder["datasets"]] == [[], ["train"]]
+    assert by_folder["datasets"][1]["train_13gram_overlap"] == 1.0 and "train_data_error" not in by_folder
     assert by_run["datasets"][0]["ppl"] == pytest.approx(json.loads((run / "summary.json").read_text())
                                                          ["metrics"]["test/ppl"], rel=1e-6)
 
