@@ -263,6 +263,28 @@ def test_a_run_composed_before_the_recipe_group_resumes_without_it(tmp_path):
     assert "~recipe" not in resumed(sweep, sweep / "multirun.yaml", recipe="mqar_tiny_bk")
 
 
+def test_a_resumed_sweep_sets_the_environment_variables_its_jobs_read(tmp_path, monkeypatch, capsys):
+    """A sweep's jobs ran from one launch: the first job that recorded them gives the variables back."""
+    import json
+
+    import yaml
+
+    from bkexp.train.resume import expand_argv
+
+    sweep = tmp_path / "sweep"
+    for job, recorded in (("0_model=bk", None), ("1_model=mamba", {"BKEXP_T_DATA": "/data/a", "BKEXP_T_UNSET": None})):
+        (sweep / job).mkdir(parents=True)
+        (sweep / job / "summary.json").write_text(json.dumps({"status": "interrupted"} if recorded is None else
+                                                             {"status": "ok", "config_env": recorded}))
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"hydra": [], "task": ["model=bk"]},
+                                                                   "runtime": {"choices": {"recipe": "none"}}}}))
+    monkeypatch.setenv("BKEXP_T_DATA", "/data/b")
+    monkeypatch.setenv("BKEXP_T_UNSET", "set here")
+    expand_argv(["train.py", f"resume={sweep}"])
+    assert os.environ["BKEXP_T_DATA"] == "/data/a" and "BKEXP_T_UNSET" not in os.environ
+    assert "BKEXP_T_DATA=/data/a (here: /data/b), BKEXP_T_UNSET=unset (here: set here)" in capsys.readouterr().err
+
+
 def test_resume_refuses_a_checkpoint_that_needs_unpickling_code(train, tmp_path):
     """``ckpt_path=`` goes through Lightning's loader with ``weights_only=True``: a last.ckpt that carries a
     pickled callable (here ``Path.touch`` on a marker file) is refused, and the callable never runs."""
