@@ -75,8 +75,8 @@ def record_run(run_dir: Path, *, flags: dict | None = None, **fields) -> Path:
 RELATIVE_DATA = ["dataset=text", "tokenizer=word", "dataset.data_dir=data", "dataset.files.train=train.txt",
                  "dataset.files.validation=valid.txt", "dataset.files.test=test.txt"]
 
-# The same run reading its data folder through an environment variable: `${oc.env:BKEXP_TEST_DATA}/data`.
-ENV_DATA = [o if not o.startswith("dataset.data_dir=") else "dataset.data_dir=${oc.env:BKEXP_TEST_DATA}/data"
+# The same run reading its data folder through an environment variable: `${oc.env:BKEXP_TEST_RUN_DATA}/data`.
+ENV_DATA = [o if not o.startswith("dataset.data_dir=") else "dataset.data_dir=${oc.env:BKEXP_TEST_RUN_DATA}/data"
             for o in RELATIVE_DATA]
 
 

@@ -306,13 +306,13 @@ def test_values_read_from_environment_variables_are_the_runs_wherever_the_run_is
     from bkexp.cli import main as bkexp_main
 
     launch, elsewhere = launch_and_decoy(tmp_path, wikitext_slice)
-    monkeypatch.setenv("BKEXP_TEST_DATA", str(launch))
+    monkeypatch.setenv("BKEXP_TEST_RUN_DATA", str(launch))
     run_dir = train(*TINY, *ENV_DATA)
     summary = read_summary(run_dir)
-    assert summary["config_env"] == {"BKEXP_TEST_DATA": str(launch)}
+    assert summary["config_env"] == {"BKEXP_TEST_RUN_DATA": str(launch)}
     assert summary["config"]["dataset"]["data_dir"] == f"{launch}/data"
 
-    monkeypatch.setenv("BKEXP_TEST_DATA", str(elsewhere))
+    monkeypatch.setenv("BKEXP_TEST_RUN_DATA", str(elsewhere))
     rundir_log = logging.getLogger("bkexp.rundir")
     rundir_log.addHandler(caplog.handler)  # training configured logging (Hydra) without pytest's root handler
     try:
@@ -326,7 +326,7 @@ def test_values_read_from_environment_variables_are_the_runs_wherever_the_run_is
     assert row["source"]["path"] == str(launch / "data" / "test.txt")
     assert row["ppl"] == pytest.approx(summary["metrics"]["test/ppl"], rel=1e-6)
     # the variable unset (the interpolation has no default: it would not resolve at all), and an override
-    monkeypatch.delenv("BKEXP_TEST_DATA")
+    monkeypatch.delenv("BKEXP_TEST_RUN_DATA")
     assert RunDir(run_dir).config().dataset.data_dir == f"{launch}/data"
     assert RunDir(run_dir).config([f"dataset.data_dir={elsewhere}/data"]).dataset.data_dir == f"{elsewhere}/data"
     # an export records the folder the run read, and its card's command sets the variable as the run had it
@@ -334,4 +334,4 @@ def test_values_read_from_environment_variables_are_the_runs_wherever_the_run_is
 
     folder = export_run(run_dir, tmp_path / "export")
     assert json.loads((folder / "config.json").read_text())["dataset"]["data_dir"] == f"{launch}/data"
-    assert f"BKEXP_TEST_DATA={launch} python train.py " in (folder / "README.md").read_text()
+    assert f"BKEXP_TEST_RUN_DATA={launch} python train.py " in (folder / "README.md").read_text()

@@ -187,14 +187,17 @@ def _training_data(reader: Any, cfg: Any) -> tuple[Any, str | None]:
 def load_model_folder(folder: ModelFolder, checkpoint: str | None, overrides: Sequence[str],
                       device: torch.device) -> LoadedRun:
     """An exported model as a LoadedRun: no checkpoints to choose and no summary; its training tokens (the overlap
-    column) where the training data its ``config.json`` records is readable here."""
+    column) and token caches where the training data its ``config.json`` records is readable here."""
     folder.refuse_checkpoint(checkpoint)
     cfg = folder.config(overrides)
     tokenizer = folder.tokenizer()
     if tokenizer.name == "ids":
         tokenizer = None
     datamodule, unreadable = _training_data(folder, cfg)
-    return LoadedRun(folder.path, cfg, folder.build_model(device, cfg=cfg), tokenizer, folder.weights_path, {},
+    # A streamed dataset's record says which splits it reads from token caches here (as a run's summary does),
+    # so `--datasets run` scores the cached tokens, also where the hub cannot be reached.
+    record = {"data": datamodule.describe()} if getattr(datamodule, "reading", None) else {}
+    return LoadedRun(folder.path, cfg, folder.build_model(device, cfg=cfg), tokenizer, folder.weights_path, record,
                      source=folder.source, default_out=folder.results_dir(),
                      train_tokens=(getattr(datamodule, "streams", None) or {}).get("train"),
                      train_data_error=unreadable)

@@ -168,6 +168,14 @@ def test_a_hub_dataset_trains_and_evaluates_offline_from_its_token_caches(corpus
     assert own["source"]["kind"] == "token-cache" and own["targets"] == 3 * 32
     assert own["ppl"] == pytest.approx(summary["metrics"]["test/ppl"], rel=1e-6)
     assert own["shares_data_with"] == ["validation"]  # C4's test split is its validation split
+    # its export reads the same caches (config.json records the dataset and its token_cache folder)
+    from bkexp.export import export_run
+
+    folder = export_run(run, tmp_path / "export")
+    assert bkexp_main(["eval", str(folder)]) == 0
+    (exported,) = json.loads((folder / "eval" / "perplexity.json").read_text())["datasets"]
+    assert exported["source"] == own["source"] and exported["ppl"] == own["ppl"]
+    assert exported["shares_data_with"] == ["validation"]
 
 
 def _prepare(corpus: Path, root: Path, *extra: str) -> int:

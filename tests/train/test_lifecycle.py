@@ -341,20 +341,20 @@ def test_resume_reads_the_environment_variables_of_the_run(train, tmp_path, wiki
     import json
 
     launch, elsewhere = launch_and_decoy(tmp_path, wikitext_slice)
-    monkeypatch.setenv("BKEXP_TEST_DATA", str(launch))
+    monkeypatch.setenv("BKEXP_TEST_RUN_DATA", str(launch))
     run_dir = train(*TINY, *ENV_DATA, "trainer.max_steps=4")
     first = read_summary(run_dir)
     (run_dir / "summary.json").write_text(json.dumps({**first, "status": "interrupted"}))
 
-    monkeypatch.setenv("BKEXP_TEST_DATA", str(elsewhere))
+    monkeypatch.setenv("BKEXP_TEST_RUN_DATA", str(elsewhere))
     capsys.readouterr()
     assert train(f"resume={run_dir}", "trainer.max_steps=6") == run_dir
     err = capsys.readouterr().err
-    assert f"set as the run had them: BKEXP_TEST_DATA={launch} (here: {elsewhere})" in err
+    assert f"set as the run had them: BKEXP_TEST_RUN_DATA={launch} (here: {elsewhere})" in err
     resumed = read_summary(run_dir)
     assert resumed["status"] == "ok" and [r["from_step"] for r in resumed["resumes"]] == [4]
     assert resumed["data"]["source"]["data_dir"] == f"{launch}/data"
-    assert resumed["config_env"] == {"BKEXP_TEST_DATA": str(launch)}
+    assert resumed["config_env"] == {"BKEXP_TEST_RUN_DATA": str(launch)}
 
 
 def test_resume_refuses_a_budget_below_its_checkpoint_and_records_a_resume_with_nothing_left_to_train(train):
