@@ -293,12 +293,13 @@ def write_outputs(out_dir: Path, rows: list[dict], metas: list[dict], runs_rows:
                          "quantized_params", "effective_size_bytes") if c in frame.columns]
     lines = ["# Perplexity vs weight bits (bkexp eval-quant)", ""]
     for meta in metas:
-        lines.append(f"- `{meta['run_dir']}`: {meta['model']}, trained {meta['trained']}, checkpoint "
+        weights = "weights" if meta.get("model_source") else "checkpoint"  # a model folder has no checkpoints
+        lines.append(f"- `{meta['run_dir']}`: {meta['model']}, trained {meta['trained']}, {weights} "
                      f"`{meta['checkpoint']}`, device {meta['device']}; {settings_text(meta['settings'])}; "
                      f"policy: {meta['policy']}")
     limit = rows[0].get("limit_batches")
-    lines += ["", "Rows below 32 bits: round-to-nearest post-training quantization of the checkpoint's float "
-              "weights (16 = bfloat16); 32 = the checkpoint as trained. Perplexity = exp(token-weighted mean "
+    lines += ["", "Rows below 32 bits: round-to-nearest post-training quantization of the trained float "
+              "weights (16 = bfloat16); 32 = the weights as trained. Perplexity = exp(token-weighted mean "
               "loss) over the whole split" + (f" (first {limit} batches only)" if limit else "") + ".", ""]
     lines.append(frame[shown].to_markdown(index=False, floatfmt=".4g"))
     atomic_write_text(out_dir / f"{STEM}.md", "\n".join(lines) + "\n")
