@@ -31,6 +31,7 @@ once.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -257,6 +258,18 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+VOLATILE_ENVIRONMENT = ("load_average_1m",)  # differs between any two moments: not a change of environment
+
+
+def environment_changes(before: dict[str, Any] | None, now: dict[str, Any] | None) -> dict[str, list[Any]]:
+    """Key -> [before, now] for what differs between two ``environment()`` records (empty when one is unknown,
+    e.g. a checkpoint written before bkexp recorded it)."""
+    if not before or not now:
+        return {}
+    return {key: [before.get(key), now.get(key)] for key in sorted(set(before) | set(now))
+            if key not in VOLATILE_ENVIRONMENT and before.get(key) != now.get(key)}
+
+
 class Lifecycle(pl.Callback):
     """Stops a diverging run, writes ``last.ckpt`` often and when a signal stops training, makes resume exact.
 
@@ -277,10 +290,15 @@ class Lifecycle(pl.Callback):
         every_n_train_steps: also write ``last.ckpt`` every this many optimizer steps (null: only where
             ModelCheckpoint writes it), so a killed run loses at most this many steps.
         signals: the run's :class:`SignalWatch`, which records signals under DDP for the ranks to agree on.
+        environment: this process's ``bkexp.environment.environment()`` (versions, commit, host, threads). Every
+            checkpoint carries it, and a resume records what differs from the checkpoint's
+            (``resumes[i].environment_changed``: key -> [checkpoint's, now]): a run continued under other code,
+            libraries or thread counts may not be bit-identical to an uninterrupted one, and its record says so.
     """
 
     def __init__(self, vocab_size: int, limits: DivergenceLimits | None = None,
-                 every_n_train_steps: int | None = None, signals: SignalWatch | None = None) -> None:
+                 every_n_train_steps: int | None = None, signals: SignalWatch | None = None,
+                 environment: dict[str, Any] | None = None) -> None:
         self.limits = limits or DivergenceLimits()
         self.limit = math.log(vocab_size) + self.limits.margin if self.limits.margin is not None else None
         self.every_n_train_steps = every_n_train_steps
@@ -288,6 +306,9 @@ class Lifecycle(pl.Callback):
         self.saved_on_interrupt: str | None = None
         self.resumes: list[dict[str, Any]] = []  # one entry per resume: from which step
         self._resume_recorded = False  # this fit's resume is in `resumes`
+        # plain types: a checkpoint must load with weights_only=True (torch.__version__ is a TorchVersion object)
+        self.environment = json.loads(json.dumps(environment, default=str)) if environment is not None else None
+        self._checkpoint_environment: dict[str, Any] | None = None  # of the session that wrote the loaded checkpoint
         self.signals = signals
         self._stop_signal: int | None = None  # under DDP: the signal the ranks agreed to stop for
         self._step_losses: list[float] = []  # under DDP: this rank's micro-batch losses of the current step
@@ -339,12 +360,14 @@ class Lifecycle(pl.Callback):
             raise Interrupted(self._stop_signal, trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": rng_states(), "resumes": list(self.resumes), "above_limit": self._above}
+        return {"rng": rng_states(), "resumes": list(self.resumes), "above_limit": self._above,
+                "environment": self.environment}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_rng_states(state_dict["rng"])
         self._above = state_dict.get("above_limit", 0)
         self.resumes = list(state_dict.get("resumes", []))
+        self._checkpoint_environment = state_dict.get("environment")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._defer_signals(trainer)
@@ -357,7 +380,14 @@ class Lifecycle(pl.Callback):
 
     def _record_resume(self, trainer: pl.Trainer) -> None:
         if trainer.ckpt_path and not self._resume_recorded:  # the loops are restored: the checkpoint's step
-            self.resumes.append({"from_step": trainer.global_step, "checkpoint": str(trainer.ckpt_path)})
+            entry: dict[str, Any] = {"from_step": trainer.global_step, "checkpoint": str(trainer.ckpt_path)}
+            changed = environment_changes(self._checkpoint_environment, self.environment)
+            if changed:
+                entry["environment_changed"] = changed
+                log.warning("resumed at step %d from a checkpoint written under another environment (%s): the run "
+                            "may not be bit-identical to an uninterrupted one", trainer.global_step,
+                            ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+            self.resumes.append(entry)
             self._resume_recorded = True
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:

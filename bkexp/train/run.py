@@ -181,7 +181,8 @@ def run(cfg: DictConfig) -> float | None:
         if cfg.trainer.get("enable_progress_bar", True) and _RICH_AVAILABLE \
                 and not any(isinstance(c, pl.callbacks.ProgressBar) for c in callbacks):
             callbacks.append(StepBudgetProgressBar())  # Lightning's default bar, without "Epoch 0/-2"
-        lifecycle = Lifecycle(datamodule.vocab_size, limits, cfg.get("checkpoint_every_n_steps"), signals=watch)
+        lifecycle = Lifecycle(datamodule.vocab_size, limits, cfg.get("checkpoint_every_n_steps"), signals=watch,
+                              environment=record.data["env"])
         trainer = watch.trainer = instantiate(cfg.trainer, logger=loggers or False,
                                               callbacks=callbacks + technique_callbacks + [lifecycle])
         record.update(**running_record())

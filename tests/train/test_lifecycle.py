@@ -357,6 +357,28 @@ def test_resume_reads_the_environment_variables_of_the_run(train, tmp_path, wiki
     assert resumed["config_env"] == {"BKEXP_TEST_RUN_DATA": str(launch)}
 
 
+def test_a_resume_records_what_differs_from_the_environment_that_wrote_its_checkpoint(train):
+    """A checkpoint carries the environment of the session that wrote it; a run continued under another commit or
+    torch says so in its record (it is not bit-identical to an uninterrupted run)."""
+    import json
+
+    run_dir = train(*SHORT, "trainer.max_steps=4", "checkpoint_every_n_steps=2")
+    first = read_summary(run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("Lifecycle")]
+    assert state["environment"]["torch"] == first["env"]["torch"]  # what the checkpoint's session ran
+    state["environment"] = {**state["environment"], "git_commit": "0" * 40, "torch": "2.0.0", "load_average_1m": 9.9}
+    torch.save(ckpt, last)
+    (run_dir / "summary.json").write_text(json.dumps({**first, "status": "interrupted"}))
+
+    assert train(f"resume={run_dir}", "trainer.max_steps=6") == run_dir
+    (resume,) = read_summary(run_dir)["resumes"]
+    assert resume["from_step"] == 4
+    assert resume["environment_changed"] == {"git_commit": ["0" * 40, first["env"]["git_commit"]],
+                                             "torch": ["2.0.0", first["env"]["torch"]]}  # not the load average
+
+
 def test_resume_refuses_a_budget_below_its_checkpoint_and_records_a_resume_with_nothing_left_to_train(train):
     import json
 
