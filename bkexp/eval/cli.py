@@ -35,7 +35,7 @@ import torch
 
 from bkexp.devices import device_argument
 from bkexp.eval.corpora import (CorpusError, bits_per_byte, cached_corpus, check_pairing, encode, load_corpus,
-                                parse_datasets, run_splits_in)
+                                loads_hub_dataset, parse_datasets, run_splits_in)
 from bkexp.held_out import OVERLAP_COLUMN, OVERLAP_N, RECORD_KEY, corpus_caveat, ngram_overlap
 from bkexp.utils import atomic_write_text
 
@@ -158,7 +158,7 @@ def load_run(run_dir: Path | ModelFolder, checkpoint: str | None, overrides: Seq
     ckpt = run.checkpoint_path(checkpoint or "best")
     if run.has_tokenizer():
         datamodule, unreadable = _training_data(run, cfg)
-        tokenizer = run.tokenizer()
+        tokenizer = run.tokenizer() if datamodule is None else getattr(datamodule, "tokenizer", None)
     else:  # a run from before tokenizers were saved: its datamodule refits the tokenizer, so the data must be here
         datamodule, unreadable = run.build_datamodule(cfg=cfg), None
         tokenizer = getattr(datamodule, "tokenizer", None)
@@ -193,7 +193,11 @@ def load_model_folder(folder: ModelFolder, checkpoint: str | None, overrides: Se
     tokenizer = folder.tokenizer()
     if tokenizer.name == "ids":
         tokenizer = None
-    datamodule, unreadable = _training_data(folder, cfg)
+    if loads_hub_dataset(cfg):  # a shared model's user did not ask for its training corpus to download
+        datamodule, unreadable = None, (f"{folder.name} trained on the hub dataset {cfg.dataset.get('name')!r}, "
+                                        "which is not downloaded for this column (`--datasets run` reads it)")
+    else:
+        datamodule, unreadable = _training_data(folder, cfg)
     # A streamed dataset's record says which splits it reads from token caches here (as a run's summary does),
     # so `--datasets run` scores the cached tokens, also where the hub cannot be reached.
     record = {"data": datamodule.describe()} if getattr(datamodule, "reading", None) else {}

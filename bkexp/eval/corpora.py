@@ -247,6 +247,16 @@ def _streams(config: dict[str, Any]) -> bool:
     return False
 
 
+def loads_hub_dataset(cfg: DictConfig) -> bool:
+    """Whether building the datamodule of ``cfg.dataset`` loads a hub dataset whole (a text dataset without a local
+    ``data_dir`` that is not streamed: HF datasets downloads every split into its cache)."""
+    dataset = cfg.get("dataset")
+    if dataset is None:
+        return False
+    config = OmegaConf.to_container(dataset, resolve=True)
+    return "hub" in config and not config.get("data_dir") and not _streams(config)
+
+
 def _token_cap(config: dict[str, Any], cfg: DictConfig) -> int | None:
     """The tokens a streamed dataset's validation and test read: ``eval_chunks`` chunks of the run's seq_len, plus the
     last label (None: the whole split)."""

@@ -227,3 +227,17 @@ def test_a_hub_dataset_that_trains_streamed_is_streamed_and_capped(documents_run
     assert test.source["kind"] == "hub-stream" and test.source["split"] == "validation"
     assert run_splits_in(test, cfg) == ["validation"]  # the test split is the validation split
     assert run_splits_in(load_corpus("run", cfg, "train"), cfg) == ["train"]
+
+
+@pytest.mark.parametrize(("overrides", "loads"), [(["dataset=wikitext2"], True),
+                                                  (["dataset=wikitext2", "dataset.data_dir=/data/wt2"], False),
+                                                  (["dataset=c4"], False), (["dataset=mqar"], False)],
+                         ids=["hub", "local", "streamed", "synthetic"])
+def test_a_shared_models_hub_training_corpus_is_not_downloaded_for_the_overlap(overrides, loads, tmp_path) -> None:
+    """Evaluating a model folder builds its training datamodule for the overlap column only where that does not
+    download a whole hub dataset."""
+    from runhelpers import compose_train
+
+    from bkexp.eval.corpora import loads_hub_dataset
+
+    assert loads_hub_dataset(compose_train(overrides, tmp_path)) is loads
