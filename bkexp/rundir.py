@@ -7,12 +7,12 @@ A run directory is what ``python train.py`` writes (``outputs/<stamp>/`` or one 
     checkpoints/           best-<step>.ckpt, last.ckpt   tokenizer/     what rebuilds the run's tokenizer
 
 This module finds runs (a sweep directory expands to its jobs), loads a run's config (its relative paths and
-environment-variable values as the run read them), summary, tokenizer and checkpoint, rebuilds its model and datamodule, and re-exports the atomic file writers every command
-uses for its results. It also reads what ``bkexp export`` writes, a *model folder* (config.json,
-model.safetensors, tokenizer files), locally or from a Hugging Face hub repository (:class:`ModelFolder`), so
-that ``bkexp generate``, ``bkexp eval`` and lm_eval take a shared model wherever they take a run. Checkpoints
-are only ever loaded with ``torch.load(weights_only=True)``: a file that needs arbitrary unpickling is
-refused, never executed.
+environment-variable values as the run read them), summary, tokenizer and checkpoint, rebuilds its model and
+datamodule, and re-exports the atomic file writers every command uses for its results. It also reads what
+``bkexp export`` writes, a *model folder* (config.json, model.safetensors, tokenizer files), locally or from a
+Hugging Face hub repository (:class:`ModelFolder`), so that ``bkexp generate``, ``bkexp eval``, ``eval-quant``,
+``bench run`` and lm_eval take a shared model wherever they take a run. Checkpoints are only ever loaded with
+``torch.load(weights_only=True)``: a file that needs arbitrary unpickling is refused, never executed.
 
 Importing this module does not import torch or Lightning (``bkexp report`` uses it to find runs); the
 methods that need them import them when called.

@@ -146,18 +146,19 @@ class LoadedRun:
 
 
 def load_run(run_dir: Path | ModelFolder, checkpoint: str | None, overrides: Sequence[str],
-             device: torch.device) -> LoadedRun:
+             device: torch.device, training_data: bool = True) -> LoadedRun:
     """Rebuild a run's model and tokenizer exactly as trained and load a checkpoint's weights into the model
-    (``run_dir``: a run directory, or a :class:`bkexp.rundir.ModelFolder`)."""
+    (``run_dir``: a run directory, or a :class:`bkexp.rundir.ModelFolder`). ``training_data``: also read the
+    training data (the overlap column, a streamed run's token caches); lm-eval tasks need only model and tokenizer."""
     from bkexp.rundir import ModelFolder, RunDir
 
     if isinstance(run_dir, ModelFolder):
-        return load_model_folder(run_dir, checkpoint, overrides, device)
+        return load_model_folder(run_dir, checkpoint, overrides, device, training_data)
     run = RunDir(run_dir)
     cfg = run.config(overrides)
     ckpt = run.checkpoint_path(checkpoint or "best")
     if run.has_tokenizer():
-        datamodule, unreadable = _training_data(run, cfg)
+        datamodule, unreadable = _training_data(run, cfg) if training_data else (None, None)
         tokenizer = run.tokenizer() if datamodule is None else getattr(datamodule, "tokenizer", None)
     else:  # a run from before tokenizers were saved: its datamodule refits the tokenizer, so the data must be here
         datamodule, unreadable = run.build_datamodule(cfg=cfg), None
@@ -185,7 +186,7 @@ def _training_data(reader: Any, cfg: Any) -> tuple[Any, str | None]:
 
 
 def load_model_folder(folder: ModelFolder, checkpoint: str | None, overrides: Sequence[str],
-                      device: torch.device) -> LoadedRun:
+                      device: torch.device, training_data: bool = True) -> LoadedRun:
     """An exported model as a LoadedRun: no checkpoints to choose and no summary; its training tokens (the overlap
     column) and token caches where the training data its ``config.json`` records is readable here."""
     folder.refuse_checkpoint(checkpoint)
@@ -193,7 +194,9 @@ def load_model_folder(folder: ModelFolder, checkpoint: str | None, overrides: Se
     tokenizer = folder.tokenizer()
     if tokenizer.name == "ids":
         tokenizer = None
-    if loads_hub_dataset(cfg):  # a shared model's user did not ask for its training corpus to download
+    if not training_data:
+        datamodule, unreadable = None, None
+    elif loads_hub_dataset(cfg):  # a shared model's user did not ask for its training corpus to download
         datamodule, unreadable = None, (f"{folder.name} trained on the hub dataset {cfg.dataset.get('name')!r}, "
                                         "which is not downloaded for this column (`--datasets run` reads it)")
     else:
@@ -432,12 +435,18 @@ def write_lengths(out: Path, record: dict[str, Any]) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- driver
+def scores_datasets(args: argparse.Namespace) -> bool:
+    """Whether ``--datasets`` is scored: asked for, or the default when nothing else is."""
+    return args.datasets is not None or not (args.lengths or args.tasks or args.bits)
+
+
 def eval_one(run_dir: Path | ModelFolder, args: argparse.Namespace) -> list[Path]:
     device = args.device
-    run = load_run(run_dir, args.checkpoint, args.override, device)
+    run = load_run(run_dir, args.checkpoint, args.override, device,
+                   training_data=scores_datasets(args) or bool(args.lengths))
     out = args.out or run.default_out
     written: list[Path] = []
-    if args.datasets is not None or not (args.lengths or args.tasks or args.bits):
+    if scores_datasets(args):
         record = eval_datasets(run, parse_datasets(args.datasets or "run"), args.split, device)
         write_datasets(out, record)
         written.append(out / "perplexity.md")
@@ -515,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                                *[f"--override={o}" for o in args.override]])
             if code:
                 return code
+            if not (scores_datasets(args) or args.lengths or args.tasks):
+                return 0  # the sweep was all that was asked: no model to load again
         for run_dir in runs:
             for path in eval_one(run_dir, args):
                 print(f"[bkexp] eval: {path}", flush=True)

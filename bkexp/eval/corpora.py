@@ -146,12 +146,12 @@ def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
     if isinstance(data_dir, str) and "${" in data_dir:  # the run's own config: resolve its interpolations
         data_dir = OmegaConf.to_container(cfg.dataset, resolve=True).get("data_dir")
     cap = _token_cap(config, cfg) if _streams(config) else None
+    fix = " (a copy elsewhere: --override dataset.data_dir=DIR)" if item == "run" else ""  # for a missing file
     if data_dir and _documents_split(files.get(split)):  # json/jsonl/parquet files, names or globs
         folder = Path(data_dir).expanduser().resolve()
         try:
             matched = match_files(folder, files[split], f"--datasets {label}: dataset.files.{split}")
         except FileNotFoundError as err:
-            fix = " (a copy elsewhere: --override dataset.data_dir=DIR)" if item == "run" else ""
             raise CorpusError(f"{err}{fix}") from None
         return _documents(label, {"kind": "local", "dataset": name, "file": files[split]}, matched,
                           str(config.get("text_field") or "text"), split, cap)
@@ -162,7 +162,6 @@ def load_corpus(item: str, cfg: DictConfig, split: str = "test") -> Corpus:
             _read_file(file, label)  # a missing or empty file, named
             lines = source.load(split)
         except CorpusError as err:
-            fix = " (a copy elsewhere: --override dataset.data_dir=DIR)" if item == "run" else ""
             raise CorpusError(f"{err}{fix}") from None
         except ValueError as err:
             raise CorpusError(f"--datasets {label}: {err}") from None

@@ -82,7 +82,7 @@ class BkexpLM(TemplateLM):
             from bkexp.rundir import ModelFolder
 
             source = Path(run) if run is not None else ModelFolder.open(pretrained, revision)
-            loaded = load_run(source, checkpoint, (), self._device)
+            loaded = load_run(source, checkpoint, (), self._device, training_data=False)
             model, tokenizer = loaded.model, loaded.tokenizer
             max_length = max_length or loaded.train_len
         if model is None or tokenizer is None:

@@ -7,8 +7,8 @@ run appends the rest; the TensorBoard run continues in the same folder and the W
 A sweep directory (``multirun.yaml``) is re-launched with its own sweep overrides into the same sweep
 directory: jobs whose summary says ``ok`` are skipped, the others resume from their ``last.ckpt`` (or start,
 if they never wrote one). Each job continues in its own directory (found by its overrides, apart from those the
-resume command changes, although its name holds them), and a job that has its ``.hydra/`` keeps it as it was. Extra overrides on the command line win over the saved ones (e.g. a longer
-``trainer.max_steps``).
+resume command changes, although its name holds them), and a job that has its ``.hydra/`` keeps it as it was.
+Extra overrides on the command line win over the saved ones (e.g. a longer ``trainer.max_steps``).
 
 Path values of ``resume=`` and ``ckpt_path=`` are quoted before Hydra parses them, so directories of sweep
 jobs (``0_model=bk,seq_len=256``) can be given as they are.
@@ -16,7 +16,8 @@ jobs (``0_model=bk,seq_len=256``) can be given as they are.
 The resumed process works in the directory the run was launched in (Hydra's ``runtime.cwd``), so the relative
 paths of its config (``dataset.data_dir=data/wt2``, the token cache, ``paths.root_dir=.``) name the files the run
 read, wherever the resume is typed; extra overrides are read from there too. It says so when it changes
-directory.
+directory. Likewise the environment variables the config reads (``${oc.env:...}``, recorded in ``summary.json``'s
+``config_env``) are set as the run had them before Hydra composes it (:mod:`bkexp.config_env`).
 """
 
 from __future__ import annotations
